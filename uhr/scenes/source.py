@@ -1,0 +1,107 @@
+"""The pixel-source contract between the scene layer and the model.
+
+A model never opens files: it asks a `PixelSource` for whole-scene views and windows, already
+normalised to RGB uint8. `uhr.scenes.Scene` is the source over a raster (local or in object
+storage); `ArraySource` is the source over an image already in memory (tests, training samples,
+small JPEG/PNG inputs).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+
+@runtime_checkable
+class PixelSource(Protocol):
+    """Anything that serves RGB uint8 pixels of one scene.
+
+    Coordinates are scene pixels: `col_off`/`row_off` from the top-left corner, x to the right.
+    """
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
+
+    def read_view(self, max_side: int) -> np.ndarray:
+        """The whole scene as (H, W, 3) uint8, aspect kept, longest side exactly `max_side`."""
+        ...
+
+    def read_window(
+        self,
+        col_off: int,
+        row_off: int,
+        width: int,
+        height: int,
+        out_size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """A window as (height, width, 3) uint8, or (out_h, out_w, 3) when `out_size=(out_h, out_w)`.
+
+        Parts of the window past the scene's edge are filled with zeros, never an error.
+        """
+        ...
+
+
+def fit_longest_side(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled so the longest side is `max_side`, aspect kept, each side >= 1."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if max_side <= 0:
+        raise ValueError(f"max_side must be positive, got {max_side}")
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resize_rgb(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize an (H, W, 3) uint8 array to (height, width, 3); area-averaging when shrinking."""
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    shrinking = width < image.shape[1] and height < image.shape[0]
+    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(image).resize((width, height), resample=resample))
+
+
+class ArraySource:
+    """A `PixelSource` over an (H, W, 3) uint8 array held in memory."""
+
+    def __init__(self, image: np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"ArraySource needs an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise ValueError(f"ArraySource needs a non-empty image, got shape {image.shape}")
+        self.image = image
+
+    @property
+    def width(self) -> int:
+        return self.image.shape[1]
+
+    @property
+    def height(self) -> int:
+        return self.image.shape[0]
+
+    def read_view(self, max_side: int) -> np.ndarray:
+        width, height = fit_longest_side(self.width, self.height, max_side)
+        return resize_rgb(self.image, width, height)
+
+    def read_window(
+        self,
+        col_off: int,
+        row_off: int,
+        width: int,
+        height: int,
+        out_size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        if width <= 0 or height <= 0:
+            raise ValueError(f"window size must be positive, got {width}x{height}")
+        window = np.zeros((height, width, 3), dtype=np.uint8)
+        x0, y0 = max(col_off, 0), max(row_off, 0)
+        x1, y1 = min(col_off + width, self.width), min(row_off + height, self.height)
+        if x1 > x0 and y1 > y0:
+            window[y0 - row_off : y1 - row_off, x0 - col_off : x1 - col_off] = self.image[y0:y1, x0:x1]
+        if out_size is not None:
+            window = resize_rgb(window, out_size[1], out_size[0])
+        return window
