@@ -1,0 +1,76 @@
+"""Job configurations: YAML files, then `key=value` overrides, validated into typed configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from uhr.errors import UhrError
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class ConfigError(UhrError):
+    """A job configuration that cannot be used; raised before any work starts."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["pruning.budget=512", "ask=[a, b]"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    cls: type[ConfigT], path: str | Path | None = None, overrides: list[str] | None = None, **fields: Any
+) -> ConfigT:
+    """Build `cls` from a YAML file, then `fields`, then `key=value` overrides (last wins).
+
+    Raises `ConfigError` naming the file and every invalid key, before any work starts.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as err:
+            raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config {path} is not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys to values, got {type(loaded).__name__}")
+        tree = loaded or {}
+    tree = _merge(tree, {key: value for key, value in fields.items() if value is not None})
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as err:
+        where = f" in {path}" if path is not None else ""
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"invalid {cls.__name__}{where}: {problems}") from err

@@ -1,0 +1,87 @@
+"""Typed configuration of the archive-wide VQA job (values live in `configs/vqa/*.yaml`)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from uhr.model.pruning.config import PruningConfig
+from uhr.storage import StorageConfig
+
+
+class Precision(str, Enum):
+    FP32 = "float32"
+    BF16 = "bfloat16"
+    FP16 = "float16"
+
+
+class ReadStageConfig(BaseModel):
+    """CPU tasks that open scenes and read their coarse views."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each read task (GDAL decodes on them).")
+    concurrency: int | None = Field(
+        None, ge=1, description="Most read tasks at once; None lets Ray Data decide. Bound it for object stores that throttle."
+    )
+    memory_gb: float | None = Field(
+        None, gt=0, description="Memory reserved per read task, GiB (views of a scene at the largest scale, plus GDAL's cache)."
+    )
+    bands: list[int] | None = Field(None, description="1-based bands mapped to R, G, B; None: the scene reader's default.")
+
+
+class ActorStageConfig(BaseModel):
+    """An accelerator actor pool: `ActorPoolStrategy(min_size, max_size)` with resources per actor."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    min_actors: int = Field(1, ge=1, description="Actors kept alive (Ray Data pools cannot scale to zero).")
+    max_actors: int = Field(1, ge=1, description="Most actors the pool grows to when work queues up.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; 0 runs on CPU. Fractions pack several actors on one GPU.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor.")
+    batch_size: int = Field(1, ge=1, description="Rows per call: scenes for the encode stage, questions for the answer stage.")
+    max_tasks_in_flight: int = Field(2, ge=1, description="Batches queued per actor, so the next one is ready when a call returns.")
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> ActorStageConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors={self.min_actors} is larger than max_actors={self.max_actors}")
+        return self
+
+
+class VqaConfig(BaseModel):
+    """Everything `python -m jobs.vqa` needs. Every field can be set in YAML or as `key=value`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str | None = Field(
+        None, description="Model directory or object-store URI (our export, LLaVA-NeXT or LongVA/GeoLLaVA-8K); None: the default model."
+    )
+    scenes: str | None = Field(
+        None, description="Scene prefix (local dir or s3://...) or a text file listing scene URIs; with `questions`, relative scene names resolve against it."
+    )
+    questions: str | None = Field(
+        None, description="Questions table (Parquet, JSONL or CSV: question_id, scene, question, optional choices, bbox)."
+    )
+    ask: list[str] = Field(default_factory=list, description="Questions asked of every scene (instead of `questions`).")
+    output: str = Field("outputs/vqa", description="Output dataset URI (local or s3://). Re-running on it resumes.")
+    overwrite: bool = Field(False, description="Delete what `output` holds and start afresh.")
+    pruning: PruningConfig = Field(default_factory=PruningConfig, description="Strategy and token budget.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store endpoint and GDAL tuning.")
+    read: ReadStageConfig = Field(default_factory=ReadStageConfig, description="Scene read stage (CPU tasks).")
+    encode: ActorStageConfig = Field(default_factory=ActorStageConfig, description="Encode + prune actor pool (answers too when fused).")
+    answer: ActorStageConfig = Field(
+        default_factory=lambda: ActorStageConfig(batch_size=8), description="Answer actor pool (used when `fused` is false)."
+    )
+    fused: bool = Field(
+        True,
+        description="Encode, prune and answer in one actor per accelerator (Ray Data does not overlap two GPU stages); "
+        "false splits answering into its own pool.",
+    )
+    precision: Precision = Field(Precision.FP32, description="Model weights and activations (bfloat16 on GPUs).")
+    max_new_tokens: int = Field(64, ge=1, description="Greedy generation limit per answer (XLRS uses 64).")
+    rows_per_file: int = Field(5000, ge=1, description="Answer rows per output Parquet file.")
+    flush_interval_s: float = Field(60.0, gt=0, description="Write buffered rows at least this often, so an interrupted run loses little.")
+    status_interval_s: float = Field(10.0, gt=0, description="Seconds between one-line status reports.")
+    run_id: str | None = Field(None, description="Identifier of this run; None: generated from the time.")

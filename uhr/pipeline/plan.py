@@ -1,0 +1,199 @@
+"""Plan a VQA run: load or make the questions, resolve scene URIs, skip what is done, group by scene.
+
+Everything here runs on the driver before Ray Data starts, so bad inputs stop the job early with a
+message naming the input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from uhr.config import ConfigError
+from uhr.scenes import list_scenes
+from uhr.storage import StorageConfig, join_uri, redact, uri_protocol
+
+QUESTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("question_id", pa.string(), nullable=False),
+        pa.field("scene", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("choices", pa.list_(pa.string())),
+        pa.field("bbox", pa.list_(pa.float64())),
+        pa.field("prompt", pa.string()),
+    ]
+)
+REQUIRED_COLUMNS = ("question_id", "scene", "question")
+
+
+class InputError(ConfigError):
+    """A questions or scenes input that cannot be used."""
+
+
+def _read_table(uri: str, storage: StorageConfig) -> pa.Table:
+    fs = storage.filesystem(uri)
+    suffix = uri.rsplit(".", 1)[-1].lower() if "." in uri.rsplit("/", 1)[-1] else ""
+    readers = {"parquet": pq.read_table, "jsonl": pajson.read_json, "json": pajson.read_json, "csv": pacsv.read_csv}
+    if suffix not in readers:
+        raise InputError(f"questions file {redact(uri)}: unknown format {suffix!r}; use .parquet, .jsonl or .csv")
+    try:
+        with fs.open(uri, "rb") as handle:
+            return readers[suffix](handle)
+    except FileNotFoundError as err:
+        raise InputError(f"questions file {redact(uri)} does not exist") from err
+    except (pa.ArrowInvalid, OSError, ValueError) as err:
+        raise InputError(f"questions file {redact(uri)} cannot be read as {suffix}: {redact(str(err))}") from err
+
+
+def _as_list_column(table: pa.Table, name: str, value_type: pa.DataType, uri: str) -> pa.Array:
+    """CSV cells hold lists as JSON text ('["(A) 1", "(B) 2"]'); Parquet/JSONL hold real lists."""
+    column = table.column(name)
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        return column.cast(pa.list_(value_type))
+    values = []
+    for row, cell in enumerate(column.to_pylist()):
+        if cell is None or cell == "":
+            values.append(None)
+            continue
+        try:
+            parsed = json.loads(cell) if isinstance(cell, str) else cell
+        except json.JSONDecodeError as err:
+            raise InputError(f"questions file {redact(uri)}, row {row}: {name} is not a JSON list: {cell!r}") from err
+        if not isinstance(parsed, list):
+            raise InputError(f"questions file {redact(uri)}, row {row}: {name} must be a list, got {cell!r}")
+        values.append(parsed)
+    try:
+        return pa.array(values, type=pa.list_(value_type))
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise InputError(f"questions file {redact(uri)}: column {name} has values of the wrong type: {err}") from err
+
+
+def load_questions(uri: str, storage: StorageConfig) -> pa.Table:
+    """Read a questions table (Parquet, JSONL or CSV) into `QUESTIONS_SCHEMA`, validated.
+
+    Raises `InputError` for a missing or unreadable file, missing columns, empty or duplicate
+    question ids, empty questions, or a bbox that is not four numbers.
+    """
+    table = _read_table(uri, storage)
+    missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
+    if missing:
+        raise InputError(
+            f"questions file {redact(uri)} lacks column(s) {', '.join(missing)}; it has {', '.join(table.column_names)}"
+        )
+    if table.num_rows == 0:
+        raise InputError(f"questions file {redact(uri)} has no rows")
+    columns = {name: table.column(name).cast(pa.string()) for name in REQUIRED_COLUMNS}
+    for name, value_type in (("choices", pa.string()), ("bbox", pa.float64())):
+        if name in table.column_names:
+            columns[name] = _as_list_column(table, name, value_type, uri)
+        else:
+            columns[name] = pa.nulls(table.num_rows, type=pa.list_(value_type))
+    # A benchmark's own prompt template, used verbatim instead of the default question layout.
+    columns["prompt"] = (
+        table.column("prompt").cast(pa.string()) if "prompt" in table.column_names else pa.nulls(table.num_rows, pa.string())
+    )
+    questions = pa.table(columns, schema=QUESTIONS_SCHEMA.remove_metadata())
+    for name in REQUIRED_COLUMNS:
+        empty = pc.sum(pc.or_(pc.is_null(questions[name]), pc.equal(questions[name], ""))).as_py() or 0
+        if empty:
+            raise InputError(f"questions file {redact(uri)}: {empty} row(s) have an empty {name}")
+    ids = questions["question_id"]
+    if pc.count_distinct(ids).as_py() != questions.num_rows:
+        counts = pc.value_counts(ids)
+        dup = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:5]
+        raise InputError(f"questions file {redact(uri)}: duplicate question_id(s) {dup}")
+    for row, box in enumerate(questions["bbox"].to_pylist()):
+        if box is not None and (len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]):
+            raise InputError(f"questions file {redact(uri)}, row {row}: bbox must be [x0, y0, x1, y1] with x1 > x0, y1 > y0, got {box}")
+    return questions
+
+
+def question_id(scene: str, text: str) -> str:
+    """A stable id for `text` asked of `scene`, so `--ask` runs resume like table runs."""
+    return hashlib.sha1(f"{scene}\n{text}".encode()).hexdigest()[:16]
+
+
+def questions_from_ask(scenes: Iterable[str], asks: list[str]) -> pa.Table:
+    """Every question of `asks` asked of every scene, with ids derived from scene and text."""
+    rows = [(question_id(scene, text), scene, text) for scene in scenes for text in asks]
+    if not rows:
+        raise InputError("no questions: the scene list is empty")
+    ids, scene_uris, texts = zip(*rows)
+    return pa.table(
+        {
+            "question_id": list(ids),
+            "scene": list(scene_uris),
+            "question": list(texts),
+            "choices": pa.nulls(len(rows), type=pa.list_(pa.string())),
+            "bbox": pa.nulls(len(rows), type=pa.list_(pa.float64())),
+            "prompt": pa.nulls(len(rows), type=pa.string()),
+        },
+        schema=QUESTIONS_SCHEMA.remove_metadata(),
+    )
+
+
+def scene_uris(scenes: str, storage: StorageConfig) -> list[str]:
+    """The scenes named by `scenes`: a prefix (listed) or a text file with one URI per line."""
+    if scenes.lower().endswith((".txt", ".lst")):
+        fs = storage.filesystem(scenes)
+        try:
+            with fs.open(scenes, "rt") as handle:
+                uris = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+        except FileNotFoundError as err:
+            raise InputError(f"scene list {redact(scenes)} does not exist") from err
+        if not uris:
+            raise InputError(f"scene list {redact(scenes)} is empty")
+        return uris
+    uris = list_scenes(scenes, storage=storage)
+    if not uris:
+        raise InputError(f"no scenes found under {redact(scenes)}")
+    return uris
+
+
+def resolve_scene(scene: str, scenes_prefix: str | None) -> str:
+    """Absolute URI of a questions-table scene: relative names resolve against `scenes_prefix`."""
+    if uri_protocol(scene) is not None or scene.startswith("/") or scenes_prefix is None:
+        return scene
+    return join_uri(scenes_prefix, scene)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do: pending questions grouped by scene, and what was already done."""
+
+    groups: list[dict]
+    """One row per scene: {"scene": uri, "questions": [{"question_id", "question", "choices", "bbox", "prompt"}, ...]}."""
+    total: int
+    """Questions in the input."""
+    done: int
+    """Questions skipped because the output already holds their rows."""
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.done
+
+
+def make_plan(questions: pa.Table, scenes_prefix: str | None, done_ids: set[str]) -> Plan:
+    """Group pending questions by resolved scene URI, scenes and questions in a stable order."""
+    groups: dict[str, list[dict]] = {}
+    done = 0
+    for row in questions.to_pylist():
+        if row["question_id"] in done_ids:
+            done += 1
+            continue
+        scene = resolve_scene(row["scene"], scenes_prefix)
+        groups.setdefault(scene, []).append(
+            {key: row[key] for key in ("question_id", "question", "choices", "bbox", "prompt")}
+        )
+    ordered = [
+        {"scene": scene, "questions": sorted(items, key=lambda q: q["question_id"])} for scene, items in sorted(groups.items())
+    ]
+    return Plan(groups=ordered, total=questions.num_rows, done=done)
