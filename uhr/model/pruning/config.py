@@ -28,7 +28,15 @@ class GeoLlavaConfig(BaseModel):
     max_tokens_per_tile: int = Field(24, ge=1, description="Clusters kept per tile (MAX_TOKENS; 24 in the released config).")
     pointer_rounds: int = Field(12, ge=1, description="Upper bound on pointer-jumping rounds (root = root[root]).")
     max_tiles_per_side: int = Field(24, ge=1, description="Largest anyres grid side in tiles (24 -> 8064 px with 336 tiles).")
-    max_tiles: int = Field(576, ge=1, description="Largest number of tiles of an anyres grid.")
+    max_tiles: int = Field(576, ge=2, description="Largest number of tiles of an anyres grid (grids have 2..max_tiles tiles).")
+    fill_empty_slots: bool = Field(
+        True,
+        description=(
+            "A tile with fewer clusters than max_tokens_per_tile emits zero-feature filler tokens in the empty "
+            "slots, as the released model does (it was trained with them); False drops them."
+        ),
+    )
+    chunk_tiles: int = Field(64, ge=1, description="Tiles encoded and clustered together; bounds the tower features held at once.")
 
 
 class UhrBatConfig(BaseModel):
@@ -36,11 +44,20 @@ class UhrBatConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    regions: int = Field(64, ge=1, description="Regions per scale (k of k-means / BIRCH clusters).")
+    regions: int = Field(64, ge=1, description="Regions per scale (k of k-means / BIRCH clusters; fewer when a scale has fewer tokens).")
     partition: PartitionMethod = Field(PartitionMethod.KMEANS, description="How each scale is partitioned into regions.")
     coord_weight: float = Field(1.0, ge=0.0, description="Scale of the normalised (x, y) coordinates appended to L2-normalised features before clustering.")
-    importance_layer: int = Field(-1, description="LM layer whose text-to-vision attention gives importance; negative counts from the end, -1 = middle layer.")
+    importance_layer: int | None = Field(
+        None,
+        description="LM layer whose text-to-vision attention gives importance; negative counts from the end; None = the middle layer (num_layers // 2).",
+    )
     seed: int = Field(0, description="Seed of the clustering, so a scene always gets the same partition.")
+    kmeans_max_iter: int = Field(100, ge=1, description="Lloyd iterations of k-means (MiniBatch k-means: passes over the data).")
+    minibatch_above: int = Field(
+        16384, ge=1, description="Scales with more tokens than this use MiniBatchKMeans instead of full k-means."
+    )
+    minibatch_size: int = Field(4096, ge=1, description="Batch size of MiniBatchKMeans.")
+    birch_threshold: float = Field(0.5, gt=0.0, description="BIRCH subcluster radius in the clustering embedding space.")
 
 
 class C2FConfig(BaseModel):
@@ -49,9 +66,16 @@ class C2FConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     base_side: int = Field(1008, ge=1, description="Longest side of the coarsest pyramid level (its grid has at most 3x3 tiles of 336).")
-    keep_ratio: float = Field(0.25, gt=0.0, le=1.0, description="Fraction of a level's tokens kept to decide which finer tiles to read.")
-    pool: int = Field(2, ge=1, description="Average-pool factor applied to each tile's patch grid (2 -> 24x24 becomes 12x12).")
-    importance_layer: int = Field(-1, description="LM layer whose attention from the last prompt token gives importance; -1 = middle layer.")
+    keep_ratio: float = Field(0.25, gt=0.0, le=1.0, description="Fraction of a level's tokens kept, both to choose the finer tiles to read and as the final selection.")
+    pool: int = Field(2, ge=1, description="Average-pool factor applied to each tile's patch grid (2 -> 24x24 becomes 12x12); must divide the patch grid.")
+    importance_layer: int | None = Field(
+        None,
+        description="LM layer whose attention from the last prompt token gives importance; negative counts from the end; None = the middle layer.",
+    )
+    global_view: bool = Field(
+        True,
+        description="Prepend the global thumbnail (the scene squashed to one tile, unpooled) as LRS-VQA does; it takes at most half the budget.",
+    )
 
 
 class PruningConfig(BaseModel):
@@ -63,10 +87,18 @@ class PruningConfig(BaseModel):
     budget: int = Field(1024, ge=1, description="Hard cap B on visual tokens per question (all scales together).")
     scales: list[int] = Field(
         default_factory=lambda: [672, 1344, 2688, 4032],
-        description="Longest sides of the multi-scale views, coarsest first (UHR-BAT, downsample uses the first that fits the budget).",
+        description=(
+            "Longest sides of the UHR-BAT multi-scale views, coarsest (the anchor) first. Sides beyond the scene's "
+            "own longest side are clamped to it and merged (no upsampling)."
+        ),
     )
     scale_budgets: list[int] | None = Field(
-        None, description="Per-scale budgets B_s (same length as `scales`, sum <= budget); None splits `budget` in proportion to each scale's dense tokens."
+        None,
+        description=(
+            "Per-scale budgets B_s (same length as `scales`, sum <= budget). None allocates them: every scale first "
+            "gets one token per region, the rest of the budget is split in proportion to each scale's tokens "
+            "(so finer scales get more); if the regions alone exceed the budget, the whole budget is split that way."
+        ),
     )
     geollava: GeoLlavaConfig = Field(default_factory=GeoLlavaConfig)
     uhr_bat: UhrBatConfig = Field(default_factory=UhrBatConfig)
@@ -76,11 +108,15 @@ class PruningConfig(BaseModel):
     def _check_scales(self) -> PruningConfig:
         if not self.scales or sorted(self.scales) != self.scales or len(set(self.scales)) != len(self.scales):
             raise ValueError(f"scales must be strictly increasing and non-empty, got {self.scales}")
+        if self.scales[0] < 1:
+            raise ValueError(f"scales must be positive, got {self.scales}")
         if self.scale_budgets is not None:
             if len(self.scale_budgets) != len(self.scales):
                 raise ValueError(
                     f"scale_budgets has {len(self.scale_budgets)} entries but scales has {len(self.scales)}"
                 )
+            if any(b < 0 for b in self.scale_budgets):
+                raise ValueError(f"scale_budgets must be non-negative, got {self.scale_budgets}")
             if sum(self.scale_budgets) > self.budget:
                 raise ValueError(f"sum(scale_budgets)={sum(self.scale_budgets)} exceeds budget={self.budget}")
         return self
