@@ -1,0 +1,128 @@
+"""The anchor: with `none`, our model is transformers' `LlavaNextForConditionalGeneration`.
+
+A tiny LLaVA-NeXT is built from a config with a fixed seed, saved as a transformers directory (both
+key layouts), loaded through `load_model` (format (a)), and fed the same image and prompt: our
+`none` tokens through our `forward` / `answer` against the LLaVA-NeXT processor + model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+from uhr.model import build_tiny_tokenizer, load_model
+from uhr.model.checkpoints import TINY_PINPOINTS, _TINY_TEXT, _TINY_VISION
+from uhr.model.pruning.config import PruningConfig
+from uhr.model.pruning.none import NoneStrategy, anyres_token_count
+from uhr.model.tiling import anyres_canvas, anyres_layout, clip_normalize, cut_tiles, resize_bicubic, select_pinpoint
+from uhr.scenes.source import ArraySource
+
+QUESTION = "How many ships are in the harbour?"
+
+
+def _llava_next(text_model: str, tokenizer, seed: int = 0) -> LlavaNextForConditionalGeneration:
+    text = {
+        **_TINY_TEXT,
+        "model_type": text_model,
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    config = LlavaNextConfig(
+        vision_config={**_TINY_VISION, "model_type": "clip_vision_model"},
+        text_config=text,
+        image_token_index=tokenizer.image_token_id,
+        image_grid_pinpoints=TINY_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    return LlavaNextForConditionalGeneration(config).eval()
+
+
+def _processor(tokenizer) -> LlavaNextProcessor:
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": _TINY_VISION["image_size"]},
+        crop_size={"height": _TINY_VISION["image_size"], "width": _TINY_VISION["image_size"]},
+        image_grid_pinpoints=TINY_PINPOINTS,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=_TINY_VISION["patch_size"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, dropped by "default" (as llava-hf processors)
+    )
+
+
+def _save(reference: LlavaNextForConditionalGeneration, tokenizer, directory, layout: str) -> None:
+    if layout == "save_pretrained":  # what transformers writes: `language_model.model.*` keys
+        reference.save_pretrained(directory)
+    else:  # the in-memory v5 layout `model.language_model.*`, as some exports store it
+        reference.config.save_pretrained(directory)
+        state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+        assert any(k.startswith("model.language_model.") for k in state)
+        save_file(state, str(directory / "model.safetensors"))
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.mark.parametrize(
+    ("text_model", "layout", "size"),
+    [
+        ("qwen2", "save_pretrained", (45, 70)),  # landscape: 32x64 grid, rows cropped
+        ("llama", "v5_keys", (70, 45)),  # portrait: 64x32 grid, columns cropped
+        ("qwen2", "v5_keys", (60, 60)),  # square: 64x64 grid, nothing cropped
+    ],
+)
+def test_none_reproduces_llava_next(tmp_path, image_factory, text_model, layout, size):
+    tokenizer = build_tiny_tokenizer()
+    reference = _llava_next(text_model, tokenizer)
+    _save(reference, tokenizer, tmp_path, layout)
+    model, loaded_tokenizer = load_model(tmp_path)
+    assert model.config.pruning_defaults == {"strategy": "none"}
+
+    image = image_factory(*size, seed=1)
+    processor = _processor(tokenizer)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"<image>\n{QUESTION}"}], tokenize=False, add_generation_prompt=True
+    )
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+
+    # Pixels: our anyres tiles, normalised, are the processor's.
+    height, width = size
+    pinpoint = select_pinpoint(width, height, TINY_PINPOINTS)
+    layout_ = anyres_layout(width, height, pinpoint, 32)
+    tiles = np.concatenate([resize_bicubic(image, 32, 32)[None], cut_tiles(anyres_canvas(image, layout_), 32)])
+    expected = inputs["pixel_values"][0][: len(tiles)]
+    torch.testing.assert_close(clip_normalize(torch.from_numpy(tiles)), expected, atol=1e-6, rtol=0)
+
+    strategy = NoneStrategy(PruningConfig(strategy="none", budget=10_000))
+    tokens = strategy.select(model, strategy.encode(model, ArraySource(image)), QUESTION)
+    image_tokens = int((inputs["input_ids"] == tokenizer.image_token_id).sum())
+    assert len(tokens) == image_tokens == anyres_token_count(width, height, pinpoint, 32, 8)
+
+    with torch.no_grad():
+        ref_logits = reference(**inputs).logits
+        ids = loaded_tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ours = model(input_ids=ids, visual=[tokens]).logits
+    assert ours.shape == ref_logits.shape
+    torch.testing.assert_close(ours, ref_logits, atol=1e-4, rtol=0)
+
+    generated = reference.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    assert len(generated) >= 4
+    expected_text = tokenizer.decode(generated, skip_special_tokens=True).strip()
+    assert model.answer([tokens], [QUESTION], max_new_tokens=8) == [expected_text]
+
+
+def test_token_count_matches_processor_for_large_scenes():
+    """Scenes larger than any grid are read at the grid's size; the token layout stays LLaVA-NeXT's."""
+    tokenizer = build_tiny_tokenizer()
+    processor = _processor(tokenizer)
+    for height, width in [(300, 517), (611, 200), (256, 256)]:
+        pinpoint = select_pinpoint(width, height, TINY_PINPOINTS)
+        count = processor._get_number_of_features(height, width, 32, 32) - 1  # minus CLS, "default"
+        assert anyres_token_count(width, height, pinpoint, 32, 8) == count

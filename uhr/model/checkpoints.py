@@ -1,0 +1,643 @@
+"""Loading and saving `UhrForConditionalGeneration` checkpoints; tiny models for tests and demos.
+
+`load_model(path_or_uri)` reads the format from the directory's config.json (never from its name):
+
+* (a) a transformers LLaVA-NeXT directory (`model_type: llava_next`), legacy
+  (`language_model.model.*`) or v5 (`model.language_model.*`) key layout;
+* (b) a LongVA / GeoLLaVA-8K directory (`model_type: llava_qwen` / `llava_llama`, `mm_*` keys);
+  the CLIP config is not stored there and is inferred from the weight shapes;
+* (c) our own export (`model_type: uhr`), written by `save_model` / `model.save_pretrained`.
+
+Any of them may sit in object storage (`s3://...`): the directory is first copied to a local cache.
+Weights must be safetensors unless `allow_pickle=True`. Nothing is ever fetched from a hub.
+(a) and (b) are copied through explicit key-map tables; key sets and shapes are checked before a
+single tensor is copied, and the checkpoint keys left unused are listed in the log.
+
+What a checkpoint implies about pruning (GeoLLaVA-8K's clusters per tile, LLaVA-NeXT's `none`)
+is returned in `model.config.pruning_defaults`, a partial `PruningConfig`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import initialization as init
+
+from uhr.errors import UhrError
+from uhr.model.config import UhrConfig
+from uhr.model.modeling import UhrForConditionalGeneration
+from uhr.model.tokenizer import CHATML_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+from uhr.storage import StorageConfig, is_remote, redact
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(UhrError, ValueError):
+    """A checkpoint directory cannot be loaded as asked (format, weights, keys, shapes, pickle)."""
+
+    def __init__(self, location: str, reason: str):
+        self.location = redact(str(location))
+        self.reason = redact(str(reason))
+        super().__init__(f"cannot load checkpoint {self.location}: {self.reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.location, self.reason))
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight files
+# ----------------------------------------------------------------------------------------------
+
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def _weight_files(directory: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
+    """(weight files, are they safetensors) of a checkpoint directory."""
+    index = directory / _SAFETENSORS_INDEX
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / shard for shard in shards], True
+    safetensors = sorted(directory.glob("*.safetensors"))
+    if safetensors:
+        return safetensors, True
+    pickles = sorted(p for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES and not p.name.startswith("training_args"))
+    if not pickles:
+        raise CheckpointError(str(directory), "no weights (*.safetensors, or *.bin / *.pt with allow_pickle=True)")
+    if not allow_pickle:
+        raise CheckpointError(
+            str(directory),
+            f"weights are pickle files ({', '.join(p.name for p in pickles)}), which can run code when loaded; "
+            "convert them to safetensors or pass allow_pickle=True if you trust their source",
+        )
+    return pickles, False
+
+
+class _CheckpointTensors:
+    """Lazy read access to the tensors of a checkpoint's weight files, by key."""
+
+    def __init__(self, files: list[Path], safetensors: bool, stack: ExitStack):
+        self._where: dict[str, Any] = {}
+        for file in files:
+            if safetensors:
+                handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                for key in handle.keys():
+                    self._where[key] = handle
+            else:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+                for key, tensor in state.items():
+                    self._where[key] = tensor
+
+    def keys(self) -> list[str]:
+        return sorted(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        source = self._where[key]
+        if isinstance(source, torch.Tensor):
+            return tuple(source.shape)
+        return tuple(source.get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        source = self._where[key]
+        return source if isinstance(source, torch.Tensor) else source.get_tensor(key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Key-map tables: (pattern on the checkpoint key, replacement giving our key); first match wins.
+# ----------------------------------------------------------------------------------------------
+
+LLAVA_NEXT_KEY_MAP: tuple[tuple[str, str], ...] = (
+    # CLIP tower; hub checkpoints keep CLIPVisionModel's old `vision_model.` prefix.
+    (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?(.+)$", r"vision_tower.\1"),
+    (r"^(?:model\.)?multi_modal_projector\.(linear_[12]\.(?:weight|bias))$", r"multi_modal_projector.\1"),
+    (r"^(?:model\.)?image_newline$", r"image_newline"),
+    # transformers < 4.52 layout (and v5 `save_pretrained`, which writes it back).
+    (r"^language_model\.model\.(.+)$", r"language_model.model.\1"),
+    (r"^language_model\.lm_head\.(.+)$", r"language_model.lm_head.\1"),
+    # transformers >= 4.52 in-memory layout.
+    (r"^model\.language_model\.(.+)$", r"language_model.model.\1"),
+    (r"^lm_head\.(.+)$", r"language_model.lm_head.\1"),
+)
+
+LONGVA_KEY_MAP: tuple[tuple[str, str], ...] = (
+    (r"^model\.vision_tower\.vision_tower\.(?:vision_model\.)?(.+)$", r"vision_tower.\1"),
+    (r"^model\.mm_projector\.0\.(weight|bias)$", r"multi_modal_projector.linear_1.\1"),
+    (r"^model\.mm_projector\.2\.(weight|bias)$", r"multi_modal_projector.linear_2.\1"),
+    # GeoLLaVA-8K's affinity head; the released class holds it beside `model`, not inside it.
+    (r"^(?:model\.)?reghead\.(dw\.weight|pw\.weight|pw\.bias)$", r"reghead.\1"),
+    (r"^model\.image_newline$", r"image_newline"),
+    (r"^model\.((?:embed_tokens|layers|norm)\..+)$", r"language_model.model.\1"),
+    (r"^lm_head\.(.+)$", r"language_model.lm_head.\1"),
+)
+
+# Our parameters no LLaVA checkpoint holds; they keep their initialisation (zero for the
+# UHR-BAT positional term) when absent. CLIP's post-layernorm only feeds the pooled output,
+# which the model never uses.
+_OURS_ONLY = (r"^scale_embedding\.", r"^vision_tower\.post_layernorm\.")
+
+
+@dataclass
+class LoadReport:
+    """What a key-mapped load did: copied, left at initialisation, and ignored checkpoint keys."""
+
+    copied: int
+    initialised: list[str]
+    ignored: list[str]
+
+
+def _map_key(key: str, table: Iterable[tuple[str, str]]) -> str | None:
+    for pattern, replacement in table:
+        if re.match(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return None
+
+
+def _copy_mapped(
+    model: UhrForConditionalGeneration,
+    tensors: _CheckpointTensors,
+    table: Iterable[tuple[str, str]],
+    optional: Iterable[str],
+    location: str,
+) -> LoadReport:
+    """Copy checkpoint tensors into `model` through `table`, after checking keys and shapes.
+
+    `optional` are patterns of our keys the checkpoint may lack (they are then initialised here).
+    Tied parameters (an LM head tied to the embeddings) count once.
+    """
+    table = list(table)
+    targets: dict[str, str] = {}
+    ignored: list[str] = []
+    for key in tensors.keys():
+        target = _map_key(key, table)
+        if target is None:
+            ignored.append(key)
+            continue
+        if target in targets:
+            raise CheckpointError(location, f"keys {targets[target]!r} and {key!r} both map to {target!r}")
+        targets[target] = key
+
+    params = dict(model.named_parameters())  # a tied parameter appears once, under its first name
+    buffers = {name for name, _ in model.named_buffers()}
+    tied = set(model.state_dict()) - set(params) - buffers
+    unexpected = sorted(set(targets) - set(params) - tied)
+    if unexpected:
+        raise CheckpointError(location, f"checkpoint keys map to parameters the model does not have: {unexpected[:10]}")
+    optional_patterns = [re.compile(pattern) for pattern in optional]
+    missing = sorted(name for name in set(params) - set(targets) if not any(p.match(name) for p in optional_patterns))
+    if missing:
+        raise CheckpointError(location, f"checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:10]}")
+    loaded = sorted(set(targets) & set(params))
+    mismatched = [
+        f"{targets[name]} {tensors.shape(targets[name])} -> {name} {tuple(params[name].shape)}"
+        for name in loaded
+        if tensors.shape(targets[name]) != tuple(params[name].shape)
+    ]
+    if mismatched:
+        raise CheckpointError(location, f"shape mismatch: {mismatched[:10]}")
+    with torch.no_grad():
+        for name in loaded:
+            params[name].copy_(tensors.get(targets[name]))
+    # The checkpoint's copy of a tied parameter (an LM head tied to the embeddings) is not needed.
+    ignored.extend(targets[name] for name in sorted(set(targets) & tied))
+
+    initialised = sorted(set(params) - set(targets))
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name in initialised:
+            module_name, _, _ = name.rpartition(".")
+            if module_name:
+                model._init_weights(modules[module_name])
+            else:  # a parameter of the top-level model (image_newline)
+                model._init_weights(model)
+    model.tie_weights()
+    report = LoadReport(copied=len(loaded), initialised=initialised, ignored=sorted(ignored))
+    logger.info(
+        "loaded %s: %d tensors copied, %d left at initialisation %s, %d checkpoint keys ignored %s",
+        redact(location),
+        report.copied,
+        len(report.initialised),
+        report.initialised,
+        len(report.ignored),
+        report.ignored,
+    )
+    return report
+
+
+def _empty_model(config: UhrConfig, dtype: torch.dtype | None) -> UhrForConditionalGeneration:
+    """A model whose weights are allocated but not initialised (they are about to be overwritten)."""
+    with init.no_init_weights():
+        model = UhrForConditionalGeneration._from_config(config, dtype=dtype or torch.float32)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_tokenizer(directory: Path, location: str, fallback_template: str | None = None) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(location, f"no usable tokenizer in the directory ({error})") from error
+    if tokenizer.chat_template is None:
+        processor_template = directory / "chat_template.json"
+        if processor_template.exists():
+            tokenizer.chat_template = json.loads(processor_template.read_text())["chat_template"]
+        elif fallback_template is not None:
+            tokenizer.chat_template = fallback_template
+        else:
+            raise CheckpointError(location, "the tokenizer has no chat template")
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        # LLaVA code splices the image in by a sentinel id (-200); we need a real token to find it.
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) transformers LLaVA-NeXT
+# ----------------------------------------------------------------------------------------------
+
+
+def _llava_next_config(raw: dict[str, Any], directory: Path, location: str) -> UhrConfig:
+    hf = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    if hf.vision_config.model_type != "clip_vision_model":
+        raise CheckpointError(location, f"vision tower {hf.vision_config.model_type!r} is not CLIP")
+    if not isinstance(hf.vision_feature_layer, int):
+        raise CheckpointError(location, f"multi-layer vision features {hf.vision_feature_layer} are not supported")
+    if hf.vision_feature_select_strategy != "default":
+        raise CheckpointError(location, f"vision_feature_select_strategy {hf.vision_feature_select_strategy!r} (only 'default': CLS dropped)")
+    if not getattr(hf, "multimodal_projector_bias", True):
+        raise CheckpointError(location, "a projector without biases is not supported")
+    return UhrConfig(
+        vision_config=hf.vision_config,
+        text_config=hf.text_config,
+        vision_feature_layer=hf.vision_feature_layer,
+        projector_hidden_act=hf.projector_hidden_act,
+        image_token_id=hf.image_token_id,
+        image_grid_pinpoints=[list(p) for p in hf.image_grid_pinpoints],
+        pruning_defaults={"strategy": "none"},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) LongVA / GeoLLaVA-8K
+# ----------------------------------------------------------------------------------------------
+
+_LONGVA_TEXT_TYPES = {"llava_qwen": "qwen2", "llava_llama": "llama"}
+_CLIP_PREFIX = "model.vision_tower.vision_tower."
+_UNIRES_MAX = re.compile(r"^unires_max(\d+)$")
+
+
+def _clip_key(tensors: _CheckpointTensors, suffix: str) -> str | None:
+    for prefix in (_CLIP_PREFIX + "vision_model.", _CLIP_PREFIX):
+        if prefix + suffix in tensors.keys():
+            return prefix + suffix
+    return None
+
+
+def _infer_clip_config(raw: dict[str, Any], tensors: _CheckpointTensors, location: str) -> CLIPVisionConfig:
+    """CLIP vision config from weight shapes; LongVA directories name the tower by hub id only."""
+    q_proj = _clip_key(tensors, "encoder.layers.0.self_attn.q_proj.weight")
+    if q_proj is None:
+        raise CheckpointError(
+            location,
+            f"no vision tower weights ({_CLIP_PREFIX}*); the checkpoint expects {raw.get('mm_vision_tower')!r} "
+            "from a hub, which uhr never contacts: save the full model (tower included) first",
+        )
+    hidden = tensors.shape(q_proj)[0]
+    layer_index = re.compile(re.escape(q_proj.split("encoder.layers.")[0]) + r"encoder\.layers\.(\d+)\.")
+    layers = len({m.group(1) for key in tensors.keys() if (m := layer_index.match(key))})
+    patch = tensors.shape(_clip_key(tensors, "embeddings.patch_embedding.weight"))[-1]
+    positions = tensors.shape(_clip_key(tensors, "embeddings.position_embedding.weight"))[0]
+    side = round((positions - 1) ** 0.5)
+    if side * side != positions - 1:
+        raise CheckpointError(location, f"CLIP position table of {positions} rows is not 1 + a square grid")
+    intermediate = tensors.shape(_clip_key(tensors, "encoder.layers.0.mlp.fc1.weight"))[0]
+    heads = (raw.get("vision_config") or {}).get("num_attention_heads", hidden // 64)
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        patch_size=patch,
+        image_size=side * patch,
+    )
+
+
+def _longva_config(raw: dict[str, Any], tensors: _CheckpointTensors, location: str) -> UhrConfig:
+    text_type = _LONGVA_TEXT_TYPES[raw["model_type"]]
+    text_class = type(AutoConfig.for_model(text_type))
+    fields = {f.name for f in dataclasses.fields(text_class)} | {"rope_theta", "rope_scaling", "torch_dtype"}
+    text_kwargs = {k: v for k, v in raw.items() if k in fields and k not in ("architectures", "transformers_version")}
+    if text_kwargs.get("rope_scaling") is None:
+        text_kwargs.pop("rope_scaling", None)
+    text_config = AutoConfig.for_model(text_type, **text_kwargs)
+    vision_config = _infer_clip_config(raw, tensors, location)
+
+    projector = raw.get("mm_projector_type", "linear")
+    if projector != "mlp2x_gelu":
+        raise CheckpointError(location, f"mm_projector_type {projector!r} is not supported (only mlp2x_gelu)")
+    select_feature = raw.get("mm_vision_select_feature", "patch")
+    if select_feature not in ("patch", "cls_patch"):
+        raise CheckpointError(location, f"mm_vision_select_feature {select_feature!r} is not supported")
+    tile = vision_config.image_size
+    aspect = str(raw.get("image_aspect_ratio", "square"))
+    pinpoints = raw.get("image_grid_pinpoints")
+    if isinstance(pinpoints, str):  # LLaVA training scripts pass the list as a string
+        pinpoints = ast.literal_eval(pinpoints)
+    if aspect.startswith("anyres"):
+        if not pinpoints:
+            raise CheckpointError(location, f"image_aspect_ratio {aspect!r} without image_grid_pinpoints")
+        pinpoints = [[int(h), int(w)] for h, w in pinpoints]
+    else:
+        pinpoints = [[tile, tile]]
+
+    merge = str(raw.get("mm_patch_merge_type", "flat"))
+    pruning: dict[str, Any] | None = None
+    if match := _UNIRES_MAX.match(merge):
+        per_tile = int(match.group(1))
+        tiles = [(h // tile) * (w // tile) for h, w in pinpoints]
+        pruning = {
+            "strategy": "geollava",
+            "budget": max(tiles) * per_tile,
+            "geollava": {
+                "max_tokens_per_tile": per_tile,
+                "max_tiles_per_side": max(max(h, w) // tile for h, w in pinpoints),
+                "max_tiles": max(tiles),
+            },
+        }
+    elif merge.startswith("spatial_unpad") and aspect.startswith("anyres"):
+        pruning = {"strategy": "none"}
+    elif not aspect.startswith("anyres"):
+        pruning = {"strategy": "downsample", "scales": [tile]}
+    return UhrConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        vision_feature_layer=int(raw.get("mm_vision_select_layer", -2)),
+        image_grid_pinpoints=pinpoints,
+        pruning_defaults=pruning,
+    )
+
+
+def _longva_optional(raw: dict[str, Any]) -> list[str]:
+    optional = list(_OURS_ONLY)
+    if not _UNIRES_MAX.match(str(raw.get("mm_patch_merge_type", ""))):
+        optional.append(r"^reghead\.")
+    if "unpad" not in str(raw.get("mm_patch_merge_type", "")):
+        optional.append(r"^image_newline$")
+    return optional
+
+
+# ----------------------------------------------------------------------------------------------
+# Remote directories
+# ----------------------------------------------------------------------------------------------
+
+
+def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("UHR_CACHE_DIR", Path.home() / ".cache" / "uhr")) / "checkpoints"
+
+
+def _fetch_directory(uri: str, storage: StorageConfig, cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Copy a remote checkpoint directory to the local cache once; reuse it while the listing is unchanged."""
+    fs = storage.filesystem(uri)
+    root = uri.rstrip("/")
+    try:
+        listing = fs.find(root, detail=True)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(uri, f"cannot list the directory ({error})") from error
+    if not listing:
+        raise CheckpointError(uri, "no such directory, or it is empty")
+    stripped = fs._strip_protocol(root)
+    manifest = {
+        os.path.relpath(path, stripped): [info.get("size"), str(info.get("ETag") or info.get("mtime") or "")]
+        for path, info in sorted(listing.items())
+    }
+    if "config.json" not in manifest:
+        raise CheckpointError(uri, "no config.json at the top of the directory")
+    cache = _cache_root(cache_dir) / hashlib.sha256(root.encode()).hexdigest()[:32]
+    manifest_file = cache / ".uhr-manifest.json"
+    if manifest_file.exists() and json.loads(manifest_file.read_text()) == manifest:
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".partial-"))
+    try:
+        for relative in manifest:
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{stripped}/{relative}", str(target))
+        (staging / manifest_file.name).write_text(json.dumps(manifest))
+        if cache.exists():
+            shutil.rmtree(cache)
+        staging.rename(cache)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    logger.info("copied %s (%d files) to %s", redact(uri), len(manifest), cache)
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype or its name, got {dtype!r}")
+    return value
+
+
+def load_model(
+    path_or_uri: str | os.PathLike[str],
+    *,
+    storage: StorageConfig | None = None,
+    allow_pickle: bool = False,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[UhrForConditionalGeneration, PreTrainedTokenizerBase]:
+    """Load a checkpoint directory (local path or object-store URI) as (model in eval mode, tokenizer).
+
+    The format comes from config.json's `model_type`: "llava_next", "llava_qwen" / "llava_llama"
+    (LongVA, GeoLLaVA-8K) or "uhr". `dtype` defaults to float32 for (a)/(b) and to the saved dtype
+    for (c). Remote directories are copied under `cache_dir` (default `$UHR_CACHE_DIR/checkpoints`
+    or `~/.cache/uhr/checkpoints`). The pruning settings the checkpoint implies are in
+    `model.config.pruning_defaults`.
+    """
+    location = os.fspath(path_or_uri)
+    dtype = _as_dtype(dtype)
+    if is_remote(location):
+        directory = _fetch_directory(location, storage or StorageConfig(), cache_dir)
+    else:
+        directory = Path(location)
+        if not directory.is_dir():
+            raise CheckpointError(location, "not a directory")
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(location, "no config.json")
+    raw = json.loads(config_file.read_text())
+    model_type = raw.get("model_type")
+    files, safetensors = _weight_files(directory, allow_pickle)
+
+    if model_type == UhrConfig.model_type:
+        model = UhrForConditionalGeneration.from_pretrained(
+            str(directory), dtype=dtype, local_files_only=True, use_safetensors=safetensors
+        )
+        tokenizer = _load_tokenizer(directory, location)
+    elif model_type == "llava_next" or model_type in _LONGVA_TEXT_TYPES:
+        with ExitStack() as stack:
+            tensors = _CheckpointTensors(files, safetensors, stack)
+            if model_type == "llava_next":
+                config = _llava_next_config(raw, directory, location)
+                table, optional = LLAVA_NEXT_KEY_MAP, [*_OURS_ONLY, r"^reghead\."]
+                tokenizer = _load_tokenizer(directory, location)
+            else:
+                config = _longva_config(raw, tensors, location)
+                table, optional = LONGVA_KEY_MAP, _longva_optional(raw)
+                fallback = CHATML_TEMPLATE if model_type == "llava_qwen" else None
+                tokenizer = _load_tokenizer(directory, location, fallback_template=fallback)
+            config.image_token_id = None  # set from the tokenizer below
+            model = _empty_model(config, dtype)
+            _copy_mapped(model, tensors, table, optional, location)
+    else:
+        raise CheckpointError(
+            location, f"config.json model_type {model_type!r} is none of 'uhr', 'llava_next', 'llava_qwen', 'llava_llama'"
+        )
+    model.attach_tokenizer(tokenizer)
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def save_model(
+    model: UhrForConditionalGeneration,
+    path_or_uri: str | os.PathLike[str],
+    *,
+    storage: StorageConfig | None = None,
+) -> None:
+    """Write our export (config.json, model.safetensors, tokenizer files) to a directory or a URI."""
+    location = os.fspath(path_or_uri)
+    if not is_remote(location):
+        model.save_pretrained(location)
+        return
+    fs = (storage or StorageConfig()).filesystem(location)
+    with tempfile.TemporaryDirectory(prefix="uhr-export-") as staging:
+        model.save_pretrained(staging)
+        for name in sorted(os.listdir(staging)):
+            fs.put_file(os.path.join(staging, name), f"{location.rstrip('/')}/{name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# (d) tiny models
+# ----------------------------------------------------------------------------------------------
+
+TINY_CORPUS: tuple[str, ...] = (
+    "How many ships are in the harbour?",
+    "What colour is the roof inside the box?",
+    "Is the road flooded after the storm?",
+    "Is there a bridge over the river?",
+    "How many storage tanks are near the port?",
+    "Which direction does the runway point?",
+    "Answer with the option's letter from the given choices directly.",
+    "A. two B. three C. four D. five",
+    "The roof is red. The road is not flooded. There are three ships.",
+    "yes no left right north south east west forest water building farmland",
+    "The airport has two runways and five airplanes parked at the terminal.",
+    "Count the vehicles in the parking lot next to the stadium.",
+)
+"""Fixed text the tiny tokenizer is trained on."""
+
+_TINY_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 4,
+}
+_TINY_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+}
+TINY_PINPOINTS: list[list[int]] = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+"""LLaVA-NeXT's default grids scaled to the tiny 32-px tiles."""
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The tokenizer of `build_tiny_model`: byte-level BPE trained on `TINY_CORPUS`."""
+    return build_tokenizer(TINY_CORPUS, vocab_size=384, min_frequency=1)
+
+
+def build_tiny_model(
+    seed: int = 0, text_model: str = "qwen2", **overrides: Any
+) -> tuple[UhrForConditionalGeneration, PreTrainedTokenizerBase]:
+    """A tiny randomly initialised model and its tokenizer, identical for identical arguments.
+
+    CLIP: hidden 32, 2 layers, 32-px tiles of 4-px patches (8 x 8 tokens per tile). LM (`qwen2` or
+    `llama`): hidden 64, 2 layers, 4 query / 2 key-value heads. `overrides` are `UhrConfig` fields;
+    `vision_config` / `text_config` dicts are merged into the tiny ones.
+    """
+    if text_model not in ("qwen2", "llama"):
+        raise ValueError(f"text_model must be 'qwen2' or 'llama', got {text_model!r}")
+    tokenizer = build_tiny_tokenizer()
+    vision = {**_TINY_VISION, **overrides.pop("vision_config", {})}
+    text = {
+        **_TINY_TEXT,
+        "model_type": text_model,
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": None,
+        **overrides.pop("text_config", {}),
+    }
+    settings = {"image_grid_pinpoints": TINY_PINPOINTS, "tile_batch_size": 16, **overrides}
+    config = UhrConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id, **settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UhrForConditionalGeneration(config)
+    model.attach_tokenizer(tokenizer)
+    return model.eval(), tokenizer
+
+
+__all__ = [
+    "CheckpointError",
+    "LLAVA_NEXT_KEY_MAP",
+    "LONGVA_KEY_MAP",
+    "LoadReport",
+    "TINY_CORPUS",
+    "TINY_PINPOINTS",
+    "build_tiny_model",
+    "build_tiny_tokenizer",
+    "load_model",
+    "save_model",
+]

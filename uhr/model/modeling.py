@@ -1,0 +1,474 @@
+"""The UHR multimodal model: CLIP tower, `mlp2x_gelu` projector, causal LM, pruning-ready parts.
+
+Read top to bottom: output dataclass, projector, UHR-BAT scale-specific positional term,
+GeoLLaVA-8K affinity head, pre-trained base, then `UhrForConditionalGeneration` with its vision
+path (`encode_tiles`, `encode_view`, `project`), its prompt path (chat template with the image
+placeholder expanded into visual embeddings) and its two entry points, `answer` (batched greedy
+generation) and `forward` (logits and the loss, for fine-tuning with pruning in the loop).
+
+Shapes: T tiles of S x S pixels; g = S // patch patch tokens per tile side; D_v tower width; D LM
+width; N visual tokens handed to the LM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+
+from uhr.model import tiling
+from uhr.model.config import UhrConfig
+from uhr.model.importance import decoder_attention
+from uhr.model.pruning.base import PrunedTokens, TokenGrid
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+"""Label of positions the loss skips (visual tokens, prompt, padding)."""
+
+
+@dataclass
+class UhrCausalLMOutput(ModelOutput):
+    """Output of `UhrForConditionalGeneration.forward` on the expanded sequence (image token -> N rows).
+
+    loss: `(1,)` next-token cross-entropy over labelled positions, when `labels` were given.
+    logits: `(B, L, vocab)`, L = the longest row after expansion (rows right-padded).
+    attention_mask: `(B, L)` of the expanded, right-padded rows.
+    labels: `(B, L)` expanded labels (-100 on visual tokens and padding), when `labels` were given.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    attention_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+class UhrMultiModalProjector(nn.Module):
+    """`mlp2x_gelu`: (..., D_v) -> Linear -> GELU -> Linear -> (..., D), as LLaVA-NeXT's projector."""
+
+    def __init__(self, config: UhrConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class UhrScaleEmbedding(nn.Module):
+    """UHR-BAT's scale-specific positional term in LM space.
+
+    A learned base 2D position table (D, g, g) is bilinearly interpolated to a scale's stitched
+    token grid (H, W) and a learned per-scale vector (D,) is added. Both start at zero so an
+    untrained model is unchanged by the term.
+    """
+
+    def __init__(self, num_scales: int, grid: int, dim: int):
+        super().__init__()
+        self.position = nn.Parameter(torch.zeros(dim, grid, grid))
+        self.scale = nn.Parameter(torch.zeros(num_scales, dim))
+
+    def forward(self, scale: int, height: int, width: int) -> torch.Tensor:
+        """(H, W, D) positional term for scale index `scale` on an `height` x `width` token grid."""
+        if not 0 <= scale < self.scale.shape[0]:
+            raise ValueError(f"scale index {scale} outside the {self.scale.shape[0]} scales of the embedding table")
+        if height <= 0 or width <= 0:
+            raise ValueError(f"token grid must be non-empty, got {height}x{width}")
+        # (1, D, g, g) -> (1, D, H, W) -> (H, W, D)
+        position = F.interpolate(self.position[None], size=(height, width), mode="bilinear", align_corners=False)
+        return position[0].permute(1, 2, 0) + self.scale[scale]
+
+
+class UhrAffinityHead(nn.Module):
+    """GeoLLaVA-8K's affinity head (`reghead`): which of its 3 x 3 neighbours each token belongs with.
+
+    Depthwise 3 x 3 conv (no bias) on the D_v tower channels, then a 1 x 1 conv to 9 logits (bias
+    zero-initialised), softmax over the 9 neighbour offsets in row-major (dy, dx) order,
+    dy, dx in {-1, 0, 1}.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dw = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False)
+        self.pw = nn.Conv2d(dim, 9, kernel_size=1, bias=True)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., g, g, D_v) tower features -> (..., g, g, 9) neighbour probabilities."""
+        lead, (height, width, dim) = features.shape[:-3], features.shape[-3:]
+        # (..., g, g, D_v) -> (B, D_v, g, g)
+        x = features.reshape(-1, height, width, dim).permute(0, 3, 1, 2)
+        logits = self.pw(self.dw(x))  # (B, 9, g, g)
+        return logits.permute(0, 2, 3, 1).softmax(dim=-1).reshape(*lead, height, width, 9)
+
+
+class UhrPreTrainedModel(PreTrainedModel):
+    config: UhrConfig
+    config_class = UhrConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, UhrScaleEmbedding):
+            init.zeros_(module.position)
+            init.zeros_(module.scale)
+        elif isinstance(module, UhrForConditionalGeneration):
+            init.normal_(module.image_newline, mean=0.0, std=1 / math.sqrt(self.config.text_config.hidden_size))
+
+
+class UhrForConditionalGeneration(UhrPreTrainedModel):
+    """CLIP tower + `mlp2x_gelu` projector + causal LM, with the parts the pruning strategies use.
+
+    Submodules: `vision_tower` (CLIPVisionModel), `multi_modal_projector`, `language_model`
+    (AutoModelForCausalLM), `image_newline` (D,), `scale_embedding` (UHR-BAT), `reghead`
+    (GeoLLaVA-8K). The tokenizer rides along (`attach_tokenizer`) because `answer` and
+    `visual_importance` build prompts from plain questions; `save_pretrained` writes it too.
+    """
+
+    def __init__(self, config: UhrConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = UhrMultiModalProjector(config)
+        self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
+        self.scale_embedding = UhrScaleEmbedding(config.num_scales, config.patch_grid, config.text_config.hidden_size)
+        self.reghead = UhrAffinityHead(config.vision_config.hidden_size)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.post_init()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def attach_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Use `tokenizer` for prompts; it must know `config.image_token` as one token."""
+        image_id = tokenizer.convert_tokens_to_ids(self.config.image_token)
+        if image_id is None or image_id == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no token for the image placeholder {self.config.image_token!r}")
+        if self.config.image_token_id is not None and image_id != self.config.image_token_id:
+            raise ValueError(
+                f"tokenizer maps {self.config.image_token!r} to id {image_id}, the model expects {self.config.image_token_id}"
+            )
+        if tokenizer.chat_template is None:
+            raise ValueError("tokenizer has no chat template; prompts are built with it")
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer needs a pad token and an eos token for batched generation")
+        self.config.image_token_id = image_id
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            raise RuntimeError("no tokenizer attached: load the model with uhr.model.load_model or call attach_tokenizer")
+        return self._tokenizer
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
+        """Our export: config.json + model.safetensors (+ the attached tokenizer's files)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self._tokenizer is not None:
+            self._tokenizer.save_pretrained(save_directory)
+
+    # -- vision path ---------------------------------------------------------------------------
+
+    @property
+    def tile_size(self) -> int:
+        """Pixel side S of one tower input tile."""
+        return self.config.tile_size
+
+    @property
+    def patch_grid(self) -> int:
+        """Patch tokens g per tile side."""
+        return self.config.patch_grid
+
+    @property
+    def _selected_depth(self) -> int:
+        """How many encoder layers run to reach `vision_feature_layer` (hidden_states[k] follows layer k)."""
+        layer = self.config.vision_feature_layer
+        return layer if layer > 0 else self.config.vision_config.num_hidden_layers + 1 + layer
+
+    @property
+    def selected_vision_layer(self) -> nn.Module:
+        """The CLIP encoder layer whose output is the selected feature (GeoLLaVA reads its q/v_proj)."""
+        return self.vision_tower.encoder.layers[self._selected_depth - 1]
+
+    def _tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(t, 3, S, S) normalised pixels -> (t, 1 + g*g, D_v) selected-layer states, CLS first.
+
+        Runs only the layers up to the selected one: the later ones would be discarded.
+        """
+        tower = self.vision_tower
+        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
+        for layer in tower.encoder.layers[: self._selected_depth]:
+            hidden = layer(hidden, None)
+        return hidden
+
+    def encode_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (T, S, S, 3) tiles -> (features (T, g, g, D_v), cls (T, D_v)) of the selected layer.
+
+        CLIP-normalised here, run `tile_batch_size` tiles at a time; differentiable when grad is on.
+        """
+        size, grid = self.tile_size, self.patch_grid
+        if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tuple(tiles.shape[1:]) != (size, size, 3):
+            raise ValueError(f"tiles must be uint8 (T, {size}, {size}, 3), got {tiles.dtype} {tuple(tiles.shape)}")
+        dim = self.config.vision_config.hidden_size
+        device, dtype = self.vision_tower.device, self.vision_tower.dtype
+        if tiles.shape[0] == 0:
+            return torch.zeros(0, grid, grid, dim, device=device, dtype=dtype), torch.zeros(0, dim, device=device, dtype=dtype)
+        features, cls = [], []
+        for chunk in tiles.split(self.config.tile_batch_size):
+            pixel_values = tiling.clip_normalize(chunk.to(device, non_blocking=True)).to(dtype)
+            hidden = self._tower_features(pixel_values)  # (t, 1 + g*g, D_v)
+            cls.append(hidden[:, 0])
+            features.append(hidden[:, 1:].reshape(-1, grid, grid, dim))
+        return torch.cat(features), torch.cat(cls)
+
+    def encode_view(self, view: np.ndarray, scale: int, box: tiling.Box) -> TokenGrid:
+        """Encode an (H, W, 3) uint8 view padded bottom/right to whole tiles, tiles in raster order.
+
+        `box` is the scene-pixel box the padded tile grid covers; tokens that see only padding are
+        marked invalid.
+        """
+        padded = tiling.pad_to_tiles(view, self.tile_size)
+        rows, cols = padded.shape[0] // self.tile_size, padded.shape[1] // self.tile_size
+        features, cls = self.encode_tiles(torch.from_numpy(tiling.cut_tiles(padded, self.tile_size)))
+        grid, dim = self.patch_grid, features.shape[-1]
+        patch = self.config.vision_config.patch_size
+        valid = tiling.valid_patches(view.shape[0], view.shape[1], rows, cols, grid, patch)
+        return TokenGrid(
+            scale=scale,
+            features=features.reshape(rows, cols, grid, grid, dim),
+            cls=cls.reshape(rows, cols, dim),
+            box=tuple(float(v) for v in box),
+            valid=torch.from_numpy(valid).to(features.device),
+        )
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., D_v) tower features -> (..., D) LM inputs through the `mlp2x_gelu` projector."""
+        return self.multi_modal_projector(features)
+
+    # -- prompt path ---------------------------------------------------------------------------
+
+    def _prompt(self, question: str) -> tuple[list[int], int, list[int]]:
+        """Chat-template prompt for one question with the image placeholder before it.
+
+        Returns (token ids, index of the image token, indices of the question's own tokens).
+        """
+        tokenizer, image_token = self.tokenizer, self.config.image_token
+        if image_token in question:
+            raise ValueError(f"question must not contain the image placeholder {image_token!r}: {question!r}")
+        content = f"{image_token}\n{question}"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoding["input_ids"]
+        image_positions = [i for i, token in enumerate(ids) if token == self.config.image_token_id]
+        if len(image_positions) != 1:
+            raise ValueError(f"prompt holds {len(image_positions)} image tokens, expected 1: {text!r}")
+        start = text.index(content) + len(image_token) + 1
+        end = start + len(question)
+        question_tokens = [i for i, (a, b) in enumerate(encoding["offset_mapping"]) if a < end and b > start]
+        return ids, image_positions[0], question_tokens
+
+    def _embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """LM input embeddings of `input_ids`; image tokens (replaced later) may lie past the LM vocabulary."""
+        return self.get_input_embeddings()(input_ids.masked_fill(input_ids == self.config.image_token_id, 0))
+
+    def _splice(self, input_ids: torch.Tensor, position: int, visual: torch.Tensor) -> torch.Tensor:
+        """(L,) ids with the image token at `position`, (N, D) visual -> (L - 1 + N, D) LM inputs."""
+        embeds = self._embed_text(input_ids)
+        visual = visual.to(embeds.device, embeds.dtype)
+        return torch.cat([embeds[:position], visual, embeds[position + 1 :]])
+
+    def _check_visual(self, visual: PrunedTokens) -> None:
+        dim = self.config.text_config.hidden_size
+        if visual.embeds.ndim != 2 or visual.embeds.shape[1] != dim:
+            raise ValueError(f"visual embeds must be (N, {dim}), got {tuple(visual.embeds.shape)}")
+
+    # -- entry points --------------------------------------------------------------------------
+
+    def answer(self, visual: list[PrunedTokens], questions: list[str], *, max_new_tokens: int = 64) -> list[str]:
+        """Greedy answers, one per (visual tokens, question) pair, generated as one left-padded batch.
+
+        Returns only the new text, special tokens removed, stripped.
+        """
+        if len(visual) != len(questions):
+            raise ValueError(f"got {len(visual)} visual inputs for {len(questions)} questions")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not questions:
+            return []
+        tokenizer = self.tokenizer
+        device = self.get_input_embeddings().weight.device
+        with torch.inference_mode():
+            rows = []
+            for tokens, question in zip(visual, questions):
+                self._check_visual(tokens)
+                ids, position, _ = self._prompt(question)
+                rows.append(self._splice(torch.tensor(ids, device=device), position, tokens.embeds))
+            length = max(row.shape[0] for row in rows)
+            pad = self.get_input_embeddings()(torch.tensor([tokenizer.pad_token_id], device=device))[0]
+            inputs_embeds = torch.stack([torch.cat([pad.expand(length - row.shape[0], -1), row]) for row in rows])
+            attention_mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
+            for i, row in enumerate(rows):
+                attention_mask[i, length - row.shape[0] :] = 1
+            generation_config = GenerationConfig(
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            # With inputs_embeds only, generate returns just the new tokens.
+            generated = self.language_model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=generation_config
+            )
+        return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        visual: list[PrunedTokens] | None = None,
+        **kwargs: Any,
+    ) -> UhrCausalLMOutput:
+        """Logits (and the loss with `labels`) with each row's image token expanded into its visual tokens.
+
+        input_ids: `(B, L)`, exactly one image token per row when `visual` is given (none otherwise);
+            padding (attention_mask 0) may be on either side and is dropped before expansion.
+        labels: `(B, L)`, -100 where no loss is wanted; visual positions get -100.
+        visual: `B` selections; row i's image token becomes `len(visual[i])` embeddings, through
+            which gradients reach the projector and the tower (kept and merged tokens alike).
+        Rows are re-padded on the right after expansion; extra kwargs go to the language model.
+        """
+        image_id = self.config.image_token_id
+        if image_id is None:
+            raise RuntimeError("config.image_token_id is unset; attach a tokenizer first")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        counts = ((input_ids == image_id) & attention_mask.bool()).sum(dim=1)
+        if visual is None:
+            if counts.any():
+                raise ValueError(f"Image features and image tokens do not match: tokens: {int(counts.sum())}, features: 0")
+            out = self.language_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            return UhrCausalLMOutput(
+                loss=out.loss,
+                logits=out.logits,
+                past_key_values=out.past_key_values,
+                hidden_states=out.hidden_states,
+                attentions=out.attentions,
+                attention_mask=attention_mask,
+                labels=labels,
+            )
+        if len(visual) != input_ids.shape[0] or bool((counts != 1).any()):
+            raise ValueError(
+                "Image features and image tokens do not match: "
+                f"tokens: {int(counts.sum())} (per row {counts.tolist()}), features: {len(visual)} visual inputs "
+                f"for {input_ids.shape[0]} rows (each row needs exactly one image token)"
+            )
+        embeds = self._embed_text(input_ids)  # (B, L, D)
+        rows, row_labels = [], []
+        for i, tokens in enumerate(visual):
+            self._check_visual(tokens)
+            keep = attention_mask[i].bool()
+            ids, row = input_ids[i][keep], embeds[i][keep]
+            position = int((ids == image_id).nonzero()[0, 0])
+            vis = tokens.embeds.to(row.device, row.dtype)
+            rows.append(torch.cat([row[:position], vis, row[position + 1 :]]))
+            if labels is not None:
+                lab = labels[i][keep]
+                fill = lab.new_full((vis.shape[0],), IGNORE_INDEX)
+                row_labels.append(torch.cat([lab[:position], fill, lab[position + 1 :]]))
+        length = max(row.shape[0] for row in rows)
+        inputs_embeds = torch.stack([F.pad(row, (0, 0, 0, length - row.shape[0])) for row in rows])
+        mask = torch.stack(
+            [torch.arange(length, device=input_ids.device) < row.shape[0] for row in rows]
+        ).to(attention_mask.dtype)
+        expanded_labels = None
+        if labels is not None:
+            expanded_labels = torch.stack([F.pad(lab, (0, length - lab.shape[0]), value=IGNORE_INDEX) for lab in row_labels])
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, labels=expanded_labels, **kwargs)
+        return UhrCausalLMOutput(
+            loss=out.loss,
+            logits=out.logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            attention_mask=mask,
+            labels=expanded_labels,
+        )
+
+    def visual_importance(
+        self,
+        visual_embeds: torch.Tensor,
+        question: str,
+        *,
+        layer: int,
+        query: Literal["mean", "last"] = "mean",
+    ) -> torch.Tensor:
+        """(N,) head-averaged attention from the question to N visual tokens at decoder layer `layer`.
+
+        The prompt is built exactly as `answer` builds it, with `visual_embeds` (N, D) in the image
+        slot. "mean": attention rows of the question's own tokens, averaged (UHR-BAT eq. 2);
+        "last": the row of the last prompt token (LRS-VQA's Region Focus target). `layer` < 0
+        counts from the end. Only the layers up to `layer` run.
+        """
+        if query not in ("mean", "last"):
+            raise ValueError(f"query must be 'mean' or 'last', got {query!r}")
+        if visual_embeds.ndim != 2 or visual_embeds.shape[1] != self.config.text_config.hidden_size:
+            raise ValueError(f"visual_embeds must be (N, {self.config.text_config.hidden_size}), got {tuple(visual_embeds.shape)}")
+        device = self.get_input_embeddings().weight.device
+        with torch.no_grad():
+            ids, position, question_tokens = self._prompt(question)
+            count = visual_embeds.shape[0]
+            inputs_embeds = self._splice(torch.tensor(ids, device=device), position, visual_embeds)[None]
+            length = inputs_embeds.shape[1]
+            if query == "mean":
+                if not question_tokens:
+                    raise ValueError(f"question {question!r} has no tokens to attend from")
+                # Tokens after the image slot move by N - 1 once it is expanded.
+                queries = torch.tensor([t + count - 1 if t > position else t for t in question_tokens], device=device)
+            else:
+                queries = torch.tensor([length - 1], device=device)
+            keys = torch.arange(position, position + count, device=device)
+            weights = decoder_attention(self.language_model, inputs_embeds, layer, queries, keys)  # (Q, N)
+        return weights.mean(dim=0) if query == "mean" else weights[0]
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "UhrAffinityHead",
+    "UhrCausalLMOutput",
+    "UhrForConditionalGeneration",
+    "UhrMultiModalProjector",
+    "UhrPreTrainedModel",
+    "UhrScaleEmbedding",
+]
