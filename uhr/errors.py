@@ -27,3 +27,22 @@ class SceneError(UhrError):
     def __reduce__(self):
         # Ray ships exceptions between processes by pickling them; keep both fields on the way.
         return (type(self), (self.uri, self.reason))
+
+
+class StorageError(UhrError):
+    """Object storage could not be listed or reached at `uri` (missing bucket or directory, denied).
+
+    `uri` and `reason` are already redacted; the message is "storage error at <uri>: <reason>".
+    """
+
+    def __init__(self, uri: str, reason: str):
+        self.uri = redact(str(uri))
+        self.reason = redact(str(reason))
+        super().__init__(f"storage error at {self.uri}: {self.reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.uri, self.reason))
+
+
+class SceneWarning(UserWarning):
+    """A scene is readable but slow or costly to read (no overviews, striped layout, huge tile index)."""

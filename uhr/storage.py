@@ -92,8 +92,9 @@ class StorageConfig(BaseModel):
     gdal_cache_mb: int = Field(
         default=256,
         gt=0,
-        description="GDAL raster block cache per process, MB (GDAL's default is 5% of RAM per process). "
-        "GDAL reads it once per process from $GDAL_CACHEMAX: it reaches workers via worker_env_vars().",
+        description="GDAL raster block cache per process, MB (GDAL's default, 5% of RAM, multiplies "
+        "with the workers of a node). It bounds the memory of a decimated read of a scene without "
+        "overviews.",
     )
     fs_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -124,13 +125,15 @@ class StorageConfig(BaseModel):
             raise ValueError("set the GDAL block cache with gdal_cache_mb, not gdal_options")
         return value
 
-    def gdal_env(self) -> dict[str, str]:
+    def gdal_env(self) -> dict[str, str | int]:
         """GDAL config options for `rasterio.Env(**storage.gdal_env())`.
 
         Defaults, then what the endpoint implies (`AWS_S3_ENDPOINT` host:port, `AWS_HTTPS`,
         path-style addressing for a custom endpoint), region and signing, then `gdal_options`.
+        `GDAL_CACHEMAX` is in bytes, the one int (rasterio sets it with GDALSetCacheMax64).
         """
-        env = dict(DEFAULT_GDAL_OPTIONS)
+        env: dict[str, str | int] = dict(DEFAULT_GDAL_OPTIONS)
+        env["GDAL_CACHEMAX"] = self.gdal_cache_mb * 1024 * 1024
         if self.endpoint_url is not None:
             parts = urlsplit(self.endpoint_url)
             env["AWS_S3_ENDPOINT"] = parts.netloc
@@ -171,7 +174,8 @@ class StorageConfig(BaseModel):
         credential variables set in this process's environment. The result holds secrets: never
         log it.
         """
-        env = self.gdal_env()
+        env = {name: str(value) for name, value in self.gdal_env().items()}
+        # As an environment variable GDAL reads a small number as megabytes.
         env["GDAL_CACHEMAX"] = str(self.gdal_cache_mb)
         if self.endpoint_url is not None:
             env["AWS_ENDPOINT_URL"] = self.endpoint_url

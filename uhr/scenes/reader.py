@@ -1,0 +1,406 @@
+"""Scene reader: a raster URI plus a window -> RGB uint8 pixels, with range requests only.
+
+`open_scene` opens a GeoTIFF/COG (or any raster GDAL reads: JPEG, PNG, JP2) from a local path or
+an object store (`s3://` through GDAL's `/vsis3/`) and keeps the dataset open, so the header and
+tile index are fetched once and every later window costs only its tiles. Coarse views are
+decimated reads that GDAL serves from the internal overviews; nothing downloads a whole object.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from types import TracebackType
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio._err import CPLE_BaseError
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.session import DummySession
+from rasterio.transform import from_gcps
+from rasterio.warp import transform as transform_coords
+from rasterio.windows import Window
+from shapely.geometry import Polygon
+
+from uhr.errors import SceneError, SceneWarning
+from uhr.scenes.normalize import NormalizeConfig, Stretch, StretchMode, compute_stretch, to_rgb, valid_from_nodata
+from uhr.scenes.source import fit_longest_side
+from uhr.scenes.windows import Box, project
+from uhr.storage import StorageConfig, is_remote, redact, to_gdal_path
+
+log = logging.getLogger(__name__)
+
+_SUPPORTED_DTYPES = frozenset(
+    {"uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64"}
+)
+# Longest side above which a scene without overviews, or with a striped layout, gets a warning.
+_WARN_SIDE = 2048
+# A COG's tile index (8-byte offset + 8-byte size per tile) is read at open; 1M tiles = 16 MB.
+_WARN_TILES = 1_000_000
+_FOOTPRINT_POINTS_PER_EDGE = 16
+
+
+class _MaskKind(Enum):
+    """Where a scene's validity comes from (nodata values and NaN are always honoured)."""
+
+    NONE = "none"
+    ALPHA = "alpha"  # an alpha band: transparent pixels are invalid
+    MASK = "mask"  # a GDAL mask band (internal or side-car .msk)
+
+
+def open_scene(
+    uri: str | os.PathLike[str],
+    storage: StorageConfig | None = None,
+    normalize: NormalizeConfig | None = None,
+) -> Scene:
+    """Open the raster at `uri` (local path, `file://`, `s3://`, `gs://`, `https://` or a GDAL
+    `/vsi...` path). Raises `SceneError` naming the URI and the reason when it cannot be read."""
+    return Scene(uri, storage=storage, normalize=normalize)
+
+
+class Scene:
+    """An open raster scene serving RGB uint8 views and windows: a `PixelSource`.
+
+    Attributes: `uri`, `width`, `height`, `count` (bands), `dtype`, `crs`, `transform`,
+    `overviews` (decimation factors of the shown bands), `nodata`, `bands` (the 1-based bands
+    shown as RGB or grey) and `footprint` (a shapely polygon in EPSG:4326, None when the scene
+    is not georeferenced). Use as a context manager, or call `close()`.
+
+    The dataset handle is not thread-safe: use one `Scene` per thread, and processes (Ray tasks)
+    for parallel reads, since GDAL can hold the GIL while it waits on the network.
+    """
+
+    def __init__(
+        self,
+        uri: str | os.PathLike[str],
+        storage: StorageConfig | None = None,
+        normalize: NormalizeConfig | None = None,
+    ):
+        self.uri = os.fspath(uri)
+        self.storage = storage if storage is not None else StorageConfig()
+        self.normalize = normalize if normalize is not None else NormalizeConfig()
+        self._gdal_env = self.storage.gdal_env()
+        self._stretch: Stretch | None = None
+        self._stretch_done = False
+        try:
+            path = to_gdal_path(self.uri)
+        except ValueError as error:
+            raise SceneError(self.uri, str(error)) from None
+        with self._gdal(opening=True), warnings.catch_warnings():
+            # Plain JPEG/PNG scenes are ungeoreferenced by nature; `footprint` is None for them.
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            self._dataset = rasterio.open(path)
+        try:
+            self._inspect()
+        except BaseException:
+            self._dataset.close()
+            raise
+
+    def _inspect(self) -> None:
+        dataset = self._dataset
+        self.width: int = dataset.width
+        self.height: int = dataset.height
+        self.count: int = dataset.count
+        if self.width <= 0 or self.height <= 0 or self.count <= 0:
+            raise SceneError(self.uri, f"zero-sized raster ({self.width}x{self.height}, {self.count} bands)")
+        self.bands: tuple[int, ...] = self._resolve_bands()
+        dtypes = {dataset.dtypes[band - 1] for band in self.bands}
+        if len(dtypes) != 1:
+            raise SceneError(self.uri, f"unsupported layout: bands {self.bands} mix data types {sorted(dtypes)}")
+        self.dtype: str = dtypes.pop()
+        if self.dtype not in _SUPPORTED_DTYPES:
+            raise SceneError(self.uri, f"unsupported layout: {self.dtype} data")
+        self._palette = self._read_palette()
+        self._mask_kind, self._alpha_band = self._resolve_mask()
+        self.nodata: float | None = (
+            self.normalize.nodata if self.normalize.nodata is not None else dataset.nodatavals[self.bands[0] - 1]
+        )
+        self.overviews: list[int] = dataset.overviews(self.bands[0])
+        self.crs, self.transform = self._georeferencing()
+        self.footprint: Polygon | None = self._footprint()
+        self._box = Box(0, 0, self.width, self.height)
+        self._warn_about_layout()
+
+    def _resolve_bands(self) -> tuple[int, ...]:
+        requested = self.normalize.bands
+        if requested is not None:
+            missing = [band for band in requested if band > self.count]
+            if missing:
+                raise SceneError(self.uri, f"bands {missing} requested, the scene has {self.count}")
+            return requested
+        interp = list(self._dataset.colorinterp)
+        rgb = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+        if all(colour in interp for colour in rgb):
+            return tuple(interp.index(colour) + 1 for colour in rgb)
+        if self.count >= 3 and ColorInterp.alpha not in interp[:3]:
+            return (1, 2, 3)
+        return (1,)
+
+    def _read_palette(self) -> np.ndarray | None:
+        band = self.bands[0]
+        if len(self.bands) != 1 or self._dataset.colorinterp[band - 1] != ColorInterp.palette:
+            return None
+        if self.dtype not in ("uint8", "uint16"):
+            raise SceneError(self.uri, f"unsupported layout: a palette over {self.dtype} data")
+        colormap = self._dataset.colormap(band)
+        palette = np.zeros((np.iinfo(self.dtype).max + 1, 4), dtype=np.uint8)
+        for index, rgba in colormap.items():
+            palette[index] = rgba
+        return palette
+
+    def _resolve_mask(self) -> tuple[_MaskKind, int | None]:
+        flags = self._dataset.mask_flag_enums[self.bands[0] - 1]
+        if MaskFlags.alpha in flags:
+            interp = list(self._dataset.colorinterp)
+            if ColorInterp.alpha not in interp:
+                return _MaskKind.MASK, None
+            return _MaskKind.ALPHA, interp.index(ColorInterp.alpha) + 1
+        if MaskFlags.per_dataset in flags and MaskFlags.nodata not in flags:
+            return _MaskKind.MASK, None
+        # Nodata masks are recomputed from the values read: no second read of the same tiles.
+        return _MaskKind.NONE, None
+
+    def _georeferencing(self) -> tuple[CRS | None, Affine]:
+        dataset = self._dataset
+        if dataset.crs is not None and not dataset.transform.is_identity:
+            return dataset.crs, dataset.transform
+        gcps, gcp_crs = dataset.gcps
+        if gcps and gcp_crs is not None:
+            return gcp_crs, from_gcps(gcps)
+        return dataset.crs, dataset.transform
+
+    def _footprint(self) -> Polygon | None:
+        if self.crs is None or self.transform.is_identity:
+            return None
+        # The pixel-corner outline, densified so that curved edges in EPSG:4326 are followed.
+        steps = np.linspace(0.0, 1.0, _FOOTPRINT_POINTS_PER_EDGE, endpoint=False)
+        width, height = float(self.width), float(self.height)
+        cols = np.concatenate([steps * width, np.full_like(steps, width), (1 - steps) * width, np.zeros_like(steps)])
+        rows = np.concatenate([np.zeros_like(steps), steps * height, np.full_like(steps, height), (1 - steps) * height])
+        xs, ys = self.transform @ (cols, rows)
+        try:
+            lons, lats = transform_coords(self.crs, "EPSG:4326", xs.tolist(), ys.tolist())
+        except (RasterioError, CPLE_BaseError) as error:
+            # The pixels stay readable; only the index loses this scene's footprint.
+            self._warn(f"no footprint: cannot transform {self.crs} to EPSG:4326 ({error})")
+            return None
+        return Polygon(zip(lons, lats))
+
+    def _warn_about_layout(self) -> None:
+        longest = max(self.width, self.height)
+        if not self.overviews and longest > _WARN_SIDE:
+            self._warn(
+                f"{self.width}x{self.height} with no overviews: a coarse view decimates the full "
+                "resolution image, reading every byte (memory stays bounded by the GDAL block cache)"
+            )
+        block_height, block_width = self._dataset.block_shapes[self.bands[0] - 1]
+        if block_width == self.width and longest > _WARN_SIDE:
+            self._warn("striped (untiled) layout: every window reads whole image rows; convert to a COG")
+        tiles = math.ceil(self.width / block_width) * math.ceil(self.height / block_height)
+        if self._dataset.interleaving == Interleaving.band:
+            tiles *= self.count
+        if tiles > _WARN_TILES:
+            self._warn(f"{tiles} tiles: the tile index (~{tiles * 16 // 2**20} MB) is read at open")
+
+    def _warn(self, message: str) -> None:
+        warnings.warn(f"{redact(self.uri)}: {message}", SceneWarning, stacklevel=4)
+
+    @property
+    def stretch(self) -> Stretch | None:
+        """The value stretch every read of this scene uses; None when values are shown as stored.
+
+        A percentile stretch is computed once, on first use, from the coarsest overview (or a
+        view of `normalize.stats_max_side` when the scene has none that small), honouring
+        nodata, masks and alpha.
+        """
+        if not self._stretch_done:
+            self._stretch = self._compute_stretch()
+            self._stretch_done = True
+        return self._stretch
+
+    def _compute_stretch(self) -> Stretch | None:
+        mode = self.normalize.stretch
+        if self._palette is not None or (mode is StretchMode.AUTO and self.dtype == "uint8"):
+            return None
+        if mode is StretchMode.FIXED:
+            low, high = self.normalize.value_range
+            return Stretch(low=(low,) * len(self.bands), high=(high,) * len(self.bands))
+        out_width, out_height = self._stats_shape()
+        data, valid = self._read_values(self._box, out_width, out_height, Resampling.nearest)
+        return compute_stretch(data, valid, self.normalize.percentiles, self.normalize.per_band)
+
+    def _stats_shape(self) -> tuple[int, int]:
+        if self.overviews:
+            # GDAL sizes an overview of factor f as ceil(size / f); asking for exactly that size
+            # makes it read the coarsest overview as stored.
+            factor = self.overviews[-1]
+            width, height = math.ceil(self.width / factor), math.ceil(self.height / factor)
+            if max(width, height) <= self.normalize.stats_max_side:
+                return width, height
+        return fit_longest_side(self.width, self.height, min(self.normalize.stats_max_side, max(self.width, self.height)))
+
+    def read_view(self, max_side: int) -> np.ndarray:
+        """The whole scene as (H, W, 3) uint8, aspect kept, longest side exactly `max_side`.
+
+        Served from the overview nearest above the requested resolution (area-averaged), or
+        interpolated when `max_side` exceeds the scene.
+        """
+        width, height = fit_longest_side(self.width, self.height, max_side)
+        return self.read_window(0, 0, self.width, self.height, out_size=(height, width))
+
+    def read_window(
+        self,
+        col_off: int,
+        row_off: int,
+        width: int,
+        height: int,
+        out_size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """A window as (height, width, 3) uint8, or (out_h, out_w, 3) when `out_size=(out_h, out_w)`.
+
+        Parts past the scene's edge are zeros, never an error. With `out_size`, the window is
+        area-averaged when shrinking (from overviews where they exist), interpolated when growing.
+        """
+        if width <= 0 or height <= 0:
+            raise ValueError(f"window size must be positive, got {width}x{height}")
+        out_height, out_width = (height, width) if out_size is None else out_size
+        if out_width <= 0 or out_height <= 0:
+            raise ValueError(f"out_size must be positive, got {out_size}")
+        if self.closed:
+            raise ValueError(f"read from a closed scene: {redact(self.uri)}")
+        canvas = np.zeros((out_height, out_width, 3), dtype=np.uint8)
+        request = Box(col_off, row_off, width, height)
+        inside = request.intersection(self._box)
+        target = None if inside is None else project(inside, request, out_width, out_height)
+        if inside is None or target is None:
+            return canvas
+        stretch = self.stretch
+        data, valid = self._read_values(inside, target.width, target.height, self._resampling(inside, target))
+        rgb = to_rgb(data, valid, stretch, self.normalize.fill, self._palette)
+        canvas[target.row_off : target.row_end, target.col_off : target.col_end] = rgb
+        return canvas
+
+    def _resampling(self, source: Box, target: Box) -> Resampling:
+        if self._palette is not None or (source.width == target.width and source.height == target.height):
+            return Resampling.nearest
+        if target.width <= source.width and target.height <= source.height:
+            return Resampling.average
+        return Resampling.bilinear
+
+    def _read_values(
+        self, box: Box, out_width: int, out_height: int, resampling: Resampling
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw values of the shown bands, (bands, out_height, out_width), and the validity mask."""
+        window = Window(box.col_off, box.row_off, box.width, box.height)
+        with self._gdal():
+            data = self._dataset.read(
+                list(self.bands), window=window, out_shape=(len(self.bands), out_height, out_width), resampling=resampling
+            )
+            mask = None
+            if self._mask_kind is _MaskKind.ALPHA:
+                mask = self._dataset.read(
+                    self._alpha_band, window=window, out_shape=(out_height, out_width), resampling=Resampling.nearest
+                )
+            elif self._mask_kind is _MaskKind.MASK:
+                mask = self._dataset.read_masks(
+                    self.bands[0], window=window, out_shape=(out_height, out_width), resampling=Resampling.nearest
+                )
+        valid = valid_from_nodata(data, self.nodata)
+        if mask is not None:
+            valid = mask > 0 if valid is None else valid & (mask > 0)
+        return data, valid
+
+    @contextmanager
+    def _gdal(self, opening: bool = False) -> Iterator[None]:
+        """GDAL configured for this scene's storage; GDAL errors become `SceneError`."""
+        try:
+            # DummySession: GDAL finds credentials itself (environment, profile, instance or pod
+            # identity) instead of rasterio building a boto3 session on every call.
+            with rasterio.Env(session=DummySession(), **self._gdal_env):
+                yield
+        except SceneError:
+            raise
+        except (RasterioError, CPLE_BaseError) as error:
+            # `from None`: the GDAL exception's text may hold an unredacted signed URL.
+            raise SceneError(self.uri, self._reason(error, opening)) from None
+
+    def _reason(self, error: BaseException, opening: bool) -> str:
+        message = _gdal_message(error)
+        network = any(word in message for word in ("HTTP", "curl", "Connection", "timed out"))
+        if opening:
+            found = self._probe()
+            if found is not None:
+                return found
+            if "not recognized as" in message or "not recognised as" in message:
+                return f"not a raster format GDAL can read ({message})"
+            if network:
+                return f"network error while opening ({message})"
+            return f"corrupt or truncated header ({message})"
+        if network:
+            return f"network error while reading ({message})"
+        return f"corrupt or truncated raster data ({message})"
+
+    def _probe(self) -> str | None:
+        """Why an object GDAL could not open failed, when storage can tell; None otherwise."""
+        if self.uri.startswith("/vsi"):
+            return None
+        try:
+            info = self.storage.filesystem(self.uri).info(self.uri)
+        except FileNotFoundError:
+            return "no such file or object"
+        except PermissionError:
+            return "access denied"
+        except Exception as error:  # the probe only refines a message; GDAL's own stands otherwise
+            log.debug("probing %s failed: %s", redact(self.uri), redact(str(error)))
+            return None
+        if info.get("type") == "directory":
+            return "a directory, not a raster"
+        if info.get("size") == 0:
+            return "empty object (0 bytes)"
+        allowed = str(self._gdal_env.get("CPL_VSIL_CURL_ALLOWED_EXTENSIONS", ""))
+        extensions = tuple(ext.strip().lower() for ext in allowed.split(",") if ext.strip())
+        if is_remote(self.uri) and extensions and not self.uri.lower().endswith(extensions):
+            return (
+                f"the name has none of the extensions GDAL may open remotely ({allowed}); "
+                "set CPL_VSIL_CURL_ALLOWED_EXTENSIONS in StorageConfig.gdal_options"
+            )
+        return None
+
+    @property
+    def closed(self) -> bool:
+        return self._dataset.closed
+
+    def close(self) -> None:
+        """Close the dataset handle."""
+        self._dataset.close()
+
+    def __enter__(self) -> Scene:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Scene({redact(self.uri)!r}, {self.width}x{self.height}, {self.count} bands, {self.dtype})"
+
+
+def _gdal_message(error: BaseException) -> str:
+    """The messages of `error` and the GDAL errors chained under it, one line."""
+    messages: list[str] = []
+    current: BaseException | None = error
+    while current is not None and len(messages) < 5:
+        text = " ".join(str(current).split())
+        if text and not any(text.rstrip(".") in seen for seen in messages) and not text.startswith(("Read failed. See previous", "Read or write failed. See previous")):
+            messages.append(text)
+        current = current.__cause__ or current.__context__
+    return "; ".join(messages) or type(error).__name__
