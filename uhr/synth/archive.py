@@ -1,0 +1,191 @@
+"""A whole synthetic archive: scenes, their questions, their truth and, for training, conversations.
+
+Layout under the archive root (a local directory or an s3:// prefix):
+
+    scenes/scene_0000.tif ...   COGs (see `uhr.synth.scene`)
+    questions.parquet           one row per question (schema: QUESTIONS_SCHEMA)
+    questions.jsonl             the same rows as JSON lines
+    truth.json                  {"split", "seed", ..., "scenes": {"scenes/scene_0000.tif": truth}}
+    train.jsonl                 split "train" only: LLaVA conversations, one per question
+
+Scene seeds come from (archive seed, split, scene index), so a train and a test archive made with
+the same seed share no scene.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from uhr.storage import StorageConfig, is_remote, join_uri
+from uhr.synth.questions import Question, generate_questions
+from uhr.synth.scene import Compression, write_scene
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("test", "train")
+QUESTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("question_id", pa.string(), nullable=False),
+        pa.field("scene", pa.string(), nullable=False),
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("choices", pa.list_(pa.string()), nullable=False),
+        pa.field("answer", pa.string(), nullable=False),
+        pa.field("answer_text", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("bbox", pa.list_(pa.float64())),
+        pa.field("object_size_px", pa.float64()),
+        pa.field("small", pa.bool_(), nullable=False),
+        pa.field("form", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+    ]
+)
+
+
+@dataclass
+class ArchiveIndex:
+    """What `write_archive` wrote: URIs of every file and the counts."""
+
+    root: str
+    split: str
+    scenes: list[str]
+    questions_parquet: str
+    questions_jsonl: str
+    truth_json: str
+    train_jsonl: str | None
+    n_scenes: int
+    n_questions: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def scene_seed(seed: int, split: str, index: int) -> int:
+    """The seed of scene `index` of an archive: distinct per (archive seed, split, index)."""
+    return int(np.random.SeedSequence([seed, SPLITS.index(split), index]).generate_state(1)[0])
+
+
+def scene_path(index: int) -> str:
+    """A scene's path relative to the archive root."""
+    return f"scenes/scene_{index:04d}.tif"
+
+
+def conversation(question: Question) -> dict[str, Any]:
+    """A question as one LLaVA training conversation (GeoLLaVA-Data / SuperRS-VQA shape)."""
+    return {
+        "id": question.question_id,
+        "image": question.scene,
+        "conversations": [
+            {"from": "human", "value": "<image>\n" + question.prompt()},
+            {"from": "gpt", "value": question.answer},
+        ],
+    }
+
+
+def write_archive(
+    out_uri: str,
+    *,
+    scenes: int,
+    size: int,
+    seed: int,
+    split: str = "test",
+    dtype: str = "uint8",
+    bands: int = 3,
+    storage: StorageConfig | None = None,
+    questions_per_scene: int = 12,
+    open_fraction: float = 0.25,
+    compress: Compression | str = Compression.DEFLATE,
+) -> ArchiveIndex:
+    """Write a synthetic archive of `scenes` square scenes of `size` px under `out_uri`.
+
+    Deterministic from its arguments. `split` "train" also writes `train.jsonl`; its scenes never
+    coincide with the "test" scenes of the same seed. Scenes are written one at a time (each in
+    bounded memory); the tables are written once all scenes are done.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if scenes < 1:
+        raise ValueError(f"an archive needs at least one scene, got scenes={scenes}")
+    if questions_per_scene < 1:
+        raise ValueError(f"questions_per_scene must be >= 1, got {questions_per_scene}")
+    storage = storage or StorageConfig()
+    questions: list[Question] = []
+    truths: dict[str, Any] = {}
+    scene_uris: list[str] = []
+    for index in range(scenes):
+        relative = scene_path(index)
+        uri = join_uri(out_uri, *relative.split("/"))
+        started = time.perf_counter()
+        truth = write_scene(
+            uri, size, scene_seed(seed, split, index), dtype=dtype, bands=bands, storage=storage, compress=compress
+        )
+        asked = generate_questions(truth, relative, questions_per_scene, open_fraction=open_fraction)
+        questions.extend(asked)
+        truths[relative] = truth.to_dict()
+        scene_uris.append(uri)
+        logger.info(
+            "wrote %s (%d objects, %d questions) in %.1f s",
+            uri, len(truth.objects), len(asked), time.perf_counter() - started,
+        )
+    rows = [question.to_row() for question in questions]
+    truth_doc = {
+        "split": split,
+        "seed": seed,
+        "size": size,
+        "dtype": dtype,
+        "bands": bands,
+        "compress": Compression(compress).value,
+        "scenes": truths,
+    }
+    files: dict[str, Any] = {
+        "questions.parquet": pa.Table.from_pylist(rows, schema=QUESTIONS_SCHEMA),
+        "questions.jsonl": _jsonl(rows),
+        "truth.json": json.dumps(truth_doc),
+    }
+    if split == "train":
+        files["train.jsonl"] = _jsonl([conversation(question) for question in questions])
+    _put_files(out_uri, files, storage)
+    return ArchiveIndex(
+        root=out_uri,
+        split=split,
+        scenes=scene_uris,
+        questions_parquet=join_uri(out_uri, "questions.parquet"),
+        questions_jsonl=join_uri(out_uri, "questions.jsonl"),
+        truth_json=join_uri(out_uri, "truth.json"),
+        train_jsonl=join_uri(out_uri, "train.jsonl") if split == "train" else None,
+        n_scenes=scenes,
+        n_questions=len(questions),
+    )
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def _put_files(root: str, files: dict[str, Any], storage: StorageConfig) -> None:
+    """Write named files (text or a pyarrow Table) under `root`: staged, then uploaded or renamed in."""
+    local_root = None if is_remote(root) else os.path.abspath(root.split("://", 1)[-1])
+    if local_root is not None:
+        os.makedirs(local_root, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=local_root, prefix=".uhr-synth-") as staging:
+        for name, content in files.items():
+            local = os.path.join(staging, name)
+            if isinstance(content, pa.Table):
+                pq.write_table(content, local)
+            else:
+                with open(local, "w", encoding="utf-8") as handle:
+                    handle.write(content)
+            if local_root is None:
+                target = join_uri(root, name)
+                storage.filesystem(target).put_file(local, target)
+            else:
+                os.replace(local, os.path.join(local_root, name))

@@ -1,0 +1,392 @@
+"""Questions about a synthetic scene, with answers read off its ground truth.
+
+Categories follow XLRS-Bench's "Task/Subtask" names where XLRS has one (overall and regional
+counting, object colour and class, regional land use, spatial relationship) plus object presence.
+A question is multiple choice (XLRS style: options "(A) ...", answer a letter) or open (LRS-VQA
+style: a single word or phrase). Regions are written "[x1, y1, x2, y2]" in scene pixels, as
+XLRS-Bench and LRS-VQA write boxes.
+
+Every region is settled before it is asked about: it grows until no object straddles its border,
+so "how many ... in the region" has one answer whichever rule (centre, overlap, containment) a
+reader has in mind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from uhr.synth.landcover import LAND_COVERS
+from uhr.synth.objects import COLOURS, OBJECT_CLASSES, ObjectClass, SceneObject
+from uhr.synth.scene import SceneTruth
+
+
+class Category(str, Enum):
+    """Question categories, as "Task/Subtask" like XLRS-Bench's `category` field."""
+
+    OVERALL_COUNTING = "Counting/Overall counting"
+    REGIONAL_COUNTING = "Counting/Regional counting"
+    OBJECT_COLOUR = "Object properties/Object color"
+    OBJECT_CLASS = "Object properties/Object classification"
+    REGIONAL_LAND_USE = "Land use classification/Regional Land use classification"
+    SPATIAL_RELATION = "Object spatial relationship/Object spatial relationship"
+    PRESENCE = "Object presence/Object presence"
+
+
+class Form(str, Enum):
+    """Multiple choice (answer: a letter) or open (answer: a word or phrase)."""
+
+    MC = "mc"
+    OPEN = "open"
+
+
+# Relative frequency of each category in a scene's questions.
+CATEGORY_WEIGHTS: dict[Category, float] = {
+    Category.OVERALL_COUNTING: 1.0,
+    Category.REGIONAL_COUNTING: 3.0,
+    Category.OBJECT_COLOUR: 2.0,
+    Category.OBJECT_CLASS: 2.0,
+    Category.REGIONAL_LAND_USE: 2.0,
+    Category.SPATIAL_RELATION: 2.0,
+    Category.PRESENCE: 2.0,
+}
+# Objects below this size (px) count as small, as in LRS-VQA's size bins.
+SMALL_OBJECT_PX = 32.0
+LETTERS = "ABCD"
+# The answer instructions of XLRS-Bench (multiple choice) and LLaVA/LRS-VQA (open).
+MC_INSTRUCTION = (
+    "\nSelect the best answer for the multiple-choice question based on the image. "
+    "Only respond with the letter corresponding to the correct answer (A, B, C, D).\nThe answer is:"
+)
+OPEN_INSTRUCTION = "\nAnswer the question using a single word or phrase."
+DIRECTIONS = ("left", "right", "above", "below")
+# Tries per question before a category is given up for the scene.
+TRIES = 24
+_QUESTION_STREAM = 3
+
+
+@dataclass
+class Question:
+    """One row of the questions table."""
+
+    question_id: str
+    scene: str
+    question: str
+    choices: list[str]
+    answer: str
+    answer_text: str
+    category: str
+    bbox: list[float] | None
+    object_size_px: float | None
+    small: bool
+    form: str
+    seed: int
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def prompt(self) -> str:
+        """The full prompt a model sees: XLRS layout for multiple choice, LLaVA's for open."""
+        if self.form == Form.MC.value:
+            return mc_prompt(self.question, self.choices)
+        return self.question + OPEN_INSTRUCTION
+
+
+def mc_prompt(question: str, choices: list[str]) -> str:
+    """XLRS-Bench's prompt: question, "The choices are listed below:", options, instruction."""
+    return question + "The choices are listed below:\n" + "\n".join(choices) + "\n" + MC_INSTRUCTION
+
+
+@dataclass(frozen=True)
+class _Item:
+    """A question before its form is chosen: the candidate answers, correct one first."""
+
+    category: Category
+    question: str
+    options: tuple[str, ...]
+    bbox: tuple[float, float, float, float] | None
+    object_size_px: float | None
+
+
+class _SceneIndex:
+    """The truth's objects as arrays, for region queries."""
+
+    def __init__(self, truth: SceneTruth):
+        self.truth = truth
+        self.objects = truth.objects
+        self.boxes = np.asarray([obj.bbox for obj in truth.objects], dtype=np.int64).reshape(-1, 4)
+        self.classes = np.asarray([OBJECT_CLASSES.index(obj.cls) for obj in truth.objects], dtype=np.int64)
+
+    def inside(self, box: tuple[int, int, int, int]) -> np.ndarray:
+        b = self.boxes
+        return (b[:, 0] >= box[0]) & (b[:, 1] >= box[1]) & (b[:, 2] <= box[2]) & (b[:, 3] <= box[3])
+
+    def meeting(self, box: tuple[int, int, int, int]) -> np.ndarray:
+        b = self.boxes
+        return (b[:, 0] < box[2]) & (b[:, 2] > box[0]) & (b[:, 1] < box[3]) & (b[:, 3] > box[1])
+
+    def settle(self, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """`box` clipped to the scene and grown until every object it touches lies inside it."""
+        x0, y0, x1, y1 = max(0, box[0]), max(0, box[1]), min(self.truth.width, box[2]), min(self.truth.height, box[3])
+        while True:
+            cut = self.meeting((x0, y0, x1, y1)) & ~self.inside((x0, y0, x1, y1))
+            if not cut.any():
+                return x0, y0, x1, y1
+            b = self.boxes[cut]
+            x0, y0 = min(x0, int(b[:, 0].min())), min(y0, int(b[:, 1].min()))
+            x1, y1 = max(x1, int(b[:, 2].max())), max(y1, int(b[:, 3].max()))
+
+    def region_around(self, box: tuple[int, int, int, int], rng: np.random.Generator, reach: float) -> tuple[int, int, int, int]:
+        """A settled region holding `box`, each side pushed out by up to `reach` px."""
+        pad = rng.uniform(0.1, 1.0, size=4) * reach
+        grown = (box[0] - pad[0], box[1] - pad[1], box[2] + pad[2], box[3] + pad[3])
+        return self.settle((int(np.floor(grown[0])), int(np.floor(grown[1])), int(np.ceil(grown[2])), int(np.ceil(grown[3]))))
+
+    def alone(self, index: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """A region around object `index` that no other object touches."""
+        obj = self.objects[index]
+        margin = max(1, int(rng.uniform(0.2, 2.0) * obj.size_px))
+        others = np.ones(len(self.objects), dtype=bool)
+        others[index] = False
+        while True:
+            x0, y0, x1, y1 = obj.bbox
+            box = (max(0, x0 - margin), max(0, y0 - margin), min(self.truth.width, x1 + margin), min(self.truth.height, y1 + margin))
+            # Objects keep a few pixels apart, so a one-pixel margin always ends the loop.
+            if margin == 1 or not (self.meeting(box) & others).any():
+                return box
+            margin = max(1, margin // 2)
+
+
+def _box_text(box: tuple[int, int, int, int]) -> str:
+    return f"[{box[0]}, {box[1]}, {box[2]}, {box[3]}]"
+
+
+def _plural(cls: ObjectClass) -> str:
+    return cls.value + "s"
+
+
+def _describe(obj: SceneObject, with_colour: bool) -> str:
+    return f"{obj.colour} {obj.cls.value}" if with_colour else obj.cls.value
+
+
+def _count_options(count: int, rng: np.random.Generator) -> tuple[str, ...]:
+    """The count and three plausible wrong counts (near it, never negative)."""
+    step = max(1, round(0.1 * count)) if count >= 10 else 1
+    pool = [count + k * step for k in (-3, -2, -1, 1, 2, 3, 4) if count + k * step >= 0]
+    wrong = rng.choice(pool, size=3, replace=False)
+    return (str(count), *(str(int(n)) for n in wrong))
+
+
+def _other_options(correct: str, pool: tuple[str, ...], rng: np.random.Generator) -> tuple[str, ...]:
+    others = [name for name in pool if name != correct]
+    return (correct, *(str(name) for name in rng.choice(others, size=min(3, len(others)), replace=False)))
+
+
+def _smallest(objects: list[SceneObject]) -> float | None:
+    return min((obj.size_px for obj in objects), default=None)
+
+
+def _overall_counting(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+    cls = OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
+    members = [obj for obj in index.objects if obj.cls is cls]
+    question = f"How many {_plural(cls)} are there in the image?"
+    return _Item(Category.OVERALL_COUNTING, question, _count_options(len(members), rng), None, _smallest(members))
+
+
+def _regional_counting(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+    if not index.objects:
+        return None
+    anchor = index.objects[int(rng.integers(len(index.objects)))]
+    # Mostly the anchor's class; sometimes another, so that zero is a possible answer.
+    cls = anchor.cls if rng.uniform() < 0.8 else OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
+    reach = min(400.0, min(index.truth.width, index.truth.height) / 3)
+    box = index.region_around(anchor.bbox, rng, reach)
+    members = [index.objects[i] for i in np.flatnonzero(index.inside(box) & (index.classes == OBJECT_CLASSES.index(cls)))]
+    question = f"How many {_plural(cls)} are there in the region {_box_text(box)}?"
+    return _Item(Category.REGIONAL_COUNTING, question, _count_options(len(members), rng), box, _smallest(members))
+
+
+def _object_colour(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+    if not index.objects or index.truth.bands < 3:
+        # One band holds no colour: the question would not be answerable from the pixels.
+        return None
+    i = int(rng.integers(len(index.objects)))
+    obj = index.objects[i]
+    box = index.alone(i, rng)
+    question = f"What is the color of the {obj.cls.value} in the region {_box_text(box)}?"
+    return _Item(Category.OBJECT_COLOUR, question, _other_options(obj.colour, COLOURS, rng), box, obj.size_px)
+
+
+def _object_class(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+    if not index.objects:
+        return None
+    i = int(rng.integers(len(index.objects)))
+    obj = index.objects[i]
+    box = index.alone(i, rng)
+    names = tuple(cls.value for cls in OBJECT_CLASSES)
+    question = f"What is the category of the object in the region {_box_text(box)}?"
+    return _Item(Category.OBJECT_CLASS, question, _other_options(obj.cls.value, names, rng), box, obj.size_px)
+
+
+def _regional_land_use(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+    truth = index.truth
+    longest = min(1024, truth.width // 2, truth.height // 2)
+    for _ in range(TRIES):
+        width, height = (int(side) for side in rng.uniform(min(128, longest), longest + 1, size=2))
+        x0 = int(rng.integers(0, truth.width - width + 1))
+        y0 = int(rng.integers(0, truth.height - height + 1))
+        labels = truth.landcover.labels(x0, y0, width, height)
+        shares = np.bincount(labels.ravel(), minlength=len(LAND_COVERS)) / labels.size
+        # Only clear-cut regions: three quarters or more of one class.
+        if shares.max() >= 0.75:
+            cover = LAND_COVERS[int(shares.argmax())].value
+            box = (x0, y0, x0 + width, y0 + height)
+            question = f"What is the land use type of the region {_box_text(box)}?"
+            names = tuple(c.value for c in LAND_COVERS)
+            return _Item(Category.REGIONAL_LAND_USE, question, _other_options(cover, names, rng), box, None)
+    return None
+
+
+def _relation(a: SceneObject, b: SceneObject) -> str | None:
+    """Where `a` is relative to `b`, when the boxes are apart on a clearly dominant axis."""
+    dx = (a.bbox[0] + a.bbox[2] - b.bbox[0] - b.bbox[2]) / 2
+    dy = (a.bbox[1] + a.bbox[3] - b.bbox[1] - b.bbox[3]) / 2
+    if abs(dx) >= 2 * abs(dy):
+        if a.bbox[2] <= b.bbox[0]:
+            return "left"
+        if a.bbox[0] >= b.bbox[2]:
+            return "right"
+    elif abs(dy) >= 2 * abs(dx):
+        if a.bbox[3] <= b.bbox[1]:
+            return "above"
+        if a.bbox[1] >= b.bbox[3]:
+            return "below"
+    return None
+
+
+def _spatial_relation(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+    if len(index.objects) < 2:
+        return None
+    reach = min(1200.0, max(index.truth.width, index.truth.height) / 2)
+    centres = (index.boxes[:, :2] + index.boxes[:, 2:]) / 2
+    for _ in range(TRIES):
+        i = int(rng.integers(len(index.objects)))
+        near = np.flatnonzero(np.abs(centres - centres[i]).max(axis=1) <= reach)
+        j = int(rng.choice(near))
+        relation = _relation(index.objects[i], index.objects[j]) if i != j else None
+        if relation is None:
+            continue
+        a, b = index.objects[i], index.objects[j]
+        colour = index.truth.bands >= 3
+        question = (
+            f"Where is the {_describe(a, colour)} in the region {_box_text(a.bbox)} relative to the "
+            f"{_describe(b, colour)} in the region {_box_text(b.bbox)}?"
+        )
+        union = (min(a.bbox[0], b.bbox[0]), min(a.bbox[1], b.bbox[1]), max(a.bbox[2], b.bbox[2]), max(a.bbox[3], b.bbox[3]))
+        options = (relation, *(d for d in DIRECTIONS if d != relation))
+        return _Item(Category.SPATIAL_RELATION, question, options, union, min(a.size_px, b.size_px))
+    return None
+
+
+def _presence(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+    truth = index.truth
+    cls = OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
+    code = OBJECT_CLASSES.index(cls)
+    of_class = np.flatnonzero(index.classes == code)
+    if rng.uniform() < 0.5 and of_class.size:
+        anchor = index.objects[int(rng.choice(of_class))]
+        box = index.region_around(anchor.bbox, rng, min(300.0, min(truth.width, truth.height) / 4))
+        members = [index.objects[i] for i in np.flatnonzero(index.inside(box) & (index.classes == code))]
+        question = f"Is there a {cls.value} in the region {_box_text(box)}?"
+        return _Item(Category.PRESENCE, question, ("yes", "no"), box, _smallest(members))
+    longest = min(768, truth.width // 2, truth.height // 2)
+    for _ in range(TRIES):
+        # Half of the "no" regions sit on an object of another class, so they are not empty land.
+        others = np.flatnonzero(index.classes != code)
+        if others.size and rng.uniform() < 0.5:
+            box = index.region_around(index.objects[int(rng.choice(others))].bbox, rng, longest / 2)
+        else:
+            width, height = (int(side) for side in rng.uniform(min(64, longest), longest + 1, size=2))
+            x0 = int(rng.integers(0, truth.width - width + 1))
+            y0 = int(rng.integers(0, truth.height - height + 1))
+            box = index.settle((x0, y0, x0 + width, y0 + height))
+        if not (index.inside(box) & (index.classes == code)).any():
+            question = f"Is there a {cls.value} in the region {_box_text(box)}?"
+            return _Item(Category.PRESENCE, question, ("no", "yes"), box, None)
+    return None
+
+
+_GENERATORS: dict[Category, Callable[[_SceneIndex, np.random.Generator], _Item | None]] = {
+    Category.OVERALL_COUNTING: _overall_counting,
+    Category.REGIONAL_COUNTING: _regional_counting,
+    Category.OBJECT_COLOUR: _object_colour,
+    Category.OBJECT_CLASS: _object_class,
+    Category.REGIONAL_LAND_USE: _regional_land_use,
+    Category.SPATIAL_RELATION: _spatial_relation,
+    Category.PRESENCE: _presence,
+}
+
+
+def generate_questions(
+    truth: SceneTruth, scene: str, count: int, *, open_fraction: float = 0.25, id_prefix: str | None = None
+) -> list[Question]:
+    """`count` distinct questions about one scene, deterministic from its truth.
+
+    `scene` is the scene's path as the questions table records it (relative to the archive root).
+    Categories are drawn by CATEGORY_WEIGHTS; one that cannot be asked of this scene (no objects,
+    no colour in a one-band scene) gives way to another. A share `open_fraction` of the questions
+    is open, the rest multiple choice with options shuffled. Fewer than `count` come back only
+    when the scene cannot support more distinct questions.
+    """
+    if count < 0:
+        raise ValueError(f"question count must be >= 0, got {count}")
+    if not 0.0 <= open_fraction <= 1.0:
+        raise ValueError(f"open_fraction must be in [0, 1], got {open_fraction}")
+    prefix = id_prefix if id_prefix is not None else scene.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    rng = np.random.default_rng(np.random.SeedSequence([truth.seed, _QUESTION_STREAM]))
+    index = _SceneIndex(truth)
+    categories = list(CATEGORY_WEIGHTS)
+    weights = np.asarray([CATEGORY_WEIGHTS[c] for c in categories])
+    questions: list[Question] = []
+    asked: set[str] = set()
+    for _ in range(count * TRIES):
+        if len(questions) == count:
+            break
+        category = categories[int(rng.choice(len(categories), p=weights / weights.sum()))]
+        item = _GENERATORS[category](index, rng)
+        if item is None or item.question in asked:
+            continue
+        asked.add(item.question)
+        form = Form.OPEN if rng.uniform() < open_fraction else Form.MC
+        questions.append(_finish(item, form, f"{prefix}_q{len(questions):03d}", scene, truth.seed, rng))
+    return questions
+
+
+def _finish(item: _Item, form: Form, question_id: str, scene: str, seed: int, rng: np.random.Generator) -> Question:
+    correct = item.options[0]
+    if form is Form.MC:
+        order = rng.permutation(len(item.options))
+        options = [item.options[k] for k in order]
+        choices = [f"({LETTERS[k]}) {text}" for k, text in enumerate(options)]
+        answer = LETTERS[options.index(correct)]
+    else:
+        choices, answer = [], correct
+    size = item.object_size_px
+    return Question(
+        question_id=question_id,
+        scene=scene,
+        question=item.question,
+        choices=choices,
+        answer=answer,
+        answer_text=correct,
+        category=item.category.value,
+        bbox=None if item.bbox is None else [float(v) for v in item.bbox],
+        object_size_px=size,
+        small=size is not None and size < SMALL_OBJECT_PX,
+        form=form.value,
+        seed=seed,
+    )
