@@ -1,0 +1,470 @@
+"""Loaders on small files in each benchmark's published layout, written here with real images."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+from PIL import Image
+from affine import Affine
+
+from uhr.eval.benchmarks import (
+    ITEM_SCHEMA,
+    Benchmark,
+    BenchmarkFormatError,
+    BenchmarkSpec,
+    MmePromptStyle,
+    load_benchmark,
+    load_lrs_vqa,
+    load_mme_realworld_rs,
+    load_synthetic,
+    load_xlrs_lite,
+)
+from uhr.storage import StorageConfig
+
+
+def _png(width: int, height: int, value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), value, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg(width: int, height: int, value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), value, np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _geotiff(path: Path, width: int = 16, height: int = 12) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    transform = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4500000.0)  # 0.5 m pixels, UTM 33N
+    profile = dict(driver="GTiff", width=width, height=height, count=3, dtype="uint8", crs="EPSG:32633", transform=transform)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.arange(3 * height * width, dtype=np.uint8).reshape(3, height, width))
+
+
+# --- XLRS-Bench lite --------------------------------------------------------------------------
+
+_XLRS_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+XLRS_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("image", pa.list_(_XLRS_IMAGE)),
+        ("question", pa.string()),
+        ("multi-choice options", pa.list_(pa.string())),
+        ("answer", pa.string()),
+        ("category", pa.string()),
+        ("l2-category", pa.string()),
+    ]
+)
+OPTIONS = ["(A) 1", "(B) 2", "(C) 3", "(D) 4"]
+XLRS_ROWS = [
+    {
+        "index": 7,
+        "image": [{"bytes": _png(12, 8, 10), "path": "P0007.png"}],
+        "question": "How many ships are in the harbour?",
+        "multi-choice options": OPTIONS,
+        "answer": "B",
+        "category": "Counting/Overall counting",
+        "l2-category": "Counting/Overall counting",
+    },
+    {
+        "index": 8,
+        "image": [{"bytes": _jpeg(16, 16, 50), "path": None}],
+        "question": "Which land-use types does the image show?",
+        "multi-choice options": ["(A) residential", "(B) industrial", "(C) farmland", "(D) forest"],
+        "answer": "AC",
+        "category": "Land use classification/Overall Land use classification",
+        "l2-category": "Land use classification/Overall Land use classification",
+    },
+    {
+        "index": 9,
+        "image": [{"bytes": _png(10, 10, 0), "path": "t1.png"}, {"bytes": _png(10, 10, 255), "path": "t2.png"}],
+        "question": "How many buildings were built between the two images?",
+        "multi-choice options": OPTIONS,
+        "answer": "C",
+        "category": "Counting/Counting with changing detection",
+        "l2-category": "Counting/Counting with changing detection",
+    },
+]
+
+
+def write_xlrs_save_to_disk(root: Path, rows: list[dict] = XLRS_ROWS) -> Path:
+    """The `datasets.save_to_disk` layout of XLRS-Bench-lite: Arrow IPC streams under `train/`."""
+    split = root / "train"
+    split.mkdir(parents=True)
+    table = pa.Table.from_pylist(rows, schema=XLRS_SCHEMA)
+    for k, part in enumerate((table.slice(0, 2), table.slice(2))):
+        with pa.OSFile(str(split / f"data-0000{k}-of-00002.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(part, max_chunksize=1)
+    (split / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00002.arrow"}]}))
+    (split / "dataset_info.json").write_text(json.dumps({"features": {}}))
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    return root
+
+
+def write_xlrs_parquet(path: Path, rows: list[dict] = XLRS_ROWS) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=XLRS_SCHEMA), path)
+    return path
+
+
+def test_xlrs_from_save_to_disk_folder(tmp_path: Path) -> None:
+    items = load_xlrs_lite(str(write_xlrs_save_to_disk(tmp_path / "XLRS-Bench-lite")), image_dir=str(tmp_path / "img"))
+    assert items.schema == ITEM_SCHEMA
+    rows = items.to_pylist()
+    assert [r["question_id"] for r in rows] == ["7", "8", "9"]
+    assert {r["source"] for r in rows} == {"xlrs-lite"}
+    assert {r["form"] for r in rows} == {"mc"}
+
+    single, multi_answer, multi_image = rows
+    # Images are written out in their published bytes, with the format's suffix.
+    assert single["images"] == [str(tmp_path / "img" / "7_0.png")]
+    assert Path(single["images"][0]).read_bytes() == XLRS_ROWS[0]["image"][0]["bytes"]
+    assert multi_answer["images"] == [str(tmp_path / "img" / "8_0.jpg")]
+    assert Image.open(multi_answer["images"][0]).size == (16, 16)
+    # Multi-image items keep every image; the pipeline reads images[0].
+    assert multi_image["images"] == [str(tmp_path / "img" / "9_0.png"), str(tmp_path / "img" / "9_1.png")]
+    assert np.asarray(Image.open(multi_image["images"][1]))[0, 0, 0] == 255
+    assert [json.loads(r["meta"])["n_images"] for r in rows] == [1, 1, 2]
+    assert json.loads(single["meta"])["l2-category"] == "Counting/Overall counting"
+
+    assert single["answer"] == "B" and multi_answer["answer"] == "AC"
+    assert single["choices"] == OPTIONS
+    assert single["prompt"] == (
+        "How many ships are in the harbour?The choices are listed below:\n(A) 1\n(B) 2\n(C) 3\n(D) 4\n"
+        "\nSelect the best answer for the multiple-choice question based on the image. Only respond with the "
+        "letter corresponding to the correct answer (A, B, C, D).\nThe answer is:"
+    )
+    assert multi_answer["prompt"].endswith(
+        "(D) forest\n\nSelect the best answer(s) for the multiple-choice question based on the image. There may "
+        "be more than one correct option. Only respond with the letter(s) corresponding to the correct answer(s) "
+        "(A, B, C, D), with multiple choices separated by spaces.The answer(s) is(are):"
+    )
+
+
+def test_xlrs_from_parquet_matches_arrow_and_reuses_written_images(tmp_path: Path) -> None:
+    from_arrow = load_xlrs_lite(str(write_xlrs_save_to_disk(tmp_path / "arrow")), image_dir=str(tmp_path / "img"))
+    image = Path(from_arrow.column("images")[0][0].as_py())
+    stamp = image.stat().st_mtime_ns
+    parquet = write_xlrs_parquet(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    from_parquet = load_xlrs_lite(str(tmp_path / "hub"), image_dir=str(tmp_path / "img"))
+    assert from_parquet.equals(from_arrow)
+    assert image.stat().st_mtime_ns == stamp  # already there with the same size: not rewritten
+    assert load_xlrs_lite(str(parquet), image_dir=str(tmp_path / "img")).equals(from_arrow)
+
+
+def test_xlrs_images_stored_as_paths_resolve_against_the_data_folder(tmp_path: Path) -> None:
+    row = dict(XLRS_ROWS[0], image=[{"bytes": None, "path": "images/P0007.png"}])
+    parquet = write_xlrs_parquet(tmp_path / "xlrs.parquet", [row])
+    items = load_xlrs_lite(str(parquet), image_dir=str(tmp_path / "img"))
+    assert items.column("images").to_pylist() == [[str(tmp_path / "images" / "P0007.png")]]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"category": "Counting/Ship counting"}, "unknown XLRS-Bench category 'Counting/Ship counting'"),
+        ({"multi-choice options": ["A) 1", "(B) 2"]}, "should start with '\\(A\\)'"),
+        ({"image": []}, "'image' must be a non-empty list"),
+        ({"image": [{"bytes": b"GIF89a....", "path": None}]}, "not PNG, JPEG, TIFF or WebP"),
+    ],
+)
+def test_xlrs_rejects_bad_items_naming_the_item(tmp_path: Path, change: dict, message: str) -> None:
+    parquet = write_xlrs_parquet(tmp_path / "xlrs.parquet", [dict(XLRS_ROWS[0], **change)])
+    with pytest.raises(BenchmarkFormatError, match=f"item 7: .*{message}"):
+        load_xlrs_lite(str(parquet), image_dir=str(tmp_path / "img"))
+
+
+def test_xlrs_rejects_missing_columns_and_duplicate_ids(tmp_path: Path) -> None:
+    table = pa.Table.from_pylist(XLRS_ROWS, schema=XLRS_SCHEMA).drop_columns(["l2-category"])
+    pq.write_table(table, tmp_path / "no-l2.parquet")
+    with pytest.raises(BenchmarkFormatError, match="missing column\\(s\\) 'l2-category'"):
+        load_xlrs_lite(str(tmp_path / "no-l2.parquet"), image_dir=str(tmp_path / "img"))
+    duplicated = write_xlrs_parquet(tmp_path / "dup.parquet", [XLRS_ROWS[0], XLRS_ROWS[0]])
+    with pytest.raises(BenchmarkFormatError, match="duplicate question ids \\['7'\\]"):
+        load_xlrs_lite(str(duplicated), image_dir=str(tmp_path / "img"))
+    with pytest.raises(FileNotFoundError, match="XLRS-Bench data not found"):
+        load_xlrs_lite(str(tmp_path / "nowhere"), image_dir=str(tmp_path / "img"))
+
+
+# --- LRS-VQA ----------------------------------------------------------------------------------
+
+LRS_RECORDS = [
+    {
+        "question_id": "FAIR_12",
+        "image": "LRS_VQA/image/101.tif",
+        "category": "object color",
+        "text": "What is the color of the ship at the top left?\nAnswer the question using a single word or phrase.",
+        "ground_truth": "gray",
+        "image_size": [16, 12],
+        "hbox": [1, 2, 5, 6],
+        "rbox": [1, 2, 5, 2, 5, 6, 1, 6],
+        "abs_size": 16,
+        "size_bin": "small",
+    },
+    {
+        "question_id": "GLH-Bridge_3",
+        "image": "LRS_VQA/image/202.png",
+        "category": "count",
+        "text": "How many bridges are there?\nAnswer the question using a single word or phrase.",
+        "ground_truth": "2",
+        "image_size": [16, 12],
+    },
+    {
+        "question_id": "STAR_5",
+        "image": "LRS_VQA/image/101.tif",
+        "category": "rural or urban",
+        "text": "Is this a rural or urban area?\nAnswer the question using a single word or phrase.",
+        "ground_truth": "",
+        "image_size": [16, 12],
+    },
+]
+
+
+def write_lrs_vqa(root: Path, records: list[dict] = LRS_RECORDS) -> Path:
+    """`<root>/LRS_VQA/LRS_VQA_merged.jsonl` with images under `<root>/LRS_VQA/image/`."""
+    _geotiff(root / "LRS_VQA" / "image" / "101.tif")
+    Image.new("RGB", (16, 12), (9, 9, 9)).save(root / "LRS_VQA" / "image" / "202.png")
+    path = root / "LRS_VQA" / "LRS_VQA_merged.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records) + "\n")
+    return path
+
+
+def test_lrs_vqa_published_layout(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    items = load_lrs_vqa(str(write_lrs_vqa(tmp_path)))
+    assert items.schema == ITEM_SCHEMA
+    rows = items.to_pylist()
+    # The item without a ground truth is skipped, as LRS-VQA's scorer does, and said so.
+    assert [r["question_id"] for r in rows] == ["FAIR_12", "GLH-Bridge_3"]
+    assert "skipped 1 item(s) without ground_truth or category" in caplog.text
+    color, count = rows
+    assert color["images"] == [str(tmp_path / "LRS_VQA" / "image" / "101.tif")]
+    with rasterio.open(color["images"][0]) as src:
+        assert (src.width, src.height) == (16, 12)
+    assert color["prompt"] == LRS_RECORDS[0]["text"] + "\n"
+    assert color["question"] == LRS_RECORDS[0]["text"]
+    assert (color["form"], color["choices"], color["answer"]) == ("open", [], "gray")
+    assert (color["subset"], count["subset"]) == ("FAIR", "GLH-Bridge")
+    assert color["bbox"] == [1.0, 2.0, 5.0, 6.0] and count["bbox"] is None
+    assert json.loads(color["meta"]) == {"image_size": [16, 12], "rbox": [1, 2, 5, 2, 5, 6, 1, 6], "abs_size": 16, "size_bin": "small"}
+
+
+def test_lrs_vqa_image_root_and_bad_lines(tmp_path: Path) -> None:
+    path = write_lrs_vqa(tmp_path)
+    items = load_lrs_vqa(str(path), image_root="s3://bucket/lrs")
+    assert items.column("images")[0].as_py() == ["s3://bucket/lrs/LRS_VQA/image/101.tif"]
+    path.write_text(json.dumps(LRS_RECORDS[0]) + "\n{not json\n")
+    with pytest.raises(BenchmarkFormatError, match="LRS_VQA_merged.jsonl line 2: not JSON"):
+        load_lrs_vqa(str(path))
+    path.write_text(json.dumps({k: v for k, v in LRS_RECORDS[0].items() if k != "text"}) + "\n")
+    with pytest.raises(BenchmarkFormatError, match="line 1: missing field\\(s\\) 'text'"):
+        load_lrs_vqa(str(path))
+    path.write_text(json.dumps(dict(LRS_RECORDS[0], ground_truth=2)) + "\n")
+    with pytest.raises(BenchmarkFormatError, match="'ground_truth' must be a string, got int 2"):
+        load_lrs_vqa(str(path))
+
+
+# --- MME-RealWorld ----------------------------------------------------------------------------
+
+MME_OPTIONS = ["(A) Red", "(B) Yellow", "(C) Gray", "(D) White", "(E) The image does not feature the roof."]
+MME_RECORDS = [
+    {
+        "Question_id": "perception/remote_sensing/color/0001",
+        "Question Type": "Multiple Choice",
+        "Image": "remote_sensing/03553_Toronto.png",
+        "Text": "What color is the roof of the square building in the upper left?",
+        "Answer choices": MME_OPTIONS,
+        "Ground truth": "D",
+        "Task": "Perception",
+        "Subtask": "Remote Sensing",
+        "Category": "color",
+        "Dataset": "dota_v2",
+    },
+    {
+        "Question_id": "perception/remote_sensing/count/0002",
+        "Question Type": "Multiple Choice",
+        "Image": "remote_sensing/00001.png",
+        "Text": "How many planes are on the apron?",
+        "Answer choices": ["(A) 3", "(B) 4", "(C) 5", "(D) 6", "(E) None of the above"],
+        "Ground truth": "A",
+        "Task": "Perception",
+        "Subtask": "Remote Sensing",
+        "Category": "Count",
+        "Dataset": "dota_v2",
+    },
+    {
+        "Question_id": "perception/monitoring/Vehicle/counting/0310",
+        "Image": "monitoring_images/9999998_00382_d_0000334.jpg",
+        "Text": "What is the number of buses in the image?",
+        "Answer choices": ["(A) 13", "(B) 90", "(C) 77", "(D) 6", "(E) The image does not feature the buses"],
+        "Ground truth": "E",
+        "Task": "Perception",
+        "Subtask": "Monitoring",
+        "Category": "Vehicle/counting",
+    },
+]
+
+
+def write_mme(root: Path, records: list[dict] = MME_RECORDS) -> Path:
+    (root / "remote_sensing").mkdir(parents=True)
+    for name in ("03553_Toronto.png", "00001.png"):
+        Image.new("RGB", (20, 10), (200, 200, 200)).save(root / "remote_sensing" / name)
+    path = root / "MME_RealWorld.json"
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+def test_mme_realworld_remote_sensing_split(tmp_path: Path) -> None:
+    items = load_mme_realworld_rs(str(write_mme(tmp_path)))
+    assert items.schema == ITEM_SCHEMA
+    rows = items.to_pylist()
+    assert [r["question_id"] for r in rows] == ["perception/remote_sensing/color/0001", "perception/remote_sensing/count/0002"]
+    color, count = rows
+    assert color["images"] == [str(tmp_path / "remote_sensing" / "03553_Toronto.png")]
+    assert Path(color["images"][0]).is_file()
+    assert (color["category"], count["category"]) == ("color", "count")  # lower-cased, as scored
+    assert (color["answer"], color["choices"], color["form"]) == ("D", MME_OPTIONS, "mc")
+    assert color["prompt"] == (
+        "What color is the roof of the square building in the upper left? The choices are listed below: \n\n"
+        "(A) Red\n(B) Yellow\n(C) Gray\n(D) White\n(E) The image does not feature the roof.\n"
+        "Select the best answer to the above multiple-choice question based on the image. "
+        "Respond with only the letter (A, B, C, D, or E) of the correct option."
+    )
+    assert json.loads(color["meta"])["Dataset"] == "dota_v2"
+
+
+def test_mme_realworld_official_prompt(tmp_path: Path) -> None:
+    items = load_mme_realworld_rs(str(write_mme(tmp_path)), prompt_style=MmePromptStyle.OFFICIAL)
+    assert items.column("prompt")[0].as_py() == (
+        "What color is the roof of the square building in the upper left? The choices are listed below: \n"
+        "(A) Red\n(B) Yellow\n(C) Gray\n(D) White\n(E) The image does not feature the roof.\n"
+        "Select the best answer to the above multiple-choice question based on the image. "
+        "Respond with only the letter (A, B, C, D, or E) of the correct option.\nThe best answer is:"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"Ground truth": "AB"}, "'Ground truth' must be one option letter, got 'AB'"),
+        ({"Ground truth": "F"}, "'Ground truth' must be one option letter"),
+        ({"Answer choices": "(A) Red"}, "'Answer choices' must be a non-empty list"),
+    ],
+)
+def test_mme_realworld_rejects_bad_items(tmp_path: Path, change: dict, message: str) -> None:
+    path = write_mme(tmp_path, [dict(MME_RECORDS[0], **change)])
+    with pytest.raises(BenchmarkFormatError, match=f"item 0: {message}"):
+        load_mme_realworld_rs(str(path))
+
+
+def test_mme_realworld_without_remote_sensing_items(tmp_path: Path) -> None:
+    with pytest.raises(BenchmarkFormatError, match="no questions with Subtask == 'Remote Sensing'"):
+        load_mme_realworld_rs(str(write_mme(tmp_path, MME_RECORDS[2:])))
+
+
+# --- synthetic --------------------------------------------------------------------------------
+
+SYNTH_ROWS = [
+    {
+        "question_id": "s0000-q00",
+        "scene": "scenes/scene_0000.tif",
+        "question": "How many ships are inside the box [10, 20, 300, 400]?",
+        "choices": ["(A) 2", "(B) 3", "(C) 4", "(D) 5"],
+        "answer": "C",
+        "answer_text": "4",
+        "category": "regional counting",
+        "bbox": [10.0, 20.0, 300.0, 400.0],
+        "object_size_px": None,
+        "small": None,
+        "form": "mc",
+        "seed": 3,
+    },
+    {
+        "question_id": "s0000-q01",
+        "scene": "scenes/scene_0000.tif",
+        "question": "What colour is the car inside the box [50, 60, 70, 80]?",
+        "choices": [],
+        "answer": "red",
+        "answer_text": "red",
+        "category": "object colour",
+        "bbox": [50.0, 60.0, 70.0, 80.0],
+        "object_size_px": 14.0,
+        "small": True,
+        "form": "open",
+        "seed": 3,
+    },
+]
+
+
+def write_synthetic(root: Path, rows: list[dict] = SYNTH_ROWS) -> Path:
+    _geotiff(root / "scenes" / "scene_0000.tif")
+    pq.write_table(pa.Table.from_pylist(rows), root / "questions.parquet")
+    return root
+
+
+def test_synthetic_archive(tmp_path: Path) -> None:
+    root = write_synthetic(tmp_path / "archive")
+    items = load_synthetic(str(root))
+    assert items.equals(load_synthetic(str(root / "questions.parquet")))
+    mc, open_ = items.to_pylist()
+    assert mc["images"] == [str(root / "scenes" / "scene_0000.tif")] and Path(mc["images"][0]).is_file()
+    assert mc["prompt"] == (
+        "How many ships are inside the box [10, 20, 300, 400]?The choices are listed below:\n(A) 2\n(B) 3\n(C) 4\n(D) 5\n"
+        "\nSelect the best answer for the multiple-choice question based on the image. Only respond with the "
+        "letter corresponding to the correct answer (A, B, C, D).\nThe answer is:"
+    )
+    assert open_["prompt"] == (
+        "What colour is the car inside the box [50, 60, 70, 80]?\nAnswer the question using a single word or phrase.\n"
+    )
+    assert (mc["form"], open_["form"], open_["choices"]) == ("mc", "open", [])
+    assert (mc["small"], open_["small"], open_["object_size_px"]) == (None, True, 14.0)
+    assert open_["bbox"] == [50.0, 60.0, 70.0, 80.0]
+    assert json.loads(mc["meta"]) == {"answer_text": "4", "seed": 3}
+
+
+def test_synthetic_rejects_unknown_form(tmp_path: Path) -> None:
+    root = write_synthetic(tmp_path, [dict(SYNTH_ROWS[0], form="yes-no")])
+    with pytest.raises(BenchmarkFormatError, match="question s0000-q00: 'form' must be 'mc' or 'open'"):
+        load_synthetic(str(root))
+
+
+def test_load_benchmark_dispatches_on_the_spec(tmp_path: Path) -> None:
+    spec = BenchmarkSpec(name="lrs-vqa", uri=str(write_lrs_vqa(tmp_path / "lrs")))
+    assert spec.name is Benchmark.LRS_VQA
+    assert load_benchmark(spec).equals(load_lrs_vqa(spec.uri))
+    mme = BenchmarkSpec(name="mme-realworld-rs", uri=str(write_mme(tmp_path / "mme")), mme_prompt="official")
+    assert load_benchmark(mme).column("prompt")[0].as_py().endswith("\nThe best answer is:")
+    with pytest.raises(ValueError, match="name"):
+        BenchmarkSpec(name="vqav2", uri="x")
+
+
+# --- object storage ---------------------------------------------------------------------------
+
+
+def test_benchmarks_in_object_storage(s3_server, tmp_path: Path) -> None:
+    storage: StorageConfig = s3_server.storage()
+    bucket = s3_server.new_bucket("bench")
+    fs = storage.filesystem(f"s3://{bucket}")
+
+    lrs = write_lrs_vqa(tmp_path / "lrs")
+    fs.put(str(tmp_path / "lrs" / "LRS_VQA"), f"s3://{bucket}/lrs/LRS_VQA", recursive=True)
+    items = load_lrs_vqa(f"s3://{bucket}/lrs/LRS_VQA/{lrs.name}", storage=storage)
+    assert items.column("images")[0].as_py() == [f"s3://{bucket}/lrs/LRS_VQA/image/101.tif"]
+    assert fs.exists(items.column("images")[0].as_py()[0])
+
+    # XLRS read from the store, its images written back to the store.
+    write_xlrs_save_to_disk(tmp_path / "xlrs")
+    fs.put(str(tmp_path / "xlrs"), f"s3://{bucket}/xlrs", recursive=True)
+    items = load_xlrs_lite(f"s3://{bucket}/xlrs", image_dir=f"s3://{bucket}/xlrs-images", storage=storage)
+    assert items.column("question_id").to_pylist() == ["7", "8", "9"]
+    first = items.column("images")[0].as_py()[0]
+    assert first == f"s3://{bucket}/xlrs-images/7_0.png"
+    assert fs.cat(first) == XLRS_ROWS[0]["image"][0]["bytes"]

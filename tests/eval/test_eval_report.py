@@ -1,0 +1,159 @@
+"""Reports: answers joined to items, runs scored per benchmark, report.json / report.md / plot written."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from nltk.corpus.reader.wordnet import WordNetCorpusReader
+from PIL import Image
+
+from uhr.eval.benchmarks import ITEM_SCHEMA
+from uhr.eval.report import REPORT_JSON, REPORT_MD, REPORT_PLOT, build_report, evaluate, join_answers
+
+COUNTING = "Counting/Overall counting"
+LAND_USE = "Land use classification/Overall Land use classification"
+
+
+def _item(source: str, qid: str, category: str, answer: str, form: str = "mc", small: bool | None = None) -> dict:
+    return {
+        "question_id": qid,
+        "source": source,
+        "images": [f"s3://bench/{qid}.tif"],
+        "question": "q",
+        "choices": ["(A) a", "(B) b", "(C) c", "(D) d"] if form == "mc" else [],
+        "answer": answer,
+        "form": form,
+        "category": category,
+        "subset": None,
+        "prompt": "p",
+        "bbox": None,
+        "object_size_px": None,
+        "small": small,
+        "meta": json.dumps({"n_images": 1}),
+    }
+
+
+ITEMS = pa.Table.from_pylist(
+    [
+        _item("xlrs-lite", "1", COUNTING, "A"),
+        _item("xlrs-lite", "2", COUNTING, "B"),
+        _item("xlrs-lite", "3", LAND_USE, "AC"),
+        _item("xlrs-lite", "4", LAND_USE, "BD"),
+        _item("synthetic", "s-0", "object colour", "A", small=True),
+        _item("synthetic", "s-1", "object colour", "red", form="open", small=False),
+    ],
+    schema=ITEM_SCHEMA,
+)
+
+
+def _answers(rows: list[tuple]) -> pa.Table:
+    """Rows of (question_id, reply, strategy, budget, tokens_kept, tokens_dense, error)."""
+    names = ("question_id", "answer", "strategy", "budget", "tokens_kept", "tokens_dense", "error")
+    columns = list(zip(*rows, strict=True))
+    types = (pa.string(), pa.string(), pa.string(), pa.int64(), pa.int64(), pa.int64(), pa.string())
+    return pa.table({name: pa.array(values, type_) for name, values, type_ in zip(names, columns, types, strict=True)})
+
+
+ANSWERS = _answers(
+    [
+        # dense baseline: everything right
+        ("1", "A", "none", None, 2000, 2000, None),
+        ("2", "The answer is (B)", "none", None, 2000, 2000, None),
+        ("3", "A C", "none", None, 3000, 3000, None),
+        ("4", "B D", "none", None, 3000, 3000, None),
+        ("s-0", "A", "none", None, 1000, 1000, None),
+        ("s-1", "Red", "none", None, 1000, 1000, None),
+        # geollava at 64 tokens: one wrong, one error row, one item not answered at all (4)
+        ("1", "A", "geollava", 64, 64, 2000, None),
+        ("2", "C", "geollava", 64, 64, 2000, None),
+        ("3", None, "geollava", 64, None, None, "CUDA out of memory"),
+        ("s-0", "B", "geollava", 64, 64, 1000, None),
+        ("s-1", "red", "geollava", 64, 64, 1000, None),
+        # geollava at 256 tokens, XLRS only: the synthetic benchmark gets no run for it
+        ("1", "A", "geollava", 256, 256, 2000, None),
+        ("2", "B", "geollava", 256, 256, 2000, None),
+        ("3", "C A", "geollava", 256, 256, 3000, None),
+        ("4", "B", "geollava", 256, 256, 3000, None),
+    ]
+)
+
+
+def test_report_files(tmp_path: Path, wordnet: WordNetCorpusReader) -> None:
+    report = build_report(ITEMS, ANSWERS, str(tmp_path / "out"), wordnet=wordnet)
+    assert [(r.source, r.label) for r in report.runs] == [
+        ("synthetic", "geollava@64"),
+        ("synthetic", "none"),
+        ("xlrs-lite", "geollava@64"),
+        ("xlrs-lite", "geollava@256"),
+        ("xlrs-lite", "none"),
+    ]
+    data = json.loads((tmp_path / "out" / REPORT_JSON).read_text())
+    assert data["benchmarks"] == ["synthetic", "xlrs-lite"]
+    runs = {(run["source"], run["strategy"], run["budget"]): run for run in data["runs"]}
+
+    dense = runs[("xlrs-lite", "none", None)]
+    assert (dense["items"], dense["answered"], dense["errors"], dense["missing"]) == (4, 4, 0, 0)
+    assert dense["headline"] == {"name": "w.Avg. accuracy", "value": 1.0}
+    assert dense["mean_tokens_kept"] == 2500 and dense["kept_fraction"] == 1.0
+
+    pruned = runs[("xlrs-lite", "geollava", 64)]
+    assert (pruned["items"], pruned["answered"], pruned["errors"], pruned["missing"]) == (4, 2, 1, 1)
+    # 1 right of 4: the error row and the missing item count as wrong
+    assert pruned["headline"]["value"] == 0.25
+    assert pruned["metrics"]["subtasks"][LAND_USE] == {"correct": 0, "total": 2, "accuracy": 0.0}
+    assert pruned["mean_tokens_kept"] == 64 and pruned["mean_tokens_dense"] == 2000  # answered rows only
+
+    half = runs[("xlrs-lite", "geollava", 256)]
+    assert half["headline"]["value"] == 0.75
+    assert half["metrics"]["macro"] == pytest.approx((1.0 + 0.5) / 13)
+
+    synthetic = runs[("synthetic", "geollava", 64)]
+    assert synthetic["headline"] == {"name": "accuracy", "value": 0.5}
+    assert synthetic["metrics"]["small"]["accuracy"] == 0.0 and synthetic["metrics"]["large"]["accuracy"] == 1.0
+    assert runs[("synthetic", "none", None)]["headline"]["value"] == 1.0  # "Red" == "red", lower-cased
+
+    markdown = (tmp_path / "out" / REPORT_MD).read_text()
+    assert "## xlrs-lite" in markdown and "## synthetic" in markdown
+    assert "| geollava | 64 | 4 | 2 | 1 | 1 | 64 | 2,000 | 3.2 | 25.0 |" in markdown
+    assert "| none | — | 4 | 4 | 0 | 0 | 2,500 | 2,500 | 100.0 | 100.0 |" in markdown
+    assert f"| {LAND_USE} | 0.0 | 50.0 | 100.0 |" in markdown
+    assert "macro counts 11 sub-task(s) without items as 0" in markdown
+
+    with Image.open(io.BytesIO((tmp_path / "out" / REPORT_PLOT).read_bytes())) as png:
+        assert png.format == "PNG" and png.width > 600 and png.height > 300
+
+
+def test_report_rejects_inconsistent_answers() -> None:
+    with pytest.raises(ValueError, match="lacks column\\(s\\) tokens_dense"):
+        join_answers(ITEMS, ANSWERS.drop_columns(["tokens_dense"]))
+    unknown = _answers([("99", "A", "none", None, 1, 1, None)])
+    with pytest.raises(ValueError, match="1 answer\\(s\\) to questions not among the items, e.g. \\['99'\\]"):
+        join_answers(ITEMS, unknown)
+    twice = _answers([("1", "A", "none", None, 1, 1, None), ("1", "B", "none", None, 1, 1, None)])
+    with pytest.raises(ValueError, match="run \\('none', None\\) answers question xlrs-lite/1 more than once"):
+        join_answers(ITEMS, twice)
+
+
+def test_question_ids_shared_by_benchmarks_need_a_source_column() -> None:
+    items = pa.concat_tables(
+        [ITEMS, pa.Table.from_pylist([_item("mme-realworld-rs", "1", "color", "B")], schema=ITEM_SCHEMA)]
+    )
+    answers = _answers([("1", "B", "none", None, 10, 10, None)])
+    with pytest.raises(ValueError, match="question id '1' exists in several benchmarks"):
+        join_answers(items, answers)
+    report = evaluate(items, answers.append_column("source", pa.array(["mme-realworld-rs"])))
+    (run,) = report.runs
+    assert (run.source, run.items, run.answered, run.score.headline) == ("mme-realworld-rs", 1, 1, 1.0)
+
+
+def test_report_in_object_storage(s3_server, wordnet: WordNetCorpusReader) -> None:
+    storage = s3_server.storage()
+    out = f"s3://{s3_server.new_bucket('report')}/runs/r1"
+    build_report(ITEMS, ANSWERS, out, storage=storage, wordnet=wordnet)
+    fs = storage.filesystem(out)
+    assert sorted(path.rsplit("/", 1)[1] for path in fs.ls(out)) == sorted([REPORT_JSON, REPORT_MD, REPORT_PLOT])
+    assert json.loads(fs.cat(f"{out}/{REPORT_JSON}"))["benchmarks"] == ["synthetic", "xlrs-lite"]
