@@ -72,7 +72,9 @@ def _region_from_env() -> str | None:
 class StorageConfig(BaseModel):
     """How to reach object storage, for GDAL, fsspec and Ray workers alike."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Defaults from the environment are validated too; inputs stay out of error messages, since
+    # a rejected endpoint may carry a secret.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, hide_input_in_errors=True)
 
     endpoint_url: str | None = Field(
         default_factory=_endpoint_from_env,

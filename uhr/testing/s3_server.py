@@ -87,6 +87,11 @@ class LocalS3Server:
             raise RuntimeError("the S3 server is not running; call start() first")
         return f"http://{self.host}:{self._port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs."""
+        return None if self._process is None else self._process.pid
+
     def start(self) -> LocalS3Server:
         """Start the child process and wait until it listens."""
         self._log = tempfile.TemporaryFile(mode="w+")

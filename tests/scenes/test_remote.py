@@ -1,0 +1,118 @@
+"""Scenes in object storage, read from a real S3 API server (moto, own process) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from uhr.errors import SceneError
+from uhr.scenes import open_scene
+
+from .data import pixels, write_raster
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server) -> str:
+    return s3_server.new_bucket("scenes")
+
+
+@pytest.fixture(scope="module")
+def remote_8k(s3_server, bucket, cog_8k) -> tuple[str, int]:
+    """The 8k COG uploaded to the S3 server: (uri, object size in bytes)."""
+    s3_server.client.upload_file(str(cog_8k), bucket, "archive/scene_8k.tif")
+    return f"s3://{bucket}/archive/scene_8k.tif", cog_8k.stat().st_size
+
+
+def test_coarse_view_of_an_8k_cog_fetches_a_small_fraction_of_the_object(s3_server, remote_8k):
+    uri, size = remote_8k
+    with s3_server.measure() as opening:
+        scene = open_scene(uri)
+    with scene, s3_server.measure() as viewing:
+        view = scene.read_view(672)
+    assert view.shape == (672, 672, 3) and view.any()
+    # Measured at the server: the header plus the one overview the view comes from.
+    assert opening.requests <= 2 and opening.bytes_sent <= 64 * 1024
+    fraction = (opening.bytes_sent + viewing.bytes_sent) / size
+    assert fraction <= 0.05, f"read_view(672) fetched {fraction:.1%} of the object"
+
+
+def test_windows_reuse_the_open_header_and_fetch_only_their_tiles(s3_server, remote_8k):
+    uri, size = remote_8k
+    with open_scene(uri) as scene:
+        measurements = []
+        for col_off in (1024, 3072, 5120):
+            with s3_server.measure() as measurement:
+                window = scene.read_window(col_off, 2048, 336, 336)
+            assert window.shape == (336, 336, 3)
+            measurements.append(measurement)
+    # A 336-px window inside one 512-px tile row spans at most 2 x 1 tiles (JPEG, ~100-300 KB).
+    for measurement in measurements:
+        assert measurement.requests <= 2, "a window re-read the header"
+        assert measurement.bytes_sent <= 0.02 * size
+
+
+def test_remote_and_local_reads_are_identical(s3_server, bucket, tmp_path):
+    data = pixels(1500, 1000, 3, "uint16", seed=21)
+    path = write_raster(tmp_path / "u16.tif", data, nodata=200)
+    s3_server.client.upload_file(str(path), bucket, "same/u16.tif")
+    with open_scene(path) as local, open_scene(f"s3://{bucket}/same/u16.tif") as remote:
+        assert remote.stretch == local.stretch
+        assert (remote.width, remote.height, remote.overviews) == (local.width, local.height, local.overviews)
+        assert remote.footprint.equals(local.footprint)
+        np.testing.assert_array_equal(remote.read_view(672), local.read_view(672))
+        for window in [(0, 0, 336, 336), (1300, 900, 336, 336), (-100, 500, 600, 300)]:
+            np.testing.assert_array_equal(remote.read_window(*window), local.read_window(*window))
+        np.testing.assert_array_equal(
+            remote.read_window(10, 10, 1000, 800, out_size=(200, 250)),
+            local.read_window(10, 10, 1000, 800, out_size=(200, 250)),
+        )
+
+
+@pytest.mark.parametrize(
+    ("key", "body", "reason"),
+    [
+        ("missing.tif", None, "no such file or object"),
+        ("empty.tif", b"", "empty object (0 bytes)"),
+        ("notes.TIF", b"not a raster\n" * 100, "not a raster format GDAL can read"),
+        ("scene", b"II*\x00" + b"\x00" * 100, "the name has none of the extensions GDAL may open remotely"),
+    ],
+)
+def test_unreadable_objects_raise_scene_error_naming_uri_and_reason(s3_server, bucket, key, body, reason):
+    if body is not None:
+        s3_server.client.put_object(Bucket=bucket, Key=f"bad/{key}", Body=body)
+    uri = f"s3://{bucket}/bad/{key}"
+    with pytest.raises(SceneError) as caught:
+        open_scene(uri)
+    assert str(caught.value).startswith(f"cannot read scene {uri}: {reason}")
+
+
+def test_missing_bucket_is_a_missing_object(s3_server):
+    with pytest.raises(SceneError, match="no-such-bucket-for-uhr/a.tif: no such file or object"):
+        open_scene("s3://no-such-bucket-for-uhr/a.tif")
+
+
+def test_truncated_remote_cog_fails_on_read_with_the_reason(s3_server, bucket, tmp_path):
+    source = write_raster(tmp_path / "whole.tif", pixels(1024, 1024, 3, "uint8", seed=22))
+    s3_server.client.put_object(Bucket=bucket, Key="bad/cut.tif", Body=source.read_bytes()[:40_000])
+    with open_scene(f"s3://{bucket}/bad/cut.tif") as scene:
+        with pytest.raises(SceneError, match="cut.tif: corrupt or truncated raster data"):
+            scene.read_window(0, 0, 1024, 1024)
+
+
+def test_credentials_in_uris_never_reach_the_message(s3_server, bucket):
+    signed = (
+        f"{s3_server.endpoint_url}/{bucket}/bad/missing.tif"
+        "?X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20250101&X-Amz-Signature=0123456789abcdef0123"
+    )
+    with_user = s3_server.endpoint_url.replace("http://", "http://alice:hunter2-secret@") + f"/{bucket}/x.tif"
+    for uri, secrets in [(signed, ["AKIAIOSFODNN7EXAMPLE", "0123456789abcdef0123"]), (with_user, ["hunter2-secret"])]:
+        with pytest.raises(SceneError) as caught:
+            open_scene(uri)
+        text = f"{caught.value} {caught.value.uri} {caught.value.reason} {caught.value!r}"
+        assert "cannot read scene" in text
+        for secret in secrets:
+            assert secret not in text
+    # The secret key of the environment never shows, even when GDAL or botocore echo it.
+    with pytest.raises(SceneError) as caught:
+        open_scene(f"s3://{bucket}/uhr-test-secret-access-key.tif")
+    assert "uhr-test-secret-access-key" not in str(caught.value)

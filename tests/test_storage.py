@@ -1,0 +1,175 @@
+"""StorageConfig, URI helpers, redaction and the package's error types."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import rasterio
+import s3fs
+from fsspec.implementations.local import LocalFileSystem
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from uhr.errors import SceneError, StorageError, UhrError
+from uhr.storage import DEFAULT_GDAL_OPTIONS, StorageConfig, is_remote, join_uri, redact, to_gdal_path
+
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in AWS_VARS + ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_endpoint_and_region_come_from_the_aws_sdk_variables(clean_env):
+    assert StorageConfig().endpoint_url is None and StorageConfig().region is None
+    clean_env.setenv("AWS_ENDPOINT_URL", "http://minio.internal:9000")
+    clean_env.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    assert StorageConfig().endpoint_url == "http://minio.internal:9000"
+    assert StorageConfig().region == "eu-west-1"
+    # The S3-specific variable wins over the general one, as in the AWS SDKs.
+    clean_env.setenv("AWS_ENDPOINT_URL_S3", "https://s3.example.org/")
+    clean_env.setenv("AWS_REGION", "eu-central-1")
+    assert StorageConfig().endpoint_url == "https://s3.example.org"
+    assert StorageConfig().region == "eu-central-1"
+    assert StorageConfig(endpoint_url="http://127.0.0.1:5000").endpoint_url == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        ("minio:9000", "http\\(s\\)://host"),
+        ("ftp://host", "http\\(s\\)://host"),
+        ("http://host:9000/prefix", "no path"),
+        ("http://key:secret@host:9000", "must not carry credentials"),
+    ],
+)
+def test_bad_endpoints_are_rejected_without_echoing_secrets(clean_env, endpoint, message):
+    with pytest.raises(ValidationError, match=message) as caught:
+        StorageConfig(endpoint_url=endpoint)
+    assert "secret" not in str(caught.value).replace("must not carry credentials", "")
+
+
+def test_gdal_env_translates_the_endpoint_and_keeps_user_overrides(clean_env):
+    env = StorageConfig(endpoint_url="http://127.0.0.1:5000", region="us-east-1").gdal_env()
+    assert env["AWS_S3_ENDPOINT"] == "127.0.0.1:5000"
+    assert env["AWS_HTTPS"] == "NO" and env["AWS_VIRTUAL_HOSTING"] == "FALSE" and env["AWS_REGION"] == "us-east-1"
+    for name, value in DEFAULT_GDAL_OPTIONS.items():
+        assert env[name] == value
+    assert env["GDAL_CACHEMAX"] == 256 * 1024 * 1024
+    secure = StorageConfig(endpoint_url="https://s3.example.org", anonymous=True).gdal_env()
+    assert secure["AWS_HTTPS"] == "YES" and secure["AWS_NO_SIGN_REQUEST"] == "YES"
+    tuned = StorageConfig(gdal_options={"VSI_CACHE_SIZE": "1048576", "AWS_VIRTUAL_HOSTING": "TRUE"},
+                          endpoint_url="http://h:1").gdal_env()
+    assert tuned["VSI_CACHE_SIZE"] == "1048576" and tuned["AWS_VIRTUAL_HOSTING"] == "TRUE"
+    assert "AWS_S3_ENDPOINT" not in StorageConfig().gdal_env()
+    # rasterio accepts the whole mapping as it is.
+    with rasterio.Env(**tuned):
+        pass
+
+
+def test_gdal_options_refuse_credentials_and_the_cache_size(clean_env):
+    with pytest.raises(ValidationError, match="must not hold credentials"):
+        StorageConfig(gdal_options={"AWS_SECRET_ACCESS_KEY": "x"})
+    with pytest.raises(ValidationError, match="gdal_cache_mb"):
+        StorageConfig(gdal_options={"GDAL_CACHEMAX": "64"})
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        StorageConfig(endpoint="http://h:1")
+
+
+def test_worker_env_vars_pass_credentials_through_only_when_set(clean_env):
+    storage = StorageConfig(endpoint_url="http://127.0.0.1:5000", region="us-east-1", gdal_cache_mb=64)
+    env = storage.worker_env_vars()
+    assert all(isinstance(value, str) for value in env.values())
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:5000" and env["AWS_REGION"] == "us-east-1"
+    assert env["GDAL_CACHEMAX"] == "64" and env["AWS_S3_ENDPOINT"] == "127.0.0.1:5000"
+    assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    clean_env.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE12")
+    clean_env.setenv("AWS_SECRET_ACCESS_KEY", "worker-secret-value")
+    env = storage.worker_env_vars()
+    assert env["AWS_ACCESS_KEY_ID"] == "AKIAEXAMPLEEXAMPLE12" and env["AWS_SECRET_ACCESS_KEY"] == "worker-secret-value"
+    # ... and never into the config itself.
+    assert "worker-secret-value" not in storage.model_dump_json()
+
+
+def test_filesystem_is_s3fs_on_the_same_endpoint_or_local(clean_env):
+    storage = StorageConfig(endpoint_url="http://127.0.0.1:5000", region="us-east-1", fs_options={"default_block_size": 2**20})
+    filesystem = storage.filesystem("s3://bucket/key.tif")
+    assert isinstance(filesystem, s3fs.S3FileSystem)
+    assert filesystem.endpoint_url == "http://127.0.0.1:5000" and filesystem.client_kwargs["region_name"] == "us-east-1"
+    assert filesystem.default_block_size == 2**20
+    assert isinstance(storage.filesystem("/tmp/scene.tif"), LocalFileSystem)
+    assert isinstance(storage.filesystem("file:///tmp/scene.tif"), LocalFileSystem)
+    assert "memory" in storage.filesystem("memory://archive/a.tif").protocol
+
+
+@pytest.mark.parametrize(
+    ("uri", "gdal_path", "remote"),
+    [
+        ("s3://bucket/a/b.tif", "/vsis3/bucket/a/b.tif", True),
+        ("s3a://bucket/b.tif", "/vsis3/bucket/b.tif", True),
+        ("gs://bucket/b.tif", "/vsigs/bucket/b.tif", True),
+        ("https://host/b.tif?x=1", "/vsicurl/https://host/b.tif?x=1", True),
+        ("/vsis3/bucket/b.tif", "/vsis3/bucket/b.tif", True),
+        ("/vsimem/b.tif", "/vsimem/b.tif", False),
+        ("/data/b.tif", "/data/b.tif", False),
+        ("relative/b.tif", "relative/b.tif", False),
+        ("file:///data/b.tif", "/data/b.tif", False),
+    ],
+)
+def test_uri_helpers(uri, gdal_path, remote):
+    assert to_gdal_path(uri) == gdal_path
+    assert is_remote(uri) is remote
+
+
+def test_to_gdal_path_rejects_unknown_schemes():
+    with pytest.raises(ValueError, match="no GDAL reader for ftp://"):
+        to_gdal_path("ftp://host/b.tif")
+
+
+def test_join_uri():
+    assert join_uri("s3://bucket/archive/", "scenes", "/a.tif") == "s3://bucket/archive/scenes/a.tif"
+    assert join_uri("s3://bucket", "a.tif") == "s3://bucket/a.tif"
+    assert join_uri("/data/archive", "scenes", "a.tif") == "/data/archive/scenes/a.tif"
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("https://bucket.s3.amazonaws.com/a.tif?X-Amz-Signature=abcdef0123456789&X-Amz-Date=1", "abcdef0123456789"),
+        ("https://x/a.tif?X-Amz-Security-Token=FwoGZXIvYXdzEJr//token", "FwoGZXIvYXdzEJr//token"),
+        ("https://x/a.tif?sv=2020&sig=AzureSignature%3D", "AzureSignature%3D"),
+        ("s3://alice:pa55word@host/bucket/a.tif", "pa55word"),
+        ("Authorization: AWS4-HMAC-SHA256 Credential=AKIA/2025, Signature=deadbeef", "deadbeef"),
+        ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG", "wJalrXUtnFEMI/K7MDENG"),
+        ("key id AKIAIOSFODNN7EXAMPLE failed", "AKIAIOSFODNN7EXAMPLE"),
+    ],
+)
+def test_redact_masks_credentials(text, secret):
+    masked = redact(text)
+    assert secret not in masked and "***" in masked
+
+
+def test_redact_masks_the_environment_secret_wherever_it_appears(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-from-env")
+    assert redact("GDAL said: bad key s3cr3t-value-from-env here") == "GDAL said: bad key *** here"
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60))
+def test_redact_leaves_text_without_credentials_alone(text):
+    if "@" not in text and "=" not in text and ":" not in text and "AKIA" not in text and "ASIA" not in text:
+        assert redact(text) == text
+
+
+def test_scene_error_carries_redacted_uri_and_reason_and_pickles():
+    error = SceneError("https://u:pw-secret@h/a.tif?X-Amz-Signature=sig123456", "HTTP 403 for ?X-Amz-Signature=sig123456")
+    assert isinstance(error, UhrError)
+    assert str(error) == "cannot read scene https://***@h/a.tif?X-Amz-Signature=***: HTTP 403 for ?X-Amz-Signature=***"
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is SceneError and (copy.uri, copy.reason) == (error.uri, error.reason) and str(copy) == str(error)
+    storage_error = pickle.loads(pickle.dumps(StorageError("s3://b", "access denied")))
+    assert str(storage_error) == "storage error at s3://b: access denied"
