@@ -27,6 +27,7 @@ from uhr.eval.benchmarks import (
     load_xlrs_lite,
 )
 from uhr.storage import StorageConfig
+from uhr.synth.archive import write_archive
 
 
 def _png(width: int, height: int, value: int) -> bytes:
@@ -44,7 +45,9 @@ def _jpeg(width: int, height: int, value: int) -> bytes:
 def _geotiff(path: Path, width: int = 16, height: int = 12) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     transform = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4500000.0)  # 0.5 m pixels, UTM 33N
-    profile = dict(driver="GTiff", width=width, height=height, count=3, dtype="uint8", crs="EPSG:32633", transform=transform)
+    profile = dict(
+        driver="GTiff", width=width, height=height, count=3, dtype="uint8", crs="EPSG:32633", transform=transform
+    )
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(np.arange(3 * height * width, dtype=np.uint8).reshape(3, height, width))
 
@@ -254,7 +257,9 @@ def test_lrs_vqa_published_layout(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert (color["form"], color["choices"], color["answer"]) == ("open", [], "gray")
     assert (color["subset"], count["subset"]) == ("FAIR", "GLH-Bridge")
     assert color["bbox"] == [1.0, 2.0, 5.0, 6.0] and count["bbox"] is None
-    assert json.loads(color["meta"]) == {"image_size": [16, 12], "rbox": [1, 2, 5, 2, 5, 6, 1, 6], "abs_size": 16, "size_bin": "small"}
+    assert json.loads(color["meta"]) == {
+        "image_size": [16, 12], "rbox": [1, 2, 5, 2, 5, 6, 1, 6], "abs_size": 16, "size_bin": "small"
+    }
 
 
 def test_lrs_vqa_image_root_and_bad_lines(tmp_path: Path) -> None:
@@ -326,7 +331,9 @@ def test_mme_realworld_remote_sensing_split(tmp_path: Path) -> None:
     items = load_mme_realworld_rs(str(write_mme(tmp_path)))
     assert items.schema == ITEM_SCHEMA
     rows = items.to_pylist()
-    assert [r["question_id"] for r in rows] == ["perception/remote_sensing/color/0001", "perception/remote_sensing/count/0002"]
+    assert [r["question_id"] for r in rows] == [
+        "perception/remote_sensing/color/0001", "perception/remote_sensing/count/0002"
+    ]
     color, count = rows
     assert color["images"] == [str(tmp_path / "remote_sensing" / "03553_Toronto.png")]
     assert Path(color["images"][0]).is_file()
@@ -383,7 +390,7 @@ SYNTH_ROWS = [
         "category": "regional counting",
         "bbox": [10.0, 20.0, 300.0, 400.0],
         "object_size_px": None,
-        "small": None,
+        "small": False,
         "form": "mc",
         "seed": 3,
     },
@@ -417,17 +424,39 @@ def test_synthetic_archive(tmp_path: Path) -> None:
     mc, open_ = items.to_pylist()
     assert mc["images"] == [str(root / "scenes" / "scene_0000.tif")] and Path(mc["images"][0]).is_file()
     assert mc["prompt"] == (
-        "How many ships are inside the box [10, 20, 300, 400]?The choices are listed below:\n(A) 2\n(B) 3\n(C) 4\n(D) 5\n"
+        "How many ships are inside the box [10, 20, 300, 400]?The choices are listed below:\n"
+        "(A) 2\n(B) 3\n(C) 4\n(D) 5\n"
         "\nSelect the best answer for the multiple-choice question based on the image. Only respond with the "
         "letter corresponding to the correct answer (A, B, C, D).\nThe answer is:"
     )
     assert open_["prompt"] == (
-        "What colour is the car inside the box [50, 60, 70, 80]?\nAnswer the question using a single word or phrase.\n"
+        "What colour is the car inside the box [50, 60, 70, 80]?\nAnswer the question using a single word or phrase."
     )
     assert (mc["form"], open_["form"], open_["choices"]) == ("mc", "open", [])
+    # No object behind the question: its size, and so small/large, is unknown.
     assert (mc["small"], open_["small"], open_["object_size_px"]) == (None, True, 14.0)
     assert open_["bbox"] == [50.0, 60.0, 70.0, 80.0]
     assert json.loads(mc["meta"]) == {"answer_text": "4", "seed": 3}
+
+
+def test_synthetic_archive_written_by_uhr_synth(tmp_path: Path) -> None:
+    index = write_archive(str(tmp_path / "archive"), scenes=1, size=512, seed=5, split="train", questions_per_scene=8)
+    items = load_synthetic(index.root)
+    assert items.num_rows == index.n_questions
+    questions = pq.read_table(index.questions_parquet).to_pylist()
+    for item, question in zip(items.to_pylist(), questions, strict=True):
+        assert item["question_id"] == question["question_id"]
+        assert item["images"] == [str(tmp_path / "archive" / question["scene"])]
+        assert Path(item["images"][0]).is_file()
+        for name in ("answer", "form", "category"):
+            assert item[name] == question[name]
+        assert item["small"] == (None if question["object_size_px"] is None else question["small"])
+    # The model is evaluated on exactly the prompts it was trained on.
+    conversations = [json.loads(line) for line in Path(index.train_jsonl).read_text().splitlines()]
+    prompts = dict(zip(items.column("question_id").to_pylist(), items.column("prompt").to_pylist(), strict=True))
+    assert {c["id"]: c["conversations"][0]["value"] for c in conversations} == {
+        qid: "<image>\n" + prompt for qid, prompt in prompts.items()
+    }
 
 
 def test_synthetic_rejects_unknown_form(tmp_path: Path) -> None:

@@ -25,6 +25,9 @@ from uhr.eval.scoring import (
 )
 
 
+ABCD = ["(A) a", "(B) b", "(C) c", "(D) d"]
+
+
 def items(rows: list[dict]) -> pa.Table:
     """An item table (ITEM_SCHEMA) with a `reply` column, from partial rows."""
     full = []
@@ -35,7 +38,7 @@ def items(rows: list[dict]) -> pa.Table:
                 "source": row["source"],
                 "images": ["scene.tif"] * row.get("n_images", 1),
                 "question": "q",
-                "choices": row.get("choices", ["(A) a", "(B) b", "(C) c", "(D) d"] if row.get("form", "mc") == "mc" else []),
+                "choices": row.get("choices", ABCD if row.get("form", "mc") == "mc" else []),
                 "answer": row["answer"],
                 "form": row.get("form", "mc"),
                 "category": row.get("category", "c"),
@@ -54,6 +57,11 @@ def items(rows: list[dict]) -> pa.Table:
 # --- XLRS-Bench -------------------------------------------------------------------------------
 
 LAND_USE = "Land use classification/Overall Land use classification"
+
+
+def xlrs(category: str, answer: str, reply: str | None) -> dict:
+    return {"source": "xlrs-lite", "category": category, "answer": answer, "reply": reply}
+
 COUNTING = "Counting/Overall counting"
 COLOUR = "Object properties/Object color"
 
@@ -107,14 +115,15 @@ def test_xlrs_micro_macro_and_subtasks() -> None:
     assert score.tasks["Counting"] == Accuracy(2, 3)
     assert score.multi_image_items == 1
     assert any("first image" in note for note in score.notes())
-    assert json.loads(json.dumps(score.to_dict()))["subtasks"][COUNTING] == {"correct": 2, "total": 3, "accuracy": 2 / 3}
+    as_json = json.loads(json.dumps(score.to_dict()))
+    assert as_json["subtasks"][COUNTING] == {"correct": 2, "total": 3, "accuracy": 2 / 3}
 
 
 def test_xlrs_macro_over_all_subtasks_is_the_mean_of_subtask_accuracies() -> None:
     rows = []
     for k, name in enumerate(XLRS_SUBTASKS):
         # sub-task k has k + 1 items, the first of which is right
-        rows += [{"source": "xlrs-lite", "category": name, "answer": "A", "reply": "A" if j == 0 else "B"} for j in range(k + 1)]
+        rows += [xlrs(name, "A", "A" if j == 0 else "B") for j in range(k + 1)]
     score = summarize(judge(items(rows)), "xlrs-lite")
     assert score.subtasks_without_items == []
     assert score.macro == pytest.approx(sum(1 / (k + 1) for k in range(13)) / 13)
@@ -124,12 +133,12 @@ def test_xlrs_macro_over_all_subtasks_is_the_mean_of_subtask_accuracies() -> Non
 
 def test_xlrs_rejects_unknown_categories() -> None:
     with pytest.raises(ValueError, match="unknown XLRS-Bench categories \\['Counting/Ships'\\]"):
-        summarize(judge(items([{"source": "xlrs-lite", "category": "Counting/Ships", "answer": "A", "reply": "A"}])), "xlrs-lite")
+        summarize(judge(items([xlrs("Counting/Ships", "A", "A")])), "xlrs-lite")
 
 
 @given(st.lists(st.tuples(st.sampled_from(XLRS_SUBTASKS), st.booleans()), min_size=1, max_size=40))
 def test_xlrs_micro_is_the_item_weighted_mean_of_subtasks(outcomes: list[tuple[str, bool]]) -> None:
-    rows = [{"source": "xlrs-lite", "category": name, "answer": "A", "reply": "A" if ok else "B"} for name, ok in outcomes]
+    rows = [xlrs(name, "A", "A" if ok else "B") for name, ok in outcomes]
     score = summarize(judge(items(rows)), "xlrs-lite")
     weighted = sum(acc.value * acc.total for acc in score.subtasks.values()) / len(outcomes)
     assert score.micro == pytest.approx(weighted)
@@ -202,7 +211,8 @@ def test_lrs_vqa_item_rule(wordnet: WordNetCorpusReader, reply: str, truth: str,
 
 def test_lrs_vqa_per_source_oa_aa_and_pooled(wordnet: WordNetCorpusReader) -> None:
     def item(qid: str, category: str, truth: str, reply: str | None) -> dict:
-        return {"question_id": qid, "source": "lrs-vqa", "form": "open", "category": category, "subset": qid.split("_")[0],
+        subset = qid.split("_")[0]
+        return {"question_id": qid, "source": "lrs-vqa", "form": "open", "category": category, "subset": subset,
                 "answer": truth, "reply": reply}  # fmt: skip
 
     rows = [
@@ -238,12 +248,16 @@ def test_lrs_vqa_per_source_oa_aa_and_pooled(wordnet: WordNetCorpusReader) -> No
 
 
 def test_synthetic_overall_categories_and_object_size(wordnet: WordNetCorpusReader) -> None:
+    def item(form: str, category: str, answer: str, reply: str, small: bool | None) -> dict:
+        fields = {"form": form, "category": category, "answer": answer, "reply": reply, "small": small}
+        return {"source": "synthetic", **fields}
+
     rows = [
-        {"source": "synthetic", "form": "mc", "category": "object colour", "answer": "A", "reply": "A", "small": True},
-        {"source": "synthetic", "form": "mc", "category": "object colour", "answer": "B", "reply": "C", "small": True},
-        {"source": "synthetic", "form": "open", "category": "object colour", "answer": "grey", "reply": "gray", "small": False},
-        {"source": "synthetic", "form": "open", "category": "overall counting", "answer": "2", "reply": "3", "small": None},
-        {"source": "synthetic", "form": "mc", "category": "overall counting", "answer": "D", "reply": "(D)", "small": None},
+        item("mc", "object colour", "A", "A", True),
+        item("mc", "object colour", "B", "C", True),
+        item("open", "object colour", "grey", "gray", False),
+        item("open", "overall counting", "2", "3", None),
+        item("mc", "overall counting", "D", "(D)", None),
     ]
     score = summarize(judge(items(rows), wordnet), "synthetic")
     assert isinstance(score, SyntheticScore)

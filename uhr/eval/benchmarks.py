@@ -37,7 +37,8 @@ Layouts (facts from the benchmarks' public code):
 * MME-RealWorld (`MME_RealWorld.json`, or LRS-VQA's `MME_RealWorld_RS.json`): a JSON list with
   `Question_id`, `Image` (relative to the JSON's folder), `Text`, `Answer choices`, `Ground truth`,
   `Task`, `Subtask`, `Category`; the remote-sensing split is `Subtask == "Remote Sensing"`.
-* synthetic (`uhr.synth`): `<archive>/questions.parquet` with scenes relative to the archive.
+* synthetic (`uhr.synth`): `<archive>/questions.parquet` with scenes relative to the archive;
+  prompts are `uhr.synth`'s own (those of its training conversations).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from uhr.eval.cache import default_cache_dir
 from uhr.storage import StorageConfig, join_uri, redact, uri_protocol
+from uhr.synth.questions import OPEN_INSTRUCTION, mc_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +138,6 @@ XLRS_MULTI_ANSWER_INSTRUCTION = (
     "(A, B, C, D), with multiple choices separated by spaces.The answer(s) is(are):"
 )
 
-LRS_VQA_INSTRUCTION = "Answer the question using a single word or phrase."
-
 MME_REMOTE_SENSING = "Remote Sensing"
 MME_CHOICES_HEADER = " The choices are listed below: \n"
 MME_INSTRUCTION = (
@@ -168,13 +168,6 @@ def mme_realworld_prompt(question: str, options: list[str], style: MmePromptStyl
         return question + MME_CHOICES_HEADER + listed + MME_INSTRUCTION + MME_OFFICIAL_SUFFIX
     body = f"{question}{MME_CHOICES_HEADER}\n" + "\n".join(options)
     return body.strip() + "\n" + MME_INSTRUCTION
-
-
-def synthetic_prompt(question: str, choices: list[str], form: str) -> str:
-    """Our synthetic benchmark's prompt: XLRS layout for multiple choice, LRS-VQA's for open answers."""
-    if form == "mc":
-        return question + XLRS_CHOICES_HEADER + "\n".join(choices) + "\n" + XLRS_INSTRUCTION
-    return lrs_vqa_prompt(question + "\n" + LRS_VQA_INSTRUCTION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,11 +552,17 @@ _SYNTH_FIELDS = (
 SYNTHETIC_QUESTIONS = "questions.parquet"
 
 
+def synthetic_prompt(question: str, choices: list[str], form: str) -> str:
+    """The prompt `uhr.synth` trains with: XLRS layout for multiple choice, LLaVA's for open answers."""
+    return mc_prompt(question, choices) if form == "mc" else question + OPEN_INSTRUCTION
+
+
 def load_synthetic(uri: str, *, storage: StorageConfig | None = None) -> pa.Table:
     """A synthetic archive's questions: `uri` is the archive root or its `questions.parquet`.
 
-    Scene paths resolve against the archive root. Multiple-choice questions get the XLRS layout,
-    open ones LRS-VQA's (`synthetic_prompt`).
+    Scene paths resolve against the archive root. Prompts are the ones the archive's training
+    conversations use (`synthetic_prompt`), so a model is evaluated on what it was trained on.
+    `small` is null where the question depends on no single object (`object_size_px` null).
     """
     path = uri if uri.endswith(".parquet") else join_uri(uri, SYNTHETIC_QUESTIONS)
     fs = _fs(path, storage)
@@ -596,7 +595,7 @@ def load_synthetic(uri: str, *, storage: StorageConfig | None = None) -> pa.Tabl
                 prompt=synthetic_prompt(question, choices, form),
                 bbox=[float(v) for v in record["bbox"]] if record["bbox"] is not None else None,
                 object_size_px=record["object_size_px"],
-                small=record["small"],
+                small=None if record["object_size_px"] is None else bool(record["small"]),
                 meta={name: record[name] for name in ("answer_text", "seed") if name in record},
             )
         )
