@@ -177,6 +177,7 @@ def test_xlrs_images_stored_as_paths_resolve_against_the_data_folder(tmp_path: P
         ({"category": "Counting/Ship counting"}, "unknown XLRS-Bench category 'Counting/Ship counting'"),
         ({"multi-choice options": ["A) 1", "(B) 2"]}, "should start with '\\(A\\)'"),
         ({"image": []}, "'image' must be a non-empty list"),
+        ({"image": [{"bytes": None, "path": None}]}, "image 0 has neither bytes nor a path"),
         ({"image": [{"bytes": b"GIF89a....", "path": None}]}, "not PNG, JPEG, TIFF or WebP"),
     ],
 )
@@ -191,6 +192,12 @@ def test_xlrs_rejects_missing_columns_and_duplicate_ids(tmp_path: Path) -> None:
     pq.write_table(table, tmp_path / "no-l2.parquet")
     with pytest.raises(BenchmarkFormatError, match="missing column\\(s\\) 'l2-category'"):
         load_xlrs_lite(str(tmp_path / "no-l2.parquet"), image_dir=str(tmp_path / "img"))
+    as_paths = table.append_column("l2-category", pa.array(["x"] * 3)).set_column(
+        1, "image", pa.array([["a.png"], ["b.png"], ["c.png"]])
+    )
+    pq.write_table(as_paths, tmp_path / "strings.parquet")
+    with pytest.raises(BenchmarkFormatError, match="column 'image' must be a list of \\{bytes, path\\} images"):
+        load_xlrs_lite(str(tmp_path / "strings.parquet"), image_dir=str(tmp_path / "img"))
     duplicated = write_xlrs_parquet(tmp_path / "dup.parquet", [XLRS_ROWS[0], XLRS_ROWS[0]])
     with pytest.raises(BenchmarkFormatError, match="duplicate question ids \\['7'\\]"):
         load_xlrs_lite(str(duplicated), image_dir=str(tmp_path / "img"))

@@ -45,10 +45,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 import logging
 import os
 import posixpath
+from collections import Counter
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
@@ -282,15 +282,31 @@ _IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
 )
 
 
-def _image_suffix(data: bytes, path: str | None, where: str) -> str:
+def _image_suffix(head: bytes, path: str | None, where: str) -> str:
+    """The file suffix of an image from its first bytes (or its published file name)."""
     for magic, suffix in _IMAGE_MAGIC:
-        if data.startswith(magic):
+        if head.startswith(magic):
             return suffix
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return ".webp"
     if path and Path(path).suffix:
         return Path(path).suffix.lower()
-    raise BenchmarkFormatError(f"{where}: embedded image is not PNG, JPEG, TIFF or WebP (first bytes {data[:8]!r})")
+    raise BenchmarkFormatError(f"{where}: embedded image is not PNG, JPEG, TIFF or WebP (first bytes {head[:8]!r})")
+
+
+def _check_image_column(schema: pa.Schema, path: str) -> None:
+    """`image` must be a list of `datasets.Image` structs {bytes, path}."""
+    kind = schema.field("image").type
+    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    if not (is_list and pa.types.is_struct(kind.value_type)):
+        raise BenchmarkFormatError(
+            f"{redact(path)}: column 'image' must be a list of {{bytes, path}} images, got {kind}"
+        )
+    names = {kind.value_type.field(k).name for k in range(kind.value_type.num_fields)}
+    if names != {"bytes", "path"}:
+        raise BenchmarkFormatError(
+            f"{redact(path)}: 'image' structs must have fields bytes and path, got {sorted(names)}"
+        )
 
 
 def _data_files(uri: str, fs: fsspec.AbstractFileSystem) -> list[str]:
@@ -309,14 +325,16 @@ def _data_files(uri: str, fs: fsspec.AbstractFileSystem) -> list[str]:
 def _record_batches(path: str, fs: fsspec.AbstractFileSystem) -> Iterator[pa.RecordBatch]:
     """Record batches of one data file, without holding the whole file in memory.
 
-    Parquet is read batch by batch; Arrow files written by `datasets` are IPC streams, memory-mapped
-    when local so their embedded images stay in the page cache, not on the heap.
+    Parquet is read a few rows at a time (memory still grows with the row-group size: a few times
+    one row group); Arrow files written by `datasets` are IPC streams, memory-mapped when local so
+    their embedded images stay in the page cache, not on the heap (a remote Arrow file is read one
+    record batch at a time).
     """
     if path.endswith(".parquet"):
         with fs.open(path, "rb") as handle:
             parquet = pq.ParquetFile(handle)
             columns = [name for name in _XLRS_FIELDS if name in parquet.schema_arrow.names]
-            yield from parquet.iter_batches(batch_size=16, columns=columns)
+            yield from parquet.iter_batches(batch_size=4, columns=columns)
         return
     source = pa.memory_map(path) if uri_protocol(path) is None else fs.open(path, "rb")
     with source:
@@ -330,29 +348,30 @@ def _record_batches(path: str, fs: fsspec.AbstractFileSystem) -> Iterator[pa.Rec
         yield from reader
 
 
-def _write_image(data: bytes, target: str, fs: fsspec.AbstractFileSystem) -> None:
+def _write_image(data: pa.Buffer, target: str, fs: fsspec.AbstractFileSystem) -> None:
     """Write an extracted image once; a complete earlier copy (same size) is kept."""
-    if fs.exists(target) and fs.size(target) == len(data):
+    if fs.exists(target) and fs.size(target) == data.size:
         return
-    parent = _parent(target)
     if uri_protocol(target) is None:
-        os.makedirs(parent, exist_ok=True)
+        os.makedirs(_parent(target), exist_ok=True)
     with fs.open(target, "wb") as handle:
-        handle.write(data)
+        handle.write(memoryview(data))
 
 
 def _xlrs_images(
-    index: str, images: Any, data_dir: str, image_dir: str, fs_out: fsspec.AbstractFileSystem, where: str
+    index: str, images: pa.ListScalar, data_dir: str, image_dir: str, fs_out: fsspec.AbstractFileSystem, where: str
 ) -> list[str]:
-    if not isinstance(images, list) or not images:
-        raise BenchmarkFormatError(f"{where}: 'image' must be a non-empty list of images, got {type(images).__name__}")
+    """URIs of one item's images; embedded ones are written out, one image in memory at a time."""
+    if not images.is_valid or len(images) == 0:
+        raise BenchmarkFormatError(f"{where}: 'image' must be a non-empty list of images")
     uris = []
-    for k, image in enumerate(images):
-        if not isinstance(image, dict) or not ({"bytes", "path"} & set(image)):
-            raise BenchmarkFormatError(f"{where}: image {k} must be a {{bytes, path}} struct, got {image!r:.80}")
-        data, path = image.get("bytes"), image.get("path")
-        if data:
-            target = join_uri(image_dir, f"{index}_{k}{_image_suffix(data, path, where)}")
+    for k in range(len(images)):
+        image = images[k]
+        data = image["bytes"].as_buffer()  # zero-copy view into the batch
+        path = image["path"].as_py()
+        if data is not None and data.size:
+            suffix = _image_suffix(data.slice(0, min(16, data.size)).to_pybytes(), path, where)
+            target = join_uri(image_dir, f"{index}_{k}{suffix}")
             _write_image(data, target, fs_out)
             uris.append(target)
         elif path:
@@ -385,7 +404,10 @@ def load_xlrs_lite(uri: str, *, image_dir: str | None = None, storage: StorageCo
             missing = [name for name in _XLRS_FIELDS if name not in batch.schema.names]
             if missing:
                 raise BenchmarkFormatError(f"{redact(path)}: missing column(s) {', '.join(map(repr, missing))}")
-            for record in batch.select(list(_XLRS_FIELDS)).to_pylist():
+            _check_image_column(batch.schema, path)
+            # Text fields as Python objects; images stay Arrow buffers until written (they are large).
+            texts = batch.select([name for name in _XLRS_FIELDS if name != "image"]).to_pylist()
+            for row, record in enumerate(texts):
                 index = str(record["index"])
                 where = f"{redact(path)} item {index}"
                 category = _require_str(record["category"], "category", where)
@@ -394,7 +416,7 @@ def load_xlrs_lite(uri: str, *, image_dir: str | None = None, storage: StorageCo
                 question = _require_str(record["question"], "question", where)
                 options = _require_options(record["multi-choice options"], "multi-choice options", where, "ABCDE")
                 answer = _require_str(record["answer"], "answer", where)
-                images = _xlrs_images(index, record["image"], _parent(path), image_dir, fs_out, where)
+                images = _xlrs_images(index, batch.column("image")[row], _parent(path), image_dir, fs_out, where)
                 rows.append(
                     _item(
                         question_id=index,
