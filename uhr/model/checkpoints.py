@@ -36,7 +36,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    PreTrainedConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 from transformers import initialization as init
 
 from uhr.errors import UhrError
@@ -195,6 +202,9 @@ def _copy_mapped(
     params = dict(model.named_parameters())  # a tied parameter appears once, under its first name
     buffers = {name for name, _ in model.named_buffers()}
     tied = set(model.state_dict()) - set(params) - buffers
+    # Old CLIP checkpoints store `position_ids`; ours computes its buffers itself.
+    for name in sorted(set(targets) & buffers):
+        ignored.append(targets.pop(name))
     unexpected = sorted(set(targets) - set(params) - tied)
     if unexpected:
         raise CheckpointError(location, f"checkpoint keys map to parameters the model does not have: {unexpected[:10]}")
@@ -251,9 +261,12 @@ def _empty_model(config: UhrConfig, dtype: torch.dtype | None) -> UhrForConditio
 # ----------------------------------------------------------------------------------------------
 
 
-def _load_tokenizer(directory: Path, location: str, fallback_template: str | None = None) -> PreTrainedTokenizerBase:
+def _load_tokenizer(
+    directory: Path, location: str, config: PreTrainedConfig, fallback_template: str | None = None
+) -> PreTrainedTokenizerBase:
+    # `config` spares AutoTokenizer from parsing config.json, which for (b) is no transformers model.
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), config=config, local_files_only=True)
     except (OSError, ValueError) as error:
         raise CheckpointError(location, f"no usable tokenizer in the directory ({error})") from error
     if tokenizer.chat_template is None:
@@ -347,10 +360,15 @@ def _infer_clip_config(raw: dict[str, Any], tensors: _CheckpointTensors, locatio
 def _longva_config(raw: dict[str, Any], tensors: _CheckpointTensors, location: str) -> UhrConfig:
     text_type = _LONGVA_TEXT_TYPES[raw["model_type"]]
     text_class = type(AutoConfig.for_model(text_type))
-    fields = {f.name for f in dataclasses.fields(text_class)} | {"rope_theta", "rope_scaling", "torch_dtype"}
+    fields = {f.name for f in dataclasses.fields(text_class)} | {"torch_dtype"}
     text_kwargs = {k: v for k, v in raw.items() if k in fields and k not in ("architectures", "transformers_version")}
-    if text_kwargs.get("rope_scaling") is None:
-        text_kwargs.pop("rope_scaling", None)
+    # transformers 4.x wrote `rope_theta` / `rope_scaling`; v5 keeps both in `rope_parameters`.
+    scaling = dict(raw.get("rope_scaling") or {})
+    if "rope_theta" in raw or scaling:
+        rope = {"rope_type": scaling.pop("rope_type", scaling.pop("type", "default")), **scaling}
+        if "rope_theta" in raw:
+            rope["rope_theta"] = raw["rope_theta"]
+        text_kwargs["rope_parameters"] = rope
     text_config = AutoConfig.for_model(text_type, **text_kwargs)
     vision_config = _infer_clip_config(raw, tensors, location)
 
@@ -508,19 +526,19 @@ def load_model(
         model = UhrForConditionalGeneration.from_pretrained(
             str(directory), dtype=dtype, local_files_only=True, use_safetensors=safetensors
         )
-        tokenizer = _load_tokenizer(directory, location)
+        tokenizer = _load_tokenizer(directory, location, model.config)
     elif model_type == "llava_next" or model_type in _LONGVA_TEXT_TYPES:
         with ExitStack() as stack:
             tensors = _CheckpointTensors(files, safetensors, stack)
             if model_type == "llava_next":
                 config = _llava_next_config(raw, directory, location)
                 table, optional = LLAVA_NEXT_KEY_MAP, [*_OURS_ONLY, r"^reghead\."]
-                tokenizer = _load_tokenizer(directory, location)
+                tokenizer = _load_tokenizer(directory, location, config)
             else:
                 config = _longva_config(raw, tensors, location)
                 table, optional = LONGVA_KEY_MAP, _longva_optional(raw)
                 fallback = CHATML_TEMPLATE if model_type == "llava_qwen" else None
-                tokenizer = _load_tokenizer(directory, location, fallback_template=fallback)
+                tokenizer = _load_tokenizer(directory, location, config.text_config, fallback_template=fallback)
             config.image_token_id = None  # set from the tokenizer below
             model = _empty_model(config, dtype)
             _copy_mapped(model, tensors, table, optional, location)

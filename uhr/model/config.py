@@ -173,4 +173,7 @@ class UhrConfig(PreTrainedConfig):
         return self.vision_config.image_size // self.vision_config.patch_size
 
 
+# So `AutoConfig` / `AutoTokenizer.from_pretrained(export_dir)` recognise our exports.
+AutoConfig.register(UhrConfig.model_type, UhrConfig, exist_ok=True)
+
 __all__ = ["LLAVA_NEXT_PINPOINTS", "UhrConfig"]

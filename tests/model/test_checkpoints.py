@@ -1,0 +1,282 @@
+"""Loading (b) LongVA / GeoLLaVA-8K and (c) our own export gives the in-memory model back.
+
+(a) LLaVA-NeXT directories are covered by `test_llava_next_fidelity.py`. Checkpoints are written
+here the way their producers write them (explicit key layouts, config.json as the training code
+stores it) and loaded through `load_model`, the path a real checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from uhr.model import CheckpointError, build_tiny_model, load_model, save_model
+from uhr.model.pruning.config import PruningConfig
+
+PROMPT_QUESTION = "Is there a bridge over the river?"
+
+
+def _outputs(model, tokens_factory, image_factory):
+    """Everything a strategy or the answer path reads from a model, on fixed inputs."""
+    tiles = torch.from_numpy(np.stack([image_factory(32, 32, seed=s) for s in range(3)]))
+    with torch.no_grad():
+        features, cls = model.encode_tiles(tiles)
+        visual = tokens_factory(12, model.config.text_config.hidden_size, seed=5)
+        ids, position, _ = model._prompt(PROMPT_QUESTION)
+        logits = model(input_ids=torch.tensor([ids]), visual=[visual]).logits
+        return {
+            "features": features,
+            "cls": cls,
+            "projected": model.project(features),
+            "reghead": model.reghead(features),
+            "newline": model.image_newline,
+            "scale": model.scale_embedding(1, 5, 7),
+            "logits": logits,
+        }
+
+
+def _assert_same(a, b, keys=None):
+    for key in keys or a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) our export
+# ---------------------------------------------------------------------------------------------
+
+
+def test_own_export_roundtrip(tmp_path, tiny_model, tokens_factory, image_factory):
+    model, tokenizer = tiny_model
+    with torch.no_grad():
+        model.scale_embedding.scale[1] += 0.5  # trained-looking values survive too
+    save_model(model, tmp_path / "export")
+    files = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    assert not any(name.endswith((".bin", ".pt")) for name in files)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "uhr"
+
+    loaded, loaded_tokenizer = load_model(tmp_path / "export")
+    assert not loaded.training
+    for part in ("vision_config", "text_config"):
+        saved, original = loaded.config.to_dict()[part], model.config.to_dict()[part]
+        assert {k: v for k, v in saved.items() if k != "dtype"} == {k: v for k, v in original.items() if k != "dtype"}
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert loaded_tokenizer.chat_template == tokenizer.chat_template
+    _assert_same(_outputs(model, tokens_factory, image_factory), _outputs(loaded, tokens_factory, image_factory))
+    visual = [tokens_factory(7, 64, seed=9)]
+    assert loaded.answer(visual, [PROMPT_QUESTION], max_new_tokens=5) == model.answer(
+        visual, [PROMPT_QUESTION], max_new_tokens=5
+    )
+
+
+def test_own_export_dtype_and_pickle_opt_in(tmp_path, tiny_model, tokens_factory, image_factory):
+    model, _ = tiny_model
+    save_model(model, tmp_path)
+    half, _ = load_model(tmp_path, dtype="bfloat16")
+    assert half.dtype == torch.bfloat16 and half.language_model.dtype == torch.bfloat16
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pickle files \(pytorch_model.bin\).*allow_pickle=True"):
+        load_model(tmp_path)
+    loaded, _ = load_model(tmp_path, allow_pickle=True)
+    _assert_same(_outputs(model, tokens_factory, image_factory), _outputs(loaded, tokens_factory, image_factory))
+
+
+def test_own_export_from_object_storage(tmp_path, s3_server, tiny_model, tokens_factory, image_factory):
+    model, _ = tiny_model
+    bucket = s3_server.new_bucket("models")
+    uri = f"s3://{bucket}/runs/tiny/export"
+    save_model(model, uri, storage=s3_server.storage())
+    cache = tmp_path / "cache"
+    loaded, _ = load_model(uri, storage=s3_server.storage(), cache_dir=cache)
+    _assert_same(_outputs(model, tokens_factory, image_factory), _outputs(loaded, tokens_factory, image_factory))
+    weights = (cache / next(p.name for p in cache.iterdir()) / "model.safetensors").stat().st_size
+    # A second load finds the cached copy: it lists the directory but downloads nothing.
+    with s3_server.measure() as measured:
+        load_model(uri, storage=s3_server.storage(), cache_dir=cache)
+    assert measured.bytes_sent < weights / 10
+    with pytest.raises(CheckpointError, match="no such directory"):
+        load_model(f"s3://{bucket}/runs/missing", storage=s3_server.storage(), cache_dir=cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) LongVA / GeoLLaVA-8K
+# ---------------------------------------------------------------------------------------------
+
+# Our parameter names -> the LongVA layout (the reverse of `LONGVA_KEY_MAP`, written out).
+def _longva_key(name: str, merge_type: str) -> str | None:
+    if name.startswith("vision_tower."):
+        return "model.vision_tower.vision_tower.vision_model." + name.removeprefix("vision_tower.")
+    if name.startswith("multi_modal_projector.linear_1."):
+        return "model.mm_projector.0." + name.rsplit(".", 1)[1]
+    if name.startswith("multi_modal_projector.linear_2."):
+        return "model.mm_projector.2." + name.rsplit(".", 1)[1]
+    if name.startswith("language_model.model."):
+        return "model." + name.removeprefix("language_model.model.")
+    if name.startswith("language_model.lm_head."):
+        return "lm_head." + name.removeprefix("language_model.lm_head.")
+    if name == "image_newline":
+        return "model.image_newline" if "unpad" in merge_type else None
+    if name.startswith("reghead."):
+        return name if merge_type.startswith("unires_max") else None
+    return None  # scale_embedding: not part of LongVA
+
+
+def _write_longva(model, tokenizer, directory, *, merge_type: str, text_type: str, pinpoints, heads_in_config: bool):
+    directory.mkdir(parents=True, exist_ok=True)
+    text = model.config.text_config
+    raw = {
+        "architectures": ["LlavaQwenForCausalLM" if text_type == "qwen2" else "LlavaLlamaForCausalLM"],
+        "model_type": "llava_qwen" if text_type == "qwen2" else "llava_llama",
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": text.num_key_value_heads,
+        "vocab_size": text.vocab_size,
+        "max_position_embeddings": text.max_position_embeddings,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_theta": text.rope_parameters["rope_theta"],
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "pad_token_id": text.pad_token_id,
+        "eos_token_id": text.eos_token_id,
+        "torch_dtype": "float32",
+        "transformers_version": "4.40.0.dev0",
+        "use_cache": True,
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "mm_hidden_size": model.config.vision_config.hidden_size,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_patch_merge_type": merge_type,
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "mm_tunable_parts": "mm_vision_tower,mm_mlp_adapter,mm_language_model",
+        "image_aspect_ratio": "anyres",
+        "image_grid_pinpoints": pinpoints,
+        "tokenizer_model_max_length": 32768,
+        "tokenizer_padding_side": "right",
+        "use_mm_proj": True,
+    }
+    if text_type == "qwen2":
+        raw.update({"sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 28})
+    if heads_in_config:
+        raw["vision_config"] = {"num_attention_heads": model.config.vision_config.num_attention_heads}
+    (directory / "config.json").write_text(json.dumps(raw, indent=2))
+    state = {}
+    for name, tensor in model.state_dict().items():
+        key = _longva_key(name, merge_type)
+        if key is not None:
+            state[key] = tensor.contiguous()
+    state["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(65)[None]
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(directory)
+
+
+def test_geollava_checkpoint(tmp_path, tokens_factory, image_factory, caplog):
+    model, tokenizer = build_tiny_model(seed=1)
+    pinpoints = str([(32, 64), (64, 32), (64, 64), (32, 96), (96, 96)])  # as the training script passes it
+    _write_longva(
+        model, tokenizer, tmp_path, merge_type="unires_max6", text_type="qwen2", pinpoints=pinpoints, heads_in_config=True
+    )
+    with caplog.at_level(logging.INFO, logger="uhr.model.checkpoints"):
+        loaded, _ = load_model(tmp_path)
+    assert "position_ids" in caplog.text  # ignored keys are listed
+    vision = loaded.config.vision_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.image_size) == (32, 2, 4, 32)
+    assert vision.intermediate_size == 64 and vision.num_attention_heads == 4
+    assert loaded.config.image_grid_pinpoints == [[32, 64], [64, 32], [64, 64], [32, 96], [96, 96]]
+    defaults = PruningConfig.model_validate(loaded.config.pruning_defaults)
+    assert defaults.strategy.value == "geollava"
+    assert defaults.geollava.max_tokens_per_tile == 6
+    assert (defaults.geollava.max_tiles_per_side, defaults.geollava.max_tiles, defaults.budget) == (3, 9, 54)
+    expected, got = _outputs(model, tokens_factory, image_factory), _outputs(loaded, tokens_factory, image_factory)
+    # scale_embedding is ours only (zero-initialised); image_newline is not in a unires checkpoint.
+    _assert_same(expected, got, ["features", "cls", "projected", "reghead", "logits"])
+    assert float(got["scale"].abs().max()) == 0
+
+
+def test_longva_llama_checkpoint_infers_heads_from_width(tmp_path, tokens_factory, image_factory):
+    model, tokenizer = build_tiny_model(
+        seed=2, text_model="llama", vision_config={"hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 96}
+    )
+    _write_longva(
+        model,
+        tokenizer,
+        tmp_path,
+        merge_type="spatial_unpad",
+        text_type="llama",
+        pinpoints=[[32, 64], [64, 32], [64, 64]],
+        heads_in_config=False,
+    )
+    loaded, _ = load_model(tmp_path)
+    assert loaded.config.vision_config.num_attention_heads == 2  # 128 / 64
+    assert loaded.config.text_config.model_type == "llama"
+    assert loaded.config.pruning_defaults == {"strategy": "none"}
+    _assert_same(
+        _outputs(model, tokens_factory, image_factory),
+        _outputs(loaded, tokens_factory, image_factory),
+        ["features", "cls", "projected", "newline", "logits"],
+    )
+
+
+def test_longva_checkpoint_errors(tmp_path, tiny_model):
+    model, tokenizer = tiny_model
+    kwargs = {"merge_type": "unires_max24", "text_type": "qwen2", "pinpoints": [[32, 64]], "heads_in_config": True}
+    _write_longva(model, tokenizer, tmp_path / "ok", **kwargs)
+
+    state = load_file(str(tmp_path / "ok" / "model.safetensors"))
+    missing = {k: v for k, v in state.items() if not k.startswith("model.layers.1.mlp")}
+    (tmp_path / "missing").mkdir()
+    save_file(missing, str(tmp_path / "missing" / "model.safetensors"))
+    (tmp_path / "missing" / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+    tokenizer.save_pretrained(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match=r"lacks 3 parameter\(s\).*language_model.model.layers.1.mlp"):
+        load_model(tmp_path / "missing")
+
+    wrong = dict(state)
+    wrong["model.mm_projector.2.weight"] = torch.zeros(64, 32)
+    save_file(wrong, str(tmp_path / "ok" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*model.mm_projector.2.weight \(64, 32\)"):
+        load_model(tmp_path / "ok")
+
+    no_tower = {k: v for k, v in state.items() if "vision_tower" not in k}
+    save_file(no_tower, str(tmp_path / "ok" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="openai/clip-vit-large-patch14-336.*never contacts"):
+        load_model(tmp_path / "ok")
+
+    raw = json.loads((tmp_path / "ok" / "config.json").read_text())
+    raw["model_type"] = "llava_mistral"
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="model_type 'llava_mistral'"):
+        load_model(tmp_path / "ok")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_model(tmp_path / "absent")
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) tiny models
+# ---------------------------------------------------------------------------------------------
+
+
+def test_build_tiny_model_is_deterministic():
+    a, _ = build_tiny_model(seed=0)
+    b, _ = build_tiny_model(seed=0)
+    c, _ = build_tiny_model(seed=1)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert not torch.equal(a.multi_modal_projector.linear_1.weight, c.multi_modal_projector.linear_1.weight)
+    llama, _ = build_tiny_model(seed=0, text_model="llama", num_scales=2, tile_batch_size=3)
+    assert llama.config.text_config.model_type == "llama"
+    assert (llama.config.num_scales, llama.config.tile_batch_size) == (2, 3)
+    with pytest.raises(ValueError, match="text_model"):
+        build_tiny_model(text_model="gpt2")

@@ -1,0 +1,116 @@
+"""`forward` (expansion, loss, gradients through the vision path) and batched `answer`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from uhr.model import IGNORE_INDEX, tokenize_conversation
+from uhr.model.pruning.config import PruningConfig
+from uhr.model.pruning.none import NoneStrategy
+from uhr.scenes.source import ArraySource
+
+
+def _batch(tokenizer, samples, max_length=256):
+    """Right-padded (input_ids, attention_mask, labels) for a list of LLaVA conversations."""
+    rows = [tokenize_conversation(tokenizer, conversation, max_length) for conversation in samples]
+    length = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), length), IGNORE_INDEX)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n], labels[i, :n], mask[i, :n] = row["input_ids"], row["labels"], 1
+    return input_ids, mask, labels
+
+
+CONVERSATIONS = [
+    [{"from": "human", "value": "<image>\nHow many ships are in the harbour?"}, {"from": "gpt", "value": "three"}],
+    [{"from": "human", "value": "<image>\nIs the road flooded after the storm?"}, {"from": "gpt", "value": "no"}],
+]
+
+
+def test_loss_decreases_with_none_in_the_loop(tiny_model, image_factory):
+    model, tokenizer = tiny_model
+    model.train()
+    strategy = NoneStrategy(PruningConfig(strategy="none", budget=4096))
+    sources = [ArraySource(image_factory(50, 40, seed=0)), ArraySource(image_factory(30, 70, seed=1))]
+    input_ids, mask, labels = _batch(tokenizer, CONVERSATIONS)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    losses = []
+    for step in range(6):
+        visual = [strategy.select(model, strategy.encode(model, source), "") for source in sources]
+        out = model(input_ids=input_ids, attention_mask=mask, labels=labels, visual=visual)
+        optimizer.zero_grad()
+        out.loss.backward()
+        if step == 0:
+            # Gradients reach the projector, the newline and the tower through the visual tokens.
+            for name in (
+                "multi_modal_projector.linear_1.weight",
+                "image_newline",
+                "vision_tower.encoder.layers.0.mlp.fc1.weight",
+                "vision_tower.embeddings.patch_embedding.weight",
+            ):
+                grad = dict(model.named_parameters())[name].grad
+                assert grad is not None and float(grad.abs().sum()) > 0, name
+            # Layers past the selected one never run.
+            assert model.vision_tower.encoder.layers[1].mlp.fc1.weight.grad is None
+        optimizer.step()
+        losses.append(float(out.loss.detach()))
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.7 * losses[0], losses
+    # Expanded labels: -100 on every visual position.
+    assert int((out.labels != IGNORE_INDEX).sum()) == int((labels != IGNORE_INDEX).sum())
+    assert out.logits.shape[1] == int(mask.sum(dim=1).max()) - 1 + max(len(v) for v in visual)
+
+
+def test_forward_padding_side_does_not_matter(tiny_model, tokens_factory):
+    model, tokenizer = tiny_model
+    input_ids, mask, labels = _batch(tokenizer, CONVERSATIONS)
+    visual = [tokens_factory(11, 64, seed=0), tokens_factory(17, 64, seed=1)]
+    with torch.no_grad():
+        batched = model(input_ids=input_ids, attention_mask=mask, labels=labels, visual=visual)
+        for i in range(2):
+            n = int(mask[i].sum())
+            # The same row left-padded by 3 pads.
+            left_ids = torch.cat([torch.full((3,), tokenizer.pad_token_id), input_ids[i, :n]])[None]
+            left_mask = torch.cat([torch.zeros(3, dtype=torch.long), torch.ones(n, dtype=torch.long)])[None]
+            alone = model(input_ids=left_ids, attention_mask=left_mask, visual=[visual[i]])
+            length = n - 1 + len(visual[i])
+            torch.testing.assert_close(batched.logits[i, :length], alone.logits[0, :length], atol=1e-5, rtol=1e-5)
+            assert int(batched.attention_mask[i].sum()) == length
+
+
+def test_forward_rejects_mismatched_image_tokens(tiny_model, tokens_factory):
+    model, tokenizer = tiny_model
+    input_ids, mask, _ = _batch(tokenizer, CONVERSATIONS)
+    visual = tokens_factory(4, 64)
+    with pytest.raises(ValueError, match=r"tokens: 2 .*features: 1 visual inputs for 2 rows"):
+        model(input_ids=input_ids, attention_mask=mask, visual=[visual])
+    doubled = input_ids.clone()
+    doubled[0, 1] = tokenizer.image_token_id
+    with pytest.raises(ValueError, match=r"tokens: 3 \(per row \[2, 1\]\)"):
+        model(input_ids=doubled, attention_mask=mask, visual=[visual, visual])
+    with pytest.raises(ValueError, match="tokens: 2, features: 0"):
+        model(input_ids=input_ids, attention_mask=mask)
+
+
+def test_answer_batched_equals_one_by_one(tiny_model, tokens_factory):
+    model, _ = tiny_model
+    visual = [tokens_factory(9, 64, seed=0), tokens_factory(25, 64, seed=1), tokens_factory(3, 64, seed=2)]
+    questions = ["How many ships?", "What colour is the roof inside the box?", "Is there a bridge over the river?"]
+    batched = model.answer(visual, questions, max_new_tokens=6)
+    single = [model.answer([v], [q], max_new_tokens=6)[0] for v, q in zip(visual, questions)]
+    assert batched == single
+    assert all(isinstance(text, str) for text in batched)
+    assert any(batched)
+    assert model.answer([], []) == []
+    with pytest.raises(ValueError, match="2 visual inputs for 1 questions"):
+        model.answer(visual[:2], questions[:1])
+
+
+def test_answer_needs_a_tokenizer(tiny_model, tokens_factory):
+    model, _ = tiny_model
+    model._tokenizer = None
+    with pytest.raises(RuntimeError, match="no tokenizer attached"):
+        model.answer([tokens_factory(2, 64)], ["x"])
