@@ -85,12 +85,12 @@ def judge(table: pa.Table, wordnet: WordNetCorpusReader | None = None) -> pa.Tab
     letter set for XLRS-style items, the letter for MME-RealWorld, the lower-cased reply for open
     answers. WordNet is loaded (`load_wordnet`) only when open answers need it.
     """
-    missing = [name for name in ("source", "form", "answer", "choices", "reply") if name not in table.column_names]
+    names = ("source", "form", "answer", "choices", "reply")
+    missing = [name for name in names if name not in table.column_names]
     if missing:
         raise ValueError(f"judge needs column(s) {', '.join(missing)}; got {table.column_names}")
     predictions: list[str | None] = []
     correct: list[bool] = []
-    names = ("source", "form", "answer", "choices", "reply")
     for source, form, answer, choices, reply in zip(*(table.column(n).to_pylist() for n in names), strict=True):
         if reply is None:
             predictions.append(None)
@@ -102,7 +102,8 @@ def judge(table: pa.Table, wordnet: WordNetCorpusReader | None = None) -> pa.Tab
             predictions.append(extract_choice(reply))
             correct.append(set(predictions[-1]) == set(answer))
         else:
-            wordnet = wordnet or load_wordnet()
+            if wordnet is None:
+                wordnet = load_wordnet()
             predictions.append(reply.strip().lower())
             correct.append(lrs_vqa_correct(reply, answer, wordnet))
     return table.append_column("prediction", pa.array(predictions, pa.string())).append_column(
@@ -124,15 +125,18 @@ class XlrsScore:
     published with several images (answered from the first; see `uhr.eval.benchmarks`).
     """
 
-    micro: float | None
-    macro: float
     overall: Accuracy
+    macro: float
     subtasks: dict[str, Accuracy]
     tasks: dict[str, Accuracy]
     subtasks_without_items: list[str]
     multi_image_items: int
 
     headline_name = "w.Avg. accuracy"
+
+    @property
+    def micro(self) -> float | None:
+        return self.overall.value
 
     @property
     def headline(self) -> float | None:
@@ -325,9 +329,8 @@ def summarize_xlrs(judged: pa.Table) -> XlrsScore:
     subtask_accuracies = [subtasks[name].value if name in subtasks else 0.0 for name in XLRS_SUBTASKS]
     multi_image = sum(1 for meta in metas if json.loads(meta).get("n_images", 1) > 1)
     return XlrsScore(
-        micro=Accuracy(sum(correct), len(correct)).value,
-        macro=sum(subtask_accuracies) / len(XLRS_SUBTASKS),
         overall=Accuracy(sum(correct), len(correct)),
+        macro=sum(subtask_accuracies) / len(XLRS_SUBTASKS),
         subtasks={name: subtasks[name] for name in XLRS_SUBTASKS if name in subtasks},
         tasks=_accuracies([name.split("/")[0] for name in categories], correct),
         subtasks_without_items=[name for name in XLRS_SUBTASKS if name not in subtasks],
