@@ -4,9 +4,19 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
+WORDNET := /usr/share/wordnet/index.sense
+
 .PHONY: run test install clean
 
 install: $(STAMP)
+
+# WordNet 3.0 (Debian) backs the LRS-VQA synonym rule; nothing is downloaded at run time.
+$(WORDNET):
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base wordnet-sense-index; \
+	else \
+		echo "WordNet is missing: run 'sudo apt-get install wordnet-base wordnet-sense-index'" >&2; exit 1; \
+	fi
 
 # torch is installed on its own first so the CPU wheel is taken instead of a multi-GB CUDA build.
 $(STAMP): pyproject.toml requirements.lock
@@ -20,7 +30,7 @@ $(STAMP): pyproject.toml requirements.lock
 run: $(STAMP)
 	$(BIN)/python -m jobs.vqa
 
-test: $(STAMP)
+test: $(STAMP) $(WORDNET)
 	$(BIN)/python -m pytest
 
 clean:
