@@ -1,4 +1,4 @@
-"""Exceptions of the `uhr` package.
+"""Exceptions and warnings of the `uhr` package.
 
 Every message passes through `uhr.storage.redact`, so a signed URL, a `user:pass@` URI or a secret
 key that reaches an error (from a caller, from GDAL, from botocore) never reaches a log.
@@ -13,35 +13,37 @@ class UhrError(Exception):
     """Base class of the errors `uhr` raises on purpose."""
 
 
-class SceneError(UhrError):
-    """A scene could not be opened or read: missing object, not a raster, corrupt, unsupported.
+class _UriError(UhrError):
+    """An error about one URI, with a reason; both redacted, the message from `template`."""
 
-    `uri` and `reason` are already redacted; the message is "cannot read scene <uri>: <reason>".
-    """
+    template = "{uri}: {reason}"
 
     def __init__(self, uri: str, reason: str):
         self.uri = redact(str(uri))
         self.reason = redact(str(reason))
-        super().__init__(f"cannot read scene {self.uri}: {self.reason}")
+        super().__init__(self.template.format(uri=self.uri, reason=self.reason))
 
     def __reduce__(self):
         # Ray ships exceptions between processes by pickling them; keep both fields on the way.
         return (type(self), (self.uri, self.reason))
 
 
-class StorageError(UhrError):
-    """Object storage could not be listed or reached at `uri` (missing bucket or directory, denied).
+class SceneError(_UriError):
+    """A scene could not be opened or read: missing object, not a raster, corrupt, unsupported.
 
-    `uri` and `reason` are already redacted; the message is "storage error at <uri>: <reason>".
+    `uri` and `reason` are redacted; the message is "cannot read scene <uri>: <reason>".
     """
 
-    def __init__(self, uri: str, reason: str):
-        self.uri = redact(str(uri))
-        self.reason = redact(str(reason))
-        super().__init__(f"storage error at {self.uri}: {self.reason}")
+    template = "cannot read scene {uri}: {reason}"
 
-    def __reduce__(self):
-        return (type(self), (self.uri, self.reason))
+
+class StorageError(_UriError):
+    """Object storage could not be listed or reached at `uri` (missing bucket or directory, denied).
+
+    `uri` and `reason` are redacted; the message is "storage error at <uri>: <reason>".
+    """
+
+    template = "storage error at {uri}: {reason}"
 
 
 class SceneWarning(UserWarning):

@@ -31,17 +31,20 @@ _RANGES = {
 }
 
 
-def pixels(width: int, height: int, bands: int = 3, dtype: str = "uint8", seed: int = 0) -> np.ndarray:
+def pixels(
+    width: int, height: int, bands: int = 3, dtype: str = "uint8", seed: int = 0, texture: int = 64
+) -> np.ndarray:
     """(bands, height, width) deterministic content of `dtype`, different in each band.
 
-    Built in uint8 (fast enough for 8192^2) and scaled to the type's typical range.
+    A coarse random field (8-px cells) plus a fine texture of amplitude `texture` (< 256) and
+    sharp rectangles; built in uint8 (fast enough for 8192^2), scaled to the type's usual range.
     """
     rng = np.random.default_rng(seed)
-    # Smooth large-scale field in 0..191, upsampled by 8: the part overviews keep.
-    coarse = rng.integers(0, 192, (bands, height // 8 + 1, width // 8 + 1), dtype=np.uint8)
+    # Large-scale field, upsampled by 8: the part overviews keep.
+    coarse = rng.integers(0, 256 - texture, (bands, height // 8 + 1, width // 8 + 1), dtype=np.uint8)
     values = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)[:, :height, :width]
-    # Fine texture in 0..63 from a repeated random tile: the part only full resolution has.
-    tile = rng.integers(0, 64, (bands, 64, 64), dtype=np.uint8)
+    # Fine texture from a repeated random tile: the part only full resolution has.
+    tile = rng.integers(0, texture, (bands, 64, 64), dtype=np.uint8)
     values += np.tile(tile, (1, height // 64 + 1, width // 64 + 1))[:, :height, :width]
     # Sharp-edged rectangles ("objects").
     for _ in range(max(1, width * height // 40_000)):
@@ -65,6 +68,7 @@ def write_raster(
     overviews: bool = True,
     compress: str = "DEFLATE",
     blocksize: int = 256,
+    quality: int = 90,
     colorinterp: list[ColorInterp] | None = None,
     colormap: dict[int, tuple[int, int, int, int]] | None = None,
 ) -> Path:
@@ -88,7 +92,7 @@ def write_raster(
             OVERVIEW_RESAMPLING="AVERAGE",
         )
         if compress == "JPEG":
-            profile["QUALITY"] = 90
+            profile["QUALITY"] = quality
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.open(path, "w", **profile) as dataset:

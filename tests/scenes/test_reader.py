@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -370,3 +372,29 @@ def test_overview_reads_use_average_resampling_of_the_overview(rgb_cog):
     with rasterio.open(path, overview_level=0) as overview:
         stored = overview.read(resampling=Resampling.nearest)
     np.testing.assert_array_equal(view, hwc(stored))
+
+
+MEMORY_PROBE = """
+import resource, sys, psutil
+from uhr.scenes import open_scene
+from uhr.storage import StorageConfig
+scene = open_scene(sys.argv[1], storage=StorageConfig(gdal_cache_mb=32))
+current = psutil.Process().memory_info().rss
+view = scene.read_view(512)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(view.shape, max(peak - current, 0))
+"""
+
+
+@pytest.mark.slow
+def test_coarse_view_without_overviews_reads_in_bounded_memory(tmp_path):
+    # 6144^2 RGB is 108 MiB decoded; the view must stream through GDAL's block cache (32 MiB here).
+    data = pixels(6144, 6144, 3, "uint8", seed=19)
+    path = write_raster(tmp_path / "flat.tif", data, overviews=False, compress="LZW")
+    del data
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", MEMORY_PROBE, str(path)], capture_output=True, text=True, check=True
+    )
+    shape, growth = result.stdout.split(")")
+    assert shape == "(512, 512, 3"
+    assert int(growth) < 64 * 2**20, f"peak RSS grew by {int(growth) / 2**20:.0f} MiB"

@@ -46,6 +46,8 @@ _WARN_SIDE = 2048
 # A COG's tile index (8-byte offset + 8-byte size per tile) is read at open; 1M tiles = 16 MB.
 _WARN_TILES = 1_000_000
 _FOOTPRINT_POINTS_PER_EDGE = 16
+# A decimated read that would decode more than this goes strip by strip (bounded memory).
+_STRIP_BYTES = 32 * 1024 * 1024
 
 
 class _MaskKind(Enum):
@@ -199,7 +201,7 @@ class Scene:
         if not self.overviews and longest > _WARN_SIDE:
             self._warn(
                 f"{self.width}x{self.height} with no overviews: a coarse view decimates the full "
-                "resolution image, reading every byte (memory stays bounded by the GDAL block cache)"
+                "resolution image strip by strip, reading and decoding every byte; convert to a COG"
             )
         block_height, block_width = self._dataset.block_shapes[self.bands[0] - 1]
         if block_width == self.width and longest > _WARN_SIDE:
@@ -211,7 +213,7 @@ class Scene:
             self._warn(f"{tiles} tiles: the tile index (~{tiles * 16 // 2**20} MB) is read at open")
 
     def _warn(self, message: str) -> None:
-        warnings.warn(f"{redact(self.uri)}: {message}", SceneWarning, stacklevel=4)
+        warnings.warn(f"{redact(self.uri)}: {message}", SceneWarning, stacklevel=6)
 
     @property
     def stretch(self) -> Stretch | None:
@@ -298,8 +300,53 @@ class Scene:
     def _read_values(
         self, box: Box, out_width: int, out_height: int, resampling: Resampling
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw values of the shown bands, (bands, out_height, out_width), and the validity mask."""
-        window = Window(box.col_off, box.row_off, box.width, box.height)
+        """Raw values of the shown bands, (bands, out_height, out_width), and the validity mask.
+
+        A decimation that would decode more than `_STRIP_BYTES` (no overview close enough to the
+        requested resolution) is read as horizontal strips of whole output rows: GDAL then decodes
+        each tile about once and memory stays bounded. Strip edges fall between source rows
+        (floating-point windows), so the result equals a single read.
+        """
+        rows_per_strip = self._strip_rows(box, out_height)
+        if rows_per_strip >= out_height:
+            return self._read_window_values(
+                Window(box.col_off, box.row_off, box.width, box.height), out_width, out_height, resampling
+            )
+        scale = box.height / out_height  # source rows per output row
+        parts = [
+            self._read_window_values(
+                Window(box.col_off, box.row_off + first * scale, box.width, (last - first) * scale),
+                out_width,
+                last - first,
+                resampling,
+            )
+            for first, last in (
+                (first, min(first + rows_per_strip, out_height)) for first in range(0, out_height, rows_per_strip)
+            )
+        ]
+        data = np.concatenate([part_data for part_data, _ in parts], axis=1)
+        if all(part_valid is None for _, part_valid in parts):
+            return data, None
+        valid = np.concatenate(
+            [np.ones(d.shape[1:], dtype=bool) if v is None else v for d, v in parts], axis=0
+        )
+        return data, valid
+
+    def _strip_rows(self, box: Box, out_height: int) -> int:
+        """Output rows per strip for reading `box` into `out_height` rows (>= out_height: one read)."""
+        ratio = box.height / out_height
+        # GDAL serves a decimation from the coarsest overview at least as fine as requested.
+        factor = max((f for f in self.overviews if f <= ratio), default=1)
+        itemsize = np.dtype(self.dtype).itemsize
+        decoded_row = max(1, box.width // factor) * len(self.bands) * itemsize
+        if decoded_row * (box.height // factor) <= _STRIP_BYTES:
+            return out_height
+        source_rows = max(1, _STRIP_BYTES // decoded_row) * factor
+        return max(1, int(source_rows / ratio))
+
+    def _read_window_values(
+        self, window: Window, out_width: int, out_height: int, resampling: Resampling
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         with self._gdal():
             data = self._dataset.read(
                 list(self.bands), window=window, out_shape=(len(self.bands), out_height, out_width), resampling=resampling

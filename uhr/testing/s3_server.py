@@ -174,9 +174,7 @@ class LocalS3Server:
 
     def stats(self) -> ServerStats:
         """The server's counters now."""
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(self.endpoint_url + STATS_PATH, timeout=10) as response:
-            return ServerStats(**json.load(response))
+        return read_stats(self.endpoint_url)
 
     @contextmanager
     def measure(self) -> Iterator[Measurement]:
@@ -191,6 +189,13 @@ class LocalS3Server:
             return ""
         self._log.seek(0)
         return self._log.read()[-2000:]
+
+
+def read_stats(endpoint_url: str) -> ServerStats:
+    """The counters of the server at `endpoint_url`, from any process."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(endpoint_url + STATS_PATH, timeout=10) as response:
+        return ServerStats(**json.load(response))
 
 
 class _CountingApp:
