@@ -115,6 +115,8 @@ def write_archive(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if scenes < 1:
         raise ValueError(f"an archive needs at least one scene, got scenes={scenes}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if questions_per_scene < 1:
         raise ValueError(f"questions_per_scene must be >= 1, got {questions_per_scene}")
     storage = storage or StorageConfig()

@@ -217,7 +217,7 @@ def write_scene(
     bands: int = 3,
     storage: StorageConfig | None = None,
     compress: Compression | str = Compression.DEFLATE,
-    block_size: int = 1024,
+    block_size: int = 512,
 ) -> SceneTruth:
     """Write one deterministic synthetic scene as a COG at `uri` (a local path or s3://...).
 

@@ -1,0 +1,158 @@
+"""Whole archives: files, tables, training conversations, the command line, S3, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import rasterio
+
+from uhr.synth import SceneTruth, scene_seed, write_archive
+from uhr.synth.archive import QUESTIONS_SCHEMA
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def train_archive(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("train")
+    return root, write_archive(str(root), scenes=2, size=512, seed=4, split="train", questions_per_scene=8)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_archive_holds_scenes_tables_and_truth(train_archive) -> None:
+    root, index = train_archive
+    assert index.n_scenes == 2 and index.n_questions == 16
+    assert index.scenes == [str(root / "scenes" / f"scene_{k:04d}.tif") for k in range(2)]
+    table = pq.read_table(index.questions_parquet)
+    assert table.schema.equals(QUESTIONS_SCHEMA)
+    rows = table.to_pylist()
+    assert rows == read_jsonl(Path(index.questions_jsonl))
+    assert len({row["question_id"] for row in rows}) == len(rows) == 16
+    truth = json.loads(Path(index.truth_json).read_text())
+    assert truth["split"] == "train" and set(truth["scenes"]) == {"scenes/scene_0000.tif", "scenes/scene_0001.tif"}
+    for row in rows:
+        # Scene paths are relative to the archive root and name a real COG whose seed the row carries.
+        scene_truth = SceneTruth.from_dict(truth["scenes"][row["scene"]])
+        assert row["seed"] == scene_truth.seed
+        with rasterio.open(root / row["scene"]) as src:
+            assert (src.width, src.height) == scene_truth.size
+    assert {truth["scenes"][s]["seed"] for s in truth["scenes"]} == {scene_seed(4, "train", k) for k in range(2)}
+    assert not list(root.glob(".uhr-synth-*"))  # no staging left behind
+
+
+def test_train_split_writes_llava_conversations(train_archive) -> None:
+    root, index = train_archive
+    rows = {row["question_id"]: row for row in read_jsonl(Path(index.questions_jsonl))}
+    conversations = read_jsonl(Path(index.train_jsonl))
+    assert len(conversations) == len(rows)
+    for item in conversations:
+        row = rows[item["id"]]
+        assert item["image"] == row["scene"] and (root / item["image"]).exists()
+        human, gpt = item["conversations"]
+        assert human["from"] == "human" and gpt["from"] == "gpt"
+        assert human["value"].startswith("<image>\n" + row["question"])
+        assert gpt["value"] == row["answer"]
+        if row["form"] == "mc":
+            assert "The choices are listed below:\n" + "\n".join(row["choices"]) in human["value"]
+            assert human["value"].endswith("The answer is:") and gpt["value"] in "ABCD"
+        else:
+            assert human["value"].endswith("Answer the question using a single word or phrase.")
+
+
+def test_test_split_has_no_conversations_and_other_scenes(tmp_path, train_archive) -> None:
+    _, train = train_archive
+    index = write_archive(str(tmp_path), scenes=1, size=512, seed=4, split="test", questions_per_scene=4)
+    assert index.train_jsonl is None and not (tmp_path / "train.jsonl").exists()
+    assert scene_seed(4, "test", 0) != scene_seed(4, "train", 0)
+    with rasterio.open(index.scenes[0]) as test_scene, rasterio.open(train.scenes[0]) as train_scene:
+        assert not np.array_equal(test_scene.read(), train_scene.read())
+
+
+def test_archive_arguments_are_checked(tmp_path) -> None:
+    with pytest.raises(ValueError, match="split"):
+        write_archive(str(tmp_path), scenes=1, size=256, seed=0, split="val")
+    with pytest.raises(ValueError, match="scenes"):
+        write_archive(str(tmp_path), scenes=0, size=256, seed=0)
+
+
+def test_command_line_writes_an_archive_and_reports_it(tmp_path) -> None:
+    out = tmp_path / "cli"
+    command = [sys.executable, "-m", "uhr.synth", "--out", str(out), "--scenes", "1", "--size", "384", "--seed", "9",
+               "--split", "train", "--dtype", "uint16", "--bands", "4", "--questions", "5"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["n_scenes"] == 1 and report["n_questions"] == 5 and report["train_jsonl"] == str(out / "train.jsonl")
+    with rasterio.open(out / "scenes" / "scene_0000.tif") as src:
+        assert (src.count, src.dtypes[0]) == (4, "uint16")
+    refused = subprocess.run([*command[:9], "--seed", "-3"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert refused.returncode == 2 and "seed must be a non-negative integer" in refused.stderr
+
+
+def test_archive_is_written_to_s3(s3_server) -> None:
+    bucket = s3_server.new_bucket("synth")
+    storage = s3_server.storage()
+    root = f"s3://{bucket}/archives/test"
+    index = write_archive(root, scenes=1, size=512, seed=2, storage=storage, questions_per_scene=4)
+    listing = s3_server.client.list_objects_v2(Bucket=bucket, Prefix="archives/test/")
+    keys = sorted(item["Key"] for item in listing["Contents"])
+    assert keys == [f"archives/test/{name}" for name in
+                    ("questions.jsonl", "questions.parquet", "scenes/scene_0000.tif", "truth.json")]
+    assert index.scenes == [f"{root}/scenes/scene_0000.tif"]
+    # The scene is a COG that GDAL reads in place; the table reads through s3fs.
+    with rasterio.Env(**storage.gdal_env()), rasterio.open(f"/vsis3/{bucket}/archives/test/scenes/scene_0000.tif") as src:
+        assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and src.overviews(1) == [2]
+        overview = src.read(out_shape=(3, 256, 256))
+    assert overview.std() > 0
+    filesystem = storage.filesystem(root)
+    with filesystem.open(index.questions_parquet, "rb") as handle:
+        assert pq.read_table(handle).num_rows == index.n_questions == 4
+
+
+def peak_growth_mb(out: Path, size: int) -> float:
+    """Peak RSS above the post-import baseline of a fresh process writing one `size`^2 scene.
+
+    The peak is the kernel's VmHWM of the process's own memory map: `ru_maxrss` would carry
+    over the RSS of the (large) pytest process that forked it.
+    """
+    script = textwrap.dedent(
+        f"""
+        import psutil
+        from uhr.synth import write_scene
+        base = psutil.Process().memory_info().rss
+        write_scene({str(out)!r}, {size}, 1)
+        with open("/proc/self/status") as status:
+            peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        print((peak_kb * 1024 - base) / 2**20)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=1800)
+    assert result.returncode == 0, result.stderr
+    return float(result.stdout)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for the peak RSS")
+def test_memory_stays_bounded_while_writing(tmp_path) -> None:
+    # 4096^2 RGB is 48 MiB as uint8 and 192 MiB as float32: neither may be held whole.
+    assert peak_growth_mb(tmp_path / "scene.tif", 4096) < 100
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for the peak RSS")
+def test_memory_stays_bounded_for_a_16k_scene(tmp_path) -> None:
+    # 16384^2 RGB is 768 MiB as uint8; the writer keeps to the same bound as for 4096^2.
+    assert peak_growth_mb(tmp_path / "scene.tif", 16384) < 100
+    with rasterio.open(tmp_path / "scene.tif") as src:
+        assert src.overviews(1) == [2, 4, 8, 16, 32, 64]
+    assert os.path.getsize(tmp_path / "scene.tif") > 0
