@@ -1,0 +1,227 @@
+"""LRS-VQA coarse-to-fine: pyramid geometry, planted zooms, budget rules and the fine-tile cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from uhr.model.pruning.c2f import (
+    C2FEncoding,
+    CoarseToFineStrategy,
+    Level,
+    coarse_to_fine,
+    keep_count,
+    pool_tiles,
+    pyramid_sides,
+    tiles_covering,
+)
+from uhr.model.pruning.config import PruningConfig
+from uhr.scenes.source import ArraySource
+
+TILE, CELLS = 32, 4  # pooled tokens per tile side (8 x 8 patches pooled by 2)
+
+
+class CountingSource(ArraySource):
+    """A real in-memory source that counts the windows and views read from it."""
+
+    def __init__(self, image: np.ndarray):
+        super().__init__(image)
+        self.windows: list[tuple[int, int, int, int]] = []
+        self.views: list[int] = []
+
+    def read_view(self, max_side: int) -> np.ndarray:
+        self.views.append(max_side)
+        return super().read_view(max_side)
+
+    def read_window(self, col_off, row_off, width, height, out_size=None):
+        self.windows.append((col_off, row_off, width, height))
+        return super().read_window(col_off, row_off, width, height, out_size=out_size)
+
+
+# -- geometry ------------------------------------------------------------------------------------
+
+
+def test_pyramid_sides_halve_down_to_the_base():
+    assert pyramid_sides(7099, 1008) == [1008, 1775, 3550, 7099]
+    assert pyramid_sides(2016, 1008) == [1008, 2016]  # the halving hits the base exactly
+    assert pyramid_sides(500, 1008) == [500]  # small scenes: one level, at full resolution
+
+
+def test_level_windows_and_token_validity():
+    full = Level.of(100, 70, 100, TILE, CELLS)
+    assert (full.rows, full.cols) == (3, 4)
+    assert full.window(2, 3) == (96, 64, 32, 32)  # full resolution: native windows
+    half = Level.of(100, 70, 50, TILE, CELLS)
+    assert half.window(0, 1) == (64, 0, 64, 64) and (half.rows, half.cols) == (2, 2)
+    tokens = full.tokens(torch.tensor([[2, 3]]))
+    # tile (2, 3) covers x 96..128, y 64..96 of a 100 x 70 scene: only its first column and row of 8-px cells are valid
+    assert tokens.row.tolist() == [8] and tokens.col.tolist() == [12]
+    assert tokens.box.tolist() == [[96.0, 64.0, 104.0, 72.0]]
+
+
+def test_tiles_covering_counts_positive_overlap_only():
+    level = Level.of(256, 256, 128, TILE, CELLS)  # tiles of 64 scene px
+    boxes = torch.tensor([[0.0, 0.0, 64.0, 64.0], [60.0, 70.0, 70.0, 80.0], [192.0, 192.0, 256.0, 256.0]])
+    assert tiles_covering(boxes, level).tolist() == [[0, 0], [1, 0], [1, 1], [3, 3]]
+
+
+def test_keep_count_floors_like_lrs_vqa_but_keeps_one():
+    assert keep_count(144, 0.25) == 36 and keep_count(100, 0.29) == 29 and keep_count(3, 0.25) == 1 and keep_count(0, 0.5) == 0
+
+
+def test_pooling_averages_each_tile():
+    features = torch.arange(2 * 4 * 4 * 1, dtype=torch.float32).reshape(2, 4, 4, 1)
+    pooled = pool_tiles(features, 2)
+    assert pooled.shape == (2, 2, 2, 1) and pooled[0, 0, 0, 0].item() == (0 + 1 + 4 + 5) / 4
+
+
+# -- the loop with planted importance ------------------------------------------------------------
+
+
+def _levels(side: int = 256, base: int = 64) -> list[Level]:
+    return [Level.of(side, side, s, TILE, CELLS) for s in pyramid_sides(side, base)]
+
+
+def _planted(levels: list[Level], importance) -> tuple[torch.Tensor, callable, callable, list]:
+    """Features carrying `importance(level, row, col)` in channel 0; returns (base, fetch, score, fetch log)."""
+    fetched = []
+
+    def features(level_index: int, tiles: torch.Tensor) -> torch.Tensor:
+        local = torch.arange(CELLS)
+        rows = tiles[:, 0, None, None] * CELLS + local[None, :, None]
+        cols = tiles[:, 1, None, None] * CELLS + local[None, None, :]
+        rows, cols = rows.expand(-1, CELLS, CELLS), cols.expand(-1, CELLS, CELLS)
+        return torch.stack([importance(level_index, rows, cols).float(), rows.float(), cols.float()], dim=-1)
+
+    def fetch(level_index: int, tiles: torch.Tensor) -> torch.Tensor:
+        fetched.append((level_index, tiles.tolist()))
+        return features(level_index, tiles)
+
+    base_level = levels[0]
+    rows, cols = torch.meshgrid(torch.arange(base_level.rows), torch.arange(base_level.cols), indexing="ij")
+    base = features(0, torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=1))
+    return base, fetch, (lambda f: f[:, 0]), fetched
+
+
+def _hot_tile(tile_row: int, tile_col: int):
+    """Importance 1 on every token of one tile of the given level, 0 elsewhere."""
+    return lambda rows, cols: ((rows // CELLS == tile_row) & (cols // CELLS == tile_col)).float()
+
+
+def test_planted_importance_chooses_the_planted_tiles_down_to_full_resolution():
+    levels = _levels()  # sides 64 (2 x 2 tiles), 128 (4 x 4), 256 (8 x 8); 16 tokens per tile
+    plants = {0: _hot_tile(1, 0), 1: _hot_tile(3, 1), 2: _hot_tile(7, 3)}
+    base, fetch, score, fetched = _planted(levels, lambda level, r, c: plants[level](r, c))
+    result = coarse_to_fine(levels, base, fetch, score, keep_ratio=0.25, budget=64)
+    # base tile (1, 0) = scene [0, 128) x [128, 256) -> its four level-128 tiles; then tile (3, 1) -> four full-res tiles
+    assert fetched == [(1, [[2, 0], [2, 1], [3, 0], [3, 1]]), (2, [[6, 2], [6, 3], [7, 2], [7, 3]])]
+    assert result.level == 2
+    # the final selection is the planted full-resolution tile's 16 tokens, in raster order
+    assert sorted(set((result.tokens.row // CELLS).tolist())) == [7] and set((result.tokens.col // CELLS).tolist()) == {3}
+    keys = (result.tokens.row * 100 + result.tokens.col).tolist()
+    assert keys == sorted(keys) and len(keys) == 16
+    assert bool((result.features[:, 0] == 1).all())
+
+
+def test_the_budget_stops_the_zoom_and_caps_the_tokens():
+    levels = _levels()
+    plants = {0: _hot_tile(1, 0), 1: _hot_tile(3, 1), 2: _hot_tile(7, 3)}
+    base, fetch, score, fetched = _planted(levels, lambda level, r, c: plants[level](r, c))
+    # the first zoom would keep keep_count(4 tiles * 16) = 16 tokens: a budget of 15 is spent already
+    result = coarse_to_fine(levels, base, fetch, score, keep_ratio=0.25, budget=15)
+    assert fetched == [] and result.level == 0 and result.features.shape[0] == 15
+    assert bool((result.features[:, 0] == 1).all())  # the best 15 of the 16 kept base tokens
+
+
+@st.composite
+def random_maps(draw):
+    side = draw(st.sampled_from([96, 128, 200, 256]))
+    base = draw(st.sampled_from([32, 48, 64]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    keep_ratio = draw(st.sampled_from([0.1, 0.25, 0.5]))
+    budgets = sorted(draw(st.lists(st.integers(1, 400), min_size=2, max_size=2)))
+    return side, base, seed, keep_ratio, budgets
+
+
+@settings(max_examples=40, deadline=None)
+@given(random_maps())
+def test_more_budget_never_chooses_fewer_tiles(case):
+    side, base_side, seed, keep_ratio, budgets = case
+    levels = _levels(side, base_side)
+    generator = torch.Generator().manual_seed(seed)
+    maps = [torch.rand(level.rows * CELLS, level.cols * CELLS, generator=generator) for level in levels]
+    results = []
+    for budget in budgets:
+        base, fetch, score, _ = _planted(levels, lambda level, r, c: maps[level][r, c])
+        result = coarse_to_fine(levels, base, fetch, score, keep_ratio=keep_ratio, budget=budget)
+        assert result.features.shape[0] <= budget
+        # it stops at full resolution, or where zooming would keep more tokens than the budget
+        if result.level < len(levels) - 1:
+            level = levels[result.level]
+            tokens = level.tokens(result.tiles[-1])
+            scores = maps[result.level][tokens.row, tokens.col]
+            kept = torch.sort(scores, descending=True, stable=True).indices[: keep_count(len(scores), keep_ratio)]
+            candidates = tiles_covering(tokens.box[kept], levels[result.level + 1])
+            assert keep_count(candidates.shape[0] * CELLS * CELLS, keep_ratio) > budget
+        results.append(result)
+    small, large = results
+    assert large.level >= small.level
+    for tiles_small, tiles_large in zip(small.tiles, large.tiles):
+        assert set(map(tuple, tiles_small.tolist())) <= set(map(tuple, tiles_large.tolist()))
+
+
+# -- the strategy on the tiny model ---------------------------------------------------------------
+
+
+def _strategy(budget: int, **c2f) -> CoarseToFineStrategy:
+    return CoarseToFineStrategy(PruningConfig(strategy="c2f", budget=budget, c2f={"base_side": 64, **c2f}))
+
+
+def test_second_question_on_the_same_area_reuses_cached_tiles(tiny_model, image_factory):
+    model, _ = tiny_model
+    source = CountingSource(image_factory(200, 240))
+    strategy = _strategy(budget=400)
+    with torch.no_grad():
+        encoding = strategy.encode(model, source)
+        assert isinstance(encoding, C2FEncoding) and source.windows == []  # encode reads whole views only
+        assert sorted(source.views) == strategy.views(240, 200, model.tile_size)
+        first = strategy.select(model, encoding, "Where is the harbour?")
+        reads = len(source.windows)
+        assert reads == len(encoding.cache) > 0  # it zoomed, reading each fine window once
+        again = strategy.select(model, encoding, "Where is the harbour?")
+    assert len(source.windows) == reads
+    torch.testing.assert_close(again.embeds, first.embeds)
+    # only fine windows were read, never the whole scene at full resolution
+    finest = encoding.levels[-1]
+    assert reads < finest.rows * finest.cols
+
+
+def test_output_is_global_context_then_the_final_level_in_raster_order(tiny_model, image_factory):
+    model, _ = tiny_model
+    grid = model.patch_grid
+    strategy = _strategy(budget=400)
+    with torch.no_grad():
+        encoding = strategy.encode(model, ArraySource(image_factory(200, 240)))
+        tokens = strategy.select(model, encoding, "Count the cars.")
+    assert len(tokens) <= 400
+    glob = tokens.scale == 0
+    assert int(glob.sum()) == grid * grid and bool(glob[: grid * grid].all())
+    local_scales = torch.unique(tokens.scale[~glob]).tolist()
+    assert len(local_scales) == 1  # one final level, no coarse leftovers
+    keys = (tokens.row[~glob] * 10_000 + tokens.col[~glob]).tolist()
+    assert keys == sorted(keys)
+    assert bool((tokens.n_source[~glob] == strategy.config.c2f.pool**2).all())
+
+
+@pytest.mark.parametrize("budget", [1, 2, 5, 40])
+def test_small_budgets_pool_or_drop_the_thumbnail(tiny_model, image_factory, budget):
+    model, _ = tiny_model
+    strategy = _strategy(budget=budget)
+    with torch.no_grad():
+        tokens = strategy.select(model, strategy.encode(model, ArraySource(image_factory(90, 120))), "q")
+    glob = int((tokens.scale == 0).sum())
+    assert len(tokens) <= budget and glob <= budget // 2 and len(tokens) > glob
+    assert int(tokens.n_source[tokens.scale == 0].sum()) == (model.patch_grid**2 if glob else 0)
