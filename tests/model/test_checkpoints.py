@@ -102,6 +102,12 @@ def test_own_export_from_object_storage(tmp_path, s3_server, tiny_model, tokens_
     with s3_server.measure() as measured:
         load_model(uri, storage=s3_server.storage(), cache_dir=cache)
     assert measured.bytes_sent < weights / 10
+    # A checkpoint rewritten in place is copied again.
+    retrained, _ = build_tiny_model(seed=3)
+    save_model(retrained, uri, storage=s3_server.storage())
+    reloaded, _ = load_model(uri, storage=s3_server.storage(), cache_dir=cache)
+    _assert_same(_outputs(retrained, tokens_factory, image_factory), _outputs(reloaded, tokens_factory, image_factory))
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
     with pytest.raises(CheckpointError, match="no such directory"):
         load_model(f"s3://{bucket}/runs/missing", storage=s3_server.storage(), cache_dir=cache)
 

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fsspec.core import split_protocol
 from safetensors import safe_open
 from transformers import (
     AutoConfig,
@@ -431,6 +433,9 @@ def _longva_optional(raw: dict[str, Any]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+_MANIFEST = ".uhr-manifest.json"
+
+
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
@@ -438,7 +443,12 @@ def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
 
 
 def _fetch_directory(uri: str, storage: StorageConfig, cache_dir: str | os.PathLike[str] | None) -> Path:
-    """Copy a remote checkpoint directory to the local cache once; reuse it while the listing is unchanged."""
+    """Copy a remote checkpoint directory to the local cache once; reuse it while the listing is unchanged.
+
+    The cache entry is named by the URI and carries the listing it was copied from (sizes, ETags),
+    so a checkpoint rewritten in place is copied again. Copies land in a staging directory renamed
+    into place, so concurrent loaders on one node never see a half-written entry.
+    """
     fs = storage.filesystem(uri)
     root = uri.rstrip("/")
     try:
@@ -447,16 +457,20 @@ def _fetch_directory(uri: str, storage: StorageConfig, cache_dir: str | os.PathL
         raise CheckpointError(uri, f"cannot list the directory ({error})") from error
     if not listing:
         raise CheckpointError(uri, "no such directory, or it is empty")
-    stripped = fs._strip_protocol(root)
+    stripped = split_protocol(root)[1]
     manifest = {
-        os.path.relpath(path, stripped): [info.get("size"), str(info.get("ETag") or info.get("mtime") or "")]
+        posixpath.relpath(path, stripped): [info.get("size"), str(info.get("ETag") or info.get("mtime") or "")]
         for path, info in sorted(listing.items())
     }
     if "config.json" not in manifest:
         raise CheckpointError(uri, "no config.json at the top of the directory")
     cache = _cache_root(cache_dir) / hashlib.sha256(root.encode()).hexdigest()[:32]
-    manifest_file = cache / ".uhr-manifest.json"
-    if manifest_file.exists() and json.loads(manifest_file.read_text()) == manifest:
+
+    def cached() -> bool:
+        manifest_file = cache / _MANIFEST
+        return manifest_file.exists() and json.loads(manifest_file.read_text()) == manifest
+
+    if cached():
         return cache
     cache.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".partial-"))
@@ -465,13 +479,17 @@ def _fetch_directory(uri: str, storage: StorageConfig, cache_dir: str | os.PathL
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(f"{stripped}/{relative}", str(target))
-        (staging / manifest_file.name).write_text(json.dumps(manifest))
-        if cache.exists():
-            shutil.rmtree(cache)
-        staging.rename(cache)
+        (staging / _MANIFEST).write_text(json.dumps(manifest))
+        try:
+            staging.rename(cache)
+        except OSError:
+            if not cached():  # a stale copy: move it aside, then take its place
+                stale = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".stale-"))
+                cache.rename(stale / "old")
+                staging.rename(cache)
+                shutil.rmtree(stale, ignore_errors=True)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        shutil.rmtree(staging, ignore_errors=True)
     logger.info("copied %s (%d files) to %s", redact(uri), len(manifest), cache)
     return cache
 
