@@ -398,3 +398,21 @@ def test_coarse_view_without_overviews_reads_in_bounded_memory(tmp_path):
     shape, growth = result.stdout.split(")")
     assert shape == "(512, 512, 3"
     assert int(growth) < 64 * 2**20, f"peak RSS grew by {int(growth) / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("bands", [3, 4])
+def test_strip_wise_decimation_equals_a_single_read(tmp_path, monkeypatch, bands):
+    data = pixels(1200, 900, bands, "uint16", seed=20)
+    data[:, :, :50] = 0
+    interp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha][:bands]
+    if bands == 4:
+        data[3] = np.where(np.arange(900)[:, None] < 300, 0, 65535)
+    path = write_raster(tmp_path / "flat.tif", data, overviews=False, nodata=0, colorinterp=interp)
+    with open_scene(path) as scene:
+        whole_view, whole_window = scene.read_view(300), scene.read_window(100, 0, 1000, 900, out_size=(87, 101))
+    # Strips of ~40 KiB decoded: dozens of reads with floating-point row edges.
+    monkeypatch.setattr("uhr.scenes.reader._STRIP_BYTES", 40 * 1024)
+    with open_scene(path) as scene:
+        assert scene._strip_rows(scene._box, 225) < 20
+        np.testing.assert_array_equal(scene.read_view(300), whole_view)
+        np.testing.assert_array_equal(scene.read_window(100, 0, 1000, 900, out_size=(87, 101)), whole_window)

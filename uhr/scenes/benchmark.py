@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 from uhr.scenes.reader import open_scene
@@ -113,7 +114,8 @@ def _measure_reads(uri: str, endpoint: str | None, env: dict[str, str], config: 
     def stats() -> ServerStats:
         return read_stats(endpoint) if endpoint is not None else ServerStats()
 
-    baseline_rss = _peak_rss()
+    # RSS now, after the imports; the peak at the end is the high-water mark of the whole process.
+    baseline_rss = psutil.Process().memory_info().rss
     before = stats()
     start = time.perf_counter()
     with open_scene(uri) as scene:
@@ -150,16 +152,20 @@ def format_table(results: list[ReadResult], config: ReadBenchConfig) -> str:
     """A Markdown table of the results, then how they compare with the targets."""
     mib = 1 << 20
     header = (
-        f"| scene | source | object MiB | open s | read_view({config.view_side}) s | view MiB (incl. open) | "
+        f"| scene | source | object MiB | open s | read_view({config.view_side}) s | view MiB incl. open (requests) | "
         f"view / object | {config.windows} x read_window({config.window_side}) s | windows MiB (requests) | "
-        "peak RSS MiB (at start) |"
+        "peak RSS MiB (before reads) |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
         remote = r.view_bytes is not None
         lines.append(
             f"| {r.size}^2 | {r.source} | {r.object_bytes / mib:.1f} | {r.open_s:.3f} | {r.view_s:.3f} | "
-            + (f"{r.view_bytes / mib:.2f} | {r.view_bytes / r.object_bytes:.2%} | " if remote else "- | - | ")
+            + (
+                f"{r.view_bytes / mib:.2f} ({r.view_requests}) | {r.view_bytes / r.object_bytes:.2%} | "
+                if remote
+                else "- | - | "
+            )
             + f"{r.windows_s:.3f} | "
             + (f"{r.windows_bytes / mib:.2f} ({r.windows_requests}) | " if remote else "- | ")
             + f"{r.peak_rss / mib:.0f} ({r.baseline_rss / mib:.0f}) |"
