@@ -62,7 +62,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from uhr.eval.cache import default_cache_dir
 from uhr.storage import StorageConfig, join_uri, redact, uri_protocol
-from uhr.synth.questions import OPEN_INSTRUCTION, mc_prompt
+from uhr.prompts import (
+    OPEN_INSTRUCTION,
+    MmePromptStyle,
+    lrs_vqa_prompt,
+    mme_realworld_prompt,
+    xlrs_prompt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +80,6 @@ class Benchmark(str, Enum):
     LRS_VQA = "lrs-vqa"
     MME_REALWORLD_RS = "mme-realworld-rs"
     SYNTHETIC = "synthetic"
-
-
-class MmePromptStyle(str, Enum):
-    """Which published MME-RealWorld prompt to build.
-
-    `lrs-vqa`: LRS-VQA's `model_vqa_mme_realworld.py`, the protocol of the token-pruning papers
-    that report MME-RealWorld-RS. `official`: MME-RealWorld's own `model_vqa_mme_real_world.py`,
-    which lists the options differently and ends with "\\nThe best answer is:".
-    """
-
-    LRS_VQA = "lrs-vqa"
-    OFFICIAL = "official"
 
 
 ITEM_SCHEMA = pa.schema(
@@ -126,48 +120,7 @@ XLRS_SUBTASKS: tuple[str, ...] = (
     "Object spatial relationship/Object spatial relationship",
 )
 XLRS_MULTI_ANSWER_CATEGORY = "Land use classification/Overall Land use classification"
-XLRS_CHOICES_HEADER = "The choices are listed below:\n"
-XLRS_INSTRUCTION = (
-    "\nSelect the best answer for the multiple-choice question based on the image. Only respond with "
-    "the letter corresponding to the correct answer (A, B, C, D).\nThe answer is:"
-)
-# Published without a newline before "The answer(s)"; kept.
-XLRS_MULTI_ANSWER_INSTRUCTION = (
-    "\nSelect the best answer(s) for the multiple-choice question based on the image. There may be more "
-    "than one correct option. Only respond with the letter(s) corresponding to the correct answer(s) "
-    "(A, B, C, D), with multiple choices separated by spaces.The answer(s) is(are):"
-)
-
 MME_REMOTE_SENSING = "Remote Sensing"
-MME_CHOICES_HEADER = " The choices are listed below: \n"
-MME_INSTRUCTION = (
-    "Select the best answer to the above multiple-choice question based on the image. "
-    "Respond with only the letter (A, B, C, D, or E) of the correct option."
-)
-MME_OFFICIAL_SUFFIX = "\nThe best answer is:"
-
-
-def xlrs_prompt(question: str, options: list[str], category: str) -> str:
-    """XLRS-Bench's prompt (lmms-eval `xlrs_doc_to_text`): question, options, instruction.
-
-    The overall land-use sub-task (several correct options) gets the multi-answer instruction.
-    """
-    instruction = XLRS_MULTI_ANSWER_INSTRUCTION if category == XLRS_MULTI_ANSWER_CATEGORY else XLRS_INSTRUCTION
-    return question + XLRS_CHOICES_HEADER + "\n".join(options) + "\n" + instruction
-
-
-def lrs_vqa_prompt(text: str) -> str:
-    """LRS-VQA's prompt (`model_rsvqa.py`): the published `text` and a newline."""
-    return text + "\n"
-
-
-def mme_realworld_prompt(question: str, options: list[str], style: MmePromptStyle = MmePromptStyle.LRS_VQA) -> str:
-    """MME-RealWorld's prompt in the chosen published variant (see `MmePromptStyle`)."""
-    if style == MmePromptStyle.OFFICIAL:
-        listed = "".join(option + "\n" for option in options)
-        return question + MME_CHOICES_HEADER + listed + MME_INSTRUCTION + MME_OFFICIAL_SUFFIX
-    body = f"{question}{MME_CHOICES_HEADER}\n" + "\n".join(options)
-    return body.strip() + "\n" + MME_INSTRUCTION
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +380,7 @@ def load_xlrs_lite(uri: str, *, image_dir: str | None = None, storage: StorageCo
                         answer=answer,
                         form="mc",
                         category=category,
-                        prompt=xlrs_prompt(question, options, category),
+                        prompt=xlrs_prompt(question, options, multi_answer=category == XLRS_MULTI_ANSWER_CATEGORY),
                         meta={"l2-category": record["l2-category"], "n_images": len(images)},
                     )
                 )
@@ -576,7 +529,7 @@ SYNTHETIC_QUESTIONS = "questions.parquet"
 
 def synthetic_prompt(question: str, choices: list[str], form: str) -> str:
     """The prompt `uhr.synth` trains with: XLRS layout for multiple choice, LLaVA's for open answers."""
-    return mc_prompt(question, choices) if form == "mc" else question + OPEN_INSTRUCTION
+    return xlrs_prompt(question, choices) if form == "mc" else question + OPEN_INSTRUCTION
 
 
 def load_synthetic(uri: str, *, storage: StorageConfig | None = None) -> pa.Table:

@@ -1,0 +1,85 @@
+"""How many bytes reading a scene cost: GDAL's own network counters, or the OS's for local files.
+
+GDAL counts what it downloads per `/vsi` file once `CPL_VSIL_NETWORK_STATS_ENABLED=YES` is set
+(`StorageConfig.gdal_env()` sets it); rasterio does not expose the counters, so they are read from
+the GDAL library rasterio loaded. Local files are metered with the process's read counter
+(`psutil`: bytes passed through read calls, page-cache hits included), which is exact for a
+process that reads one scene at a time, as a Ray read task does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import glob
+import json
+import logging
+import os
+
+import psutil
+
+from uhr.storage import is_remote, to_gdal_path
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _gdal_library() -> ctypes.CDLL | None:
+    import rasterio
+
+    # Wheels bundle GDAL next to the package; other installs link the system library.
+    bundled = glob.glob(os.path.join(os.path.dirname(rasterio.__file__), os.pardir, "rasterio.libs", "libgdal*"))
+    path = bundled[0] if bundled else ctypes.util.find_library("gdal")
+    if path is None:
+        logger.warning("GDAL library not found: remote bytes read will not be reported")
+        return None
+    library = ctypes.CDLL(path)
+    library.VSINetworkStatsGetAsSerializedJSON.restype = ctypes.c_void_p
+    library.VSINetworkStatsGetAsSerializedJSON.argtypes = [ctypes.c_char_p]
+    library.VSIFree.argtypes = [ctypes.c_void_p]
+    return library
+
+
+def gdal_downloaded_bytes(uri: str) -> int | None:
+    """Bytes GDAL has downloaded for `uri` in this process so far (None if it cannot tell)."""
+    library = _gdal_library()
+    if library is None:
+        return None
+    pointer = library.VSINetworkStatsGetAsSerializedJSON(None)
+    if not pointer:
+        return 0
+    try:
+        stats = json.loads(ctypes.string_at(pointer).decode())
+    finally:
+        library.VSIFree(pointer)
+    path = to_gdal_path(uri)
+    for handler in stats.get("handlers", {}).values():
+        methods = handler.get("files", {}).get(path, {}).get("methods", {})
+        return sum(method.get("downloaded_bytes", 0) for method in methods.values())
+    return 0
+
+
+def _local_read_bytes() -> int:
+    return psutil.Process().io_counters().read_chars
+
+
+class ReadMeter:
+    """`with ReadMeter(uri) as meter: ...` then `meter.bytes`: what the block read of `uri`."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.remote = is_remote(uri)
+        self.bytes: int | None = None
+        self._start: int | None = None
+
+    def _reading(self) -> int | None:
+        return gdal_downloaded_bytes(self.uri) if self.remote else _local_read_bytes()
+
+    def __enter__(self) -> ReadMeter:
+        self._start = self._reading()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        end = self._reading()
+        self.bytes = None if end is None or self._start is None else end - self._start
