@@ -375,14 +375,14 @@ def test_overview_reads_use_average_resampling_of_the_overview(rgb_cog):
 
 
 MEMORY_PROBE = """
-import resource, sys, psutil
+import sys, psutil
 from uhr.scenes import open_scene
+from uhr.scenes.benchmark import peak_rss
 from uhr.storage import StorageConfig
 scene = open_scene(sys.argv[1], storage=StorageConfig(gdal_cache_mb=32))
 current = psutil.Process().memory_info().rss
 view = scene.read_view(512)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(view.shape, max(peak - current, 0))
+print(view.shape, max(peak_rss() - current, 0))
 """
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -139,13 +140,25 @@ def _measure_reads(uri: str, endpoint: str | None, env: dict[str, str], config: 
         "windows_bytes": windows.bytes_sent if remote else None,
         "windows_requests": windows.requests if remote else None,
         "baseline_rss": baseline_rss,
-        "peak_rss": _peak_rss(),
+        "peak_rss": peak_rss(),
     }
 
 
-def _peak_rss() -> int:
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak_rss() -> int:
+    """This process's peak resident set size, bytes.
+
+    From /proc's VmHWM where there is one: `ru_maxrss` survives exec on Linux, so a child started
+    by a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def format_table(results: list[ReadResult], config: ReadBenchConfig) -> str:
