@@ -63,8 +63,8 @@ def test_gdal_env_translates_the_endpoint_and_keeps_user_overrides(clean_env):
     assert env["GDAL_CACHEMAX"] == 256 * 1024 * 1024
     secure = StorageConfig(endpoint_url="https://s3.example.org", anonymous=True).gdal_env()
     assert secure["AWS_HTTPS"] == "YES" and secure["AWS_NO_SIGN_REQUEST"] == "YES"
-    tuned = StorageConfig(gdal_options={"VSI_CACHE_SIZE": "1048576", "AWS_VIRTUAL_HOSTING": "TRUE"},
-                          endpoint_url="http://h:1").gdal_env()
+    overrides = {"VSI_CACHE_SIZE": "1048576", "AWS_VIRTUAL_HOSTING": "TRUE"}
+    tuned = StorageConfig(gdal_options=overrides, endpoint_url="http://h:1").gdal_env()
     assert tuned["VSI_CACHE_SIZE"] == "1048576" and tuned["AWS_VIRTUAL_HOSTING"] == "TRUE"
     assert "AWS_S3_ENDPOINT" not in StorageConfig().gdal_env()
     # rasterio accepts the whole mapping as it is.
@@ -97,7 +97,9 @@ def test_worker_env_vars_pass_credentials_through_only_when_set(clean_env):
 
 
 def test_filesystem_is_s3fs_on_the_same_endpoint_or_local(clean_env):
-    storage = StorageConfig(endpoint_url="http://127.0.0.1:5000", region="us-east-1", fs_options={"default_block_size": 2**20})
+    storage = StorageConfig(
+        endpoint_url="http://127.0.0.1:5000", region="us-east-1", fs_options={"default_block_size": 2**20}
+    )
     filesystem = storage.filesystem("s3://bucket/key.tif")
     assert isinstance(filesystem, s3fs.S3FileSystem)
     assert filesystem.endpoint_url == "http://127.0.0.1:5000" and filesystem.client_kwargs["region_name"] == "us-east-1"
@@ -166,7 +168,9 @@ def test_redact_leaves_text_without_credentials_alone(text):
 
 
 def test_scene_error_carries_redacted_uri_and_reason_and_pickles():
-    error = SceneError("https://u:pw-secret@h/a.tif?X-Amz-Signature=sig123456", "HTTP 403 for ?X-Amz-Signature=sig123456")
+    error = SceneError(
+        "https://u:pw-secret@h/a.tif?X-Amz-Signature=sig123456", "HTTP 403 for ?X-Amz-Signature=sig123456"
+    )
     assert isinstance(error, UhrError)
     assert str(error) == "cannot read scene https://***@h/a.tif?X-Amz-Signature=***: HTTP 403 for ?X-Amz-Signature=***"
     copy = pickle.loads(pickle.dumps(error))

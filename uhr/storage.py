@@ -57,7 +57,14 @@ CREDENTIAL_ENV_VARS: tuple[str, ...] = (
 _SECRET_ENV_VARS: tuple[str, ...] = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 _S3_PROTOCOLS = ("s3", "s3a")
-_GDAL_PREFIXES = {"s3": "/vsis3/", "s3a": "/vsis3/", "gs": "/vsigs/", "gcs": "/vsigs/", "az": "/vsiaz/", "abfs": "/vsiaz/"}
+_GDAL_PREFIXES = {
+    "s3": "/vsis3/",
+    "s3a": "/vsis3/",
+    "gs": "/vsigs/",
+    "gcs": "/vsigs/",
+    "az": "/vsiaz/",
+    "abfs": "/vsiaz/",
+}
 
 
 def _endpoint_from_env() -> str | None:
@@ -74,7 +81,9 @@ class StorageConfig(BaseModel):
 
     # Defaults from the environment are validated too; inputs stay out of error messages, since
     # a rejected endpoint may carry a secret.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, hide_input_in_errors=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, validate_default=True, hide_input_in_errors=True
+    )
 
     endpoint_url: str | None = Field(
         default_factory=_endpoint_from_env,

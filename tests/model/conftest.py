@@ -58,3 +58,20 @@ def random_tokens(count: int, dim: int, seed: int = 0) -> PrunedTokens:
 def tokens_factory():
     """`tokens_factory(count, dim, seed=0)` -> `PrunedTokens` with random embeddings."""
     return random_tokens
+
+
+@pytest.fixture
+def config_geometry():
+    """What a driver plans reads with, from a config: tile, patch grid, pinpoints, widths, pruning defaults."""
+
+    def geometry(config) -> tuple:
+        return (
+            config.tile_size,
+            config.patch_grid,
+            config.image_grid_pinpoints,
+            config.vision_config.hidden_size,
+            config.text_config.hidden_size,
+            config.pruning_defaults,
+        )
+
+    return geometry

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from uhr.model import CheckpointError, build_tiny_model, load_model, save_model
+from uhr.model import CheckpointError, build_tiny_model, load_model, load_model_config, save_model
 from uhr.model.pruning.config import PruningConfig
 
 PROMPT_QUESTION = "Is there a bridge over the river?"
@@ -89,7 +89,7 @@ def test_own_export_dtype_and_pickle_opt_in(tmp_path, tiny_model, tokens_factory
     _assert_same(_outputs(model, tokens_factory, image_factory), _outputs(loaded, tokens_factory, image_factory))
 
 
-def test_own_export_from_object_storage(tmp_path, s3_server, tiny_model, tokens_factory, image_factory):
+def test_own_export_from_object_storage(tmp_path, s3_server, tiny_model, tokens_factory, image_factory, config_geometry):
     model, _ = tiny_model
     bucket = s3_server.new_bucket("models")
     uri = f"s3://{bucket}/runs/tiny/export"
@@ -108,6 +108,11 @@ def test_own_export_from_object_storage(tmp_path, s3_server, tiny_model, tokens_
     reloaded, _ = load_model(uri, storage=s3_server.storage(), cache_dir=cache)
     _assert_same(_outputs(retrained, tokens_factory, image_factory), _outputs(reloaded, tokens_factory, image_factory))
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
+    # The driver's view of the model (read geometry) costs config.json only, not the weights.
+    with s3_server.measure() as measured:
+        config = load_model_config(uri, storage=s3_server.storage())
+    assert config_geometry(config) == config_geometry(reloaded.config)
+    assert measured.bytes_sent < weights / 10
     with pytest.raises(CheckpointError, match="no such directory"):
         load_model(f"s3://{bucket}/runs/missing", storage=s3_server.storage(), cache_dir=cache)
 
@@ -188,7 +193,7 @@ def _write_longva(model, tokenizer, directory, *, merge_type: str, text_type: st
     tokenizer.save_pretrained(directory)
 
 
-def test_geollava_checkpoint(tmp_path, tokens_factory, image_factory, caplog):
+def test_geollava_checkpoint(tmp_path, tokens_factory, image_factory, caplog, config_geometry):
     model, tokenizer = build_tiny_model(seed=1)
     pinpoints = str([(32, 64), (64, 32), (64, 64), (32, 96), (96, 96)])  # as the training script passes it
     _write_longva(
@@ -205,6 +210,8 @@ def test_geollava_checkpoint(tmp_path, tokens_factory, image_factory, caplog):
     assert defaults.strategy.value == "geollava"
     assert defaults.geollava.max_tokens_per_tile == 6
     assert (defaults.geollava.max_tiles_per_side, defaults.geollava.max_tiles, defaults.budget) == (3, 9, 54)
+    # Read from config.json and the safetensors headers alone, the config is the loader's.
+    assert config_geometry(load_model_config(tmp_path)) == config_geometry(loaded.config)
     expected, got = _outputs(model, tokens_factory, image_factory), _outputs(loaded, tokens_factory, image_factory)
     # scale_embedding is ours only (zero-initialised); image_newline is not in a unires checkpoint.
     _assert_same(expected, got, ["features", "cls", "projected", "reghead", "logits"])

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from uhr.model import build_tiny_tokenizer, load_model
+from uhr.model import build_tiny_tokenizer, load_model, load_model_config
 from uhr.model.checkpoints import TINY_PINPOINTS, _TINY_TEXT, _TINY_VISION
 from uhr.model.pruning.config import PruningConfig
 from uhr.model.pruning.none import NoneStrategy, anyres_token_count
@@ -78,12 +78,13 @@ def _save(reference: LlavaNextForConditionalGeneration, tokenizer, directory, la
         ("qwen2", "v5_keys", (60, 60)),  # square: 64x64 grid, nothing cropped
     ],
 )
-def test_none_reproduces_llava_next(tmp_path, image_factory, text_model, layout, size):
+def test_none_reproduces_llava_next(tmp_path, image_factory, config_geometry, text_model, layout, size):
     tokenizer = build_tiny_tokenizer()
     reference = _llava_next(text_model, tokenizer)
     _save(reference, tokenizer, tmp_path, layout)
     model, loaded_tokenizer = load_model(tmp_path)
     assert model.config.pruning_defaults == {"strategy": "none"}
+    assert config_geometry(load_model_config(tmp_path)) == config_geometry(model.config)
 
     image = image_factory(*size, seed=1)
     processor = _processor(tokenizer)

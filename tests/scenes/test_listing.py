@@ -7,6 +7,7 @@ import pytest
 from uhr.errors import StorageError
 from uhr.scenes import list_scenes
 
+SCENES = ["a/scene_1.tiff", "a/scene_10.TIF", "b/scene_2.tif", "c/d/photo.jpg"]
 NAMES = ["b/scene_2.tif", "a/scene_10.TIF", "a/scene_1.tiff", "a/notes.txt", "c/d/photo.jpg", "c/photo.png.aux.xml"]
 
 
@@ -14,7 +15,7 @@ def test_local_directory_is_listed_recursively_sorted_and_filtered(tmp_path):
     for name in NAMES:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    expected = sorted(str(tmp_path / name) for name in ["a/scene_1.tiff", "a/scene_10.TIF", "b/scene_2.tif", "c/d/photo.jpg"])
+    expected = sorted(str(tmp_path / name) for name in SCENES)
     assert list_scenes(tmp_path) == expected
     assert list_scenes(tmp_path / "a", patterns=["*.tif"]) == [str(tmp_path / "a/scene_10.TIF")]
     assert list_scenes(tmp_path, patterns=["*.webp"]) == []
@@ -25,9 +26,7 @@ def test_s3_prefix_is_listed_with_its_protocol(s3_server):
     for name in NAMES:
         s3_server.client.put_object(Bucket=bucket, Key=f"archive/{name}", Body=b"x")
     s3_server.client.put_object(Bucket=bucket, Key="other/scene.tif", Body=b"x")
-    expected = sorted(
-        f"s3://{bucket}/archive/{name}" for name in ["a/scene_1.tiff", "a/scene_10.TIF", "b/scene_2.tif", "c/d/photo.jpg"]
-    )
+    expected = sorted(f"s3://{bucket}/archive/{name}" for name in SCENES)
     assert list_scenes(f"s3://{bucket}/archive") == expected
     assert list_scenes(f"s3://{bucket}/archive/", patterns=("scene_1*",)) == [
         f"s3://{bucket}/archive/a/scene_1.tiff",

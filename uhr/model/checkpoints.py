@@ -28,6 +28,7 @@ import os
 import posixpath
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterable
 from contextlib import ExitStack
@@ -293,8 +294,8 @@ def _load_tokenizer(
 # ----------------------------------------------------------------------------------------------
 
 
-def _llava_next_config(raw: dict[str, Any], directory: Path, location: str) -> UhrConfig:
-    hf = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+def _llava_next_config(raw: dict[str, Any], location: str) -> UhrConfig:
+    hf = AutoConfig.for_model(**raw)
     if hf.vision_config.model_type != "clip_vision_model":
         raise CheckpointError(location, f"vision tower {hf.vision_config.model_type!r} is not CLIP")
     if not isinstance(hf.vision_feature_layer, int):
@@ -494,6 +495,57 @@ def _fetch_directory(uri: str, storage: StorageConfig, cache_dir: str | os.PathL
     return cache
 
 
+class _HeaderShapes:
+    """Tensor keys and shapes of safetensors files, from their headers alone (a few KB per file)."""
+
+    def __init__(self, fs: Any, paths: list[str]):
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for path in paths:
+            with fs.open(path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+            self._shapes.update({key: tuple(info["shape"]) for key, info in header.items() if key != "__metadata__"})
+
+    def keys(self) -> list[str]:
+        return sorted(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+
+def load_model_config(path_or_uri: str | os.PathLike[str], *, storage: StorageConfig | None = None) -> UhrConfig:
+    """The `UhrConfig` `load_model` builds for a checkpoint, without reading its weights.
+
+    Reads config.json and, for LongVA / GeoLLaVA-8K directories (whose tower config is inferred
+    from weight shapes), only the safetensors headers: cheap even for a 7B model in object storage.
+    Lets a driver plan reads (tile size, patch grid, pinpoints) without downloading the model.
+    """
+    location = os.fspath(path_or_uri)
+    fs = (storage or StorageConfig()).filesystem(location)
+    root = location.rstrip("/")
+    try:
+        raw = json.loads(fs.cat_file(f"{root}/config.json"))
+    except FileNotFoundError as error:
+        raise CheckpointError(location, "no config.json") from error
+    model_type = raw.get("model_type")
+    if model_type == UhrConfig.model_type:
+        return UhrConfig.from_dict(raw)
+    if model_type == "llava_next":
+        return _llava_next_config(raw, location)
+    if model_type in _LONGVA_TEXT_TYPES:
+        if fs.exists(f"{root}/{_SAFETENSORS_INDEX}"):
+            index = json.loads(fs.cat_file(f"{root}/{_SAFETENSORS_INDEX}"))
+            files = [f"{root}/{shard}" for shard in sorted(set(index["weight_map"].values()))]
+        else:
+            files = sorted(fs.glob(f"{root}/*.safetensors"))
+        if not files:
+            raise CheckpointError(location, "no safetensors weights to infer the vision tower from")
+        return _longva_config(raw, _HeaderShapes(fs, files), location)
+    raise CheckpointError(
+        location, f"config.json model_type {model_type!r} is none of 'uhr', 'llava_next', 'llava_qwen', 'llava_llama'"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
@@ -549,7 +601,7 @@ def load_model(
         with ExitStack() as stack:
             tensors = _CheckpointTensors(files, safetensors, stack)
             if model_type == "llava_next":
-                config = _llava_next_config(raw, directory, location)
+                config = _llava_next_config(raw, location)
                 table, optional = LLAVA_NEXT_KEY_MAP, [*_OURS_ONLY, r"^reghead\."]
                 tokenizer = _load_tokenizer(directory, location, config)
             else:

@@ -193,7 +193,8 @@ def format_table(results: list[ReadResult], config: ReadBenchConfig) -> str:
         + ("met" if worst_view <= VIEW_BYTES_TARGET else "MISSED")
     )
     lines.append(
-        f"peak RSS reading the {largest}^2 scene: {worst_rss / mib:.0f} MiB (target <= {PEAK_RSS_TARGET / mib:.0f} MiB): "
+        f"peak RSS reading the {largest}^2 scene: {worst_rss / mib:.0f} MiB "
+        f"(target <= {PEAK_RSS_TARGET / mib:.0f} MiB): "
         + ("met" if worst_rss <= PEAK_RSS_TARGET else "MISSED")
     )
     return "\n".join(lines)

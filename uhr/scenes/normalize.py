@@ -94,6 +94,8 @@ class Stretch:
         out = data.astype(np.float32)
         out -= low
         out *= scale
+        # NaN (nodata in float scenes, masked by the caller) becomes 0 instead of an invalid cast.
+        np.nan_to_num(out, copy=False, nan=0.0)
         np.clip(out, 0.0, 255.0, out=out)
         return np.rint(out, out=out).astype(np.uint8)
 

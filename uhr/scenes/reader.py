@@ -247,7 +247,8 @@ class Scene:
             width, height = math.ceil(self.width / factor), math.ceil(self.height / factor)
             if max(width, height) <= self.normalize.stats_max_side:
                 return width, height
-        return fit_longest_side(self.width, self.height, min(self.normalize.stats_max_side, max(self.width, self.height)))
+        longest = min(self.normalize.stats_max_side, max(self.width, self.height))
+        return fit_longest_side(self.width, self.height, longest)
 
     def read_view(self, max_side: int) -> np.ndarray:
         """The whole scene as (H, W, 3) uint8, aspect kept, longest side exactly `max_side`.
@@ -349,7 +350,10 @@ class Scene:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         with self._gdal():
             data = self._dataset.read(
-                list(self.bands), window=window, out_shape=(len(self.bands), out_height, out_width), resampling=resampling
+                list(self.bands),
+                window=window,
+                out_shape=(len(self.bands), out_height, out_width),
+                resampling=resampling,
             )
             mask = None
             if self._mask_kind is _MaskKind.ALPHA:
@@ -441,13 +445,18 @@ class Scene:
         return f"Scene({redact(self.uri)!r}, {self.width}x{self.height}, {self.count} bands, {self.dtype})"
 
 
+# rasterio's wrappers that only point at the GDAL error chained below them.
+_POINTERS = ("Read failed. See previous", "Read or write failed. See previous")
+
+
 def _gdal_message(error: BaseException) -> str:
     """The messages of `error` and the GDAL errors chained under it, one line."""
     messages: list[str] = []
     current: BaseException | None = error
     while current is not None and len(messages) < 5:
         text = " ".join(str(current).split())
-        if text and not any(text.rstrip(".") in seen for seen in messages) and not text.startswith(("Read failed. See previous", "Read or write failed. See previous")):
+        repeated = any(text.rstrip(".") in seen for seen in messages)
+        if text and not repeated and not text.startswith(_POINTERS):
             messages.append(text)
         current = current.__cause__ or current.__context__
     return "; ".join(messages) or type(error).__name__
