@@ -216,12 +216,27 @@ def test_output_is_global_context_then_the_final_level_in_raster_order(tiny_mode
     assert bool((tokens.n_source[~glob] == strategy.config.c2f.pool**2).all())
 
 
-@pytest.mark.parametrize("budget", [1, 2, 5, 40])
+@pytest.mark.parametrize("budget", [1, 2, 5, 40, 86])
 def test_small_budgets_pool_or_drop_the_thumbnail(tiny_model, image_factory, budget):
     model, _ = tiny_model
     strategy = _strategy(budget=budget)
     with torch.no_grad():
         tokens = strategy.select(model, strategy.encode(model, ArraySource(image_factory(90, 120))), "q")
     glob = int((tokens.scale == 0).sum())
-    assert len(tokens) <= budget and glob <= budget // 2 and len(tokens) > glob
+    assert len(tokens) <= budget and glob <= int(budget * 0.75) and len(tokens) > glob
+    assert (glob == model.patch_grid**2) == (budget >= 86)  # 64 tokens fit in 75% of 86, not of 40
     assert int(tokens.n_source[tokens.scale == 0].sum()) == (model.patch_grid**2 if glob else 0)
+
+
+def test_the_tile_cache_is_bounded(tiny_model, image_factory):
+    model, _ = tiny_model
+    source = CountingSource(image_factory(200, 240))
+    strategy = _strategy(budget=400, max_cached_tiles=2)
+    with torch.no_grad():
+        encoding = strategy.encode(model, source)
+        first = strategy.select(model, encoding, "Where is the harbour?")
+        reads = len(source.windows)
+        assert reads > 2 and len(encoding.cache) == 2  # the most recently used tiles stay
+        again = strategy.select(model, encoding, "Where is the harbour?")
+    assert len(source.windows) > reads  # evicted tiles are read again, and give the same tokens
+    torch.testing.assert_close(again.embeds, first.embeds)

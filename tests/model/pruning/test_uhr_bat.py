@@ -221,7 +221,7 @@ def test_multi_scale_selection_respects_every_budget(h1, w1, finer, regions, bud
         count = h * w
         k = min(regions, count)
         labels.append(torch.cat([torch.arange(k), torch.randint(0, k, (count - k,), generator=generator)]))
-    budgets = allocate_budgets(budget, [h * w for h, w in grids], [int(l.max()) + 1 for l in labels])
+    budgets = allocate_budgets(budget, [h * w for h, w in grids], [int(label.max()) + 1 for label in labels])
     total = 0
     for (h, w), label, scale_budget in zip(grids, labels, budgets):
         importance = align_importance(anchor, (h, w)).reshape(-1)
@@ -235,7 +235,8 @@ def test_multi_scale_selection_respects_every_budget(h1, w1, finer, regions, bud
 
 
 def _strategy(budget: int, **uhr_bat) -> UhrBatStrategy:
-    return UhrBatStrategy(PruningConfig(strategy="uhr-bat", budget=budget, scales=[40, 80, 120], uhr_bat={"regions": 4, **uhr_bat}))
+    config = PruningConfig(strategy="uhr-bat", budget=budget, scales=[40, 80, 120], uhr_bat={"regions": 4, **uhr_bat})
+    return UhrBatStrategy(config)
 
 
 def test_importance_is_question_and_head_averaged_attention_at_the_configured_layer(tiny_model, image_factory):

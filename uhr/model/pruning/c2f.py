@@ -12,23 +12,26 @@ prepends.
 question (`coarse_to_fine`):
 
 1. score the current level's valid tokens with the LM's attention from the last prompt token
-   (LRS-VQA's Region Focus target; the LM's own layer stands in for the distilled RFM), global
-   thumbnail tokens in the context;
+   (LRS-VQA's Region Focus target; the LM's own layer stands in for the distilled RFM, and the
+   head-averaged softmax runs over the whole prompt rather than over the local image keys only),
+   the thumbnail tokens in the context;
 2. keep the top `keep_ratio` of them (floor, at least one);
 3. if this is the full-resolution level, stop;
-4. otherwise the next level's tiles that overlap the kept tokens' footprints are the candidates.
-   The budget decides between zooming in and pruning here (LRS-VQA's "retrieve the next level or
-   prune at the current one"): the candidates are read only if the tokens the next level would
-   keep from them, keep_count(tiles * (g / pool)^2), fit the local budget B_local = B - global
-   tokens; otherwise the budget is spent and the current level's selection is final. Only the
-   candidate windows are read from the source (`read_window`), encoded and cached in the
-   encoding, so later questions on the same area reuse them.
+4. otherwise the candidates are the next level's tiles that overlap a kept token's footprint (the
+   released code maps each token's grid corner proportionally, which misses the second tile of a
+   token straddling a tile border). The budget then decides between zooming in and pruning at the
+   current level, the choice LRS-VQA makes at every level: the candidates are read only if the
+   tokens the next level would keep from them, keep_count(tiles * (g / pool)^2), fit the local
+   budget B_local = B - thumbnail tokens; otherwise the budget is spent and the current level's
+   selection is final. Only the candidate windows are read from the source (`read_window`),
+   encoded and cached in the encoding, so later questions on the same area reuse them.
 
 Output: the global thumbnail tokens, then the final level's kept tokens (at most B_local of them,
 the highest scored) in raster order of that level's pooled token grid. As in LRS-VQA, coarser
 levels serve only to choose where to look: their tokens are not emitted, so areas not refined are
-represented by the global thumbnail alone. No newline tokens. The thumbnail takes at most half the
-budget: beyond that its grid is average-pooled to fit (and dropped when B = 1).
+represented by the global thumbnail alone. No newline tokens. The thumbnail takes at most
+`global_max_fraction` of the budget (and always leaves one token for the local selection): beyond
+that its grid is average-pooled to fit; with no room at all (B = 1) it is left out.
 
 Provenance: scale 0 is the thumbnail, scale l + 1 pyramid level l; rows/cols index the pooled
 grid of that scale; n_source counts the tower tokens averaged into each token.
@@ -37,6 +40,7 @@ grid of that scale; n_source counts the tower tokens averaged into each token.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -73,6 +77,18 @@ def pyramid_sides(longest: int, base_side: int) -> list[int]:
         k += 1
     sides.append(base)
     return sides[::-1]
+
+
+@dataclass
+class LevelTokens:
+    """Valid pooled tokens of some tiles of a level, in raster order of the level's pooled grid."""
+
+    index: torch.Tensor
+    """(K,) long position of each token in the tiles' flattened (n * cells * cells) features."""
+    row: torch.Tensor
+    col: torch.Tensor
+    box: torch.Tensor
+    """(K, 4) float scene-pixel box."""
 
 
 @dataclass(frozen=True)
@@ -131,18 +147,6 @@ class Level:
         order = torch.argsort(rows * (self.cols * cells) + cols)
         order = order[valid[order]]
         return LevelTokens(index=order, row=rows[order], col=cols[order], box=boxes[order])
-
-
-@dataclass
-class LevelTokens:
-    """Valid pooled tokens of some tiles of a level, in raster order of the level's pooled grid."""
-
-    index: torch.Tensor
-    """(K,) long position of each token in the tiles' flattened (n * cells * cells) features."""
-    row: torch.Tensor
-    col: torch.Tensor
-    box: torch.Tensor
-    """(K, 4) float scene-pixel box."""
 
 
 def keep_count(tokens: int, keep_ratio: float) -> int:
@@ -270,8 +274,8 @@ class C2FEncoding(SceneEncoding):
     """(rows * cols, cells, cells, D_v) pooled base-level features."""
     global_tokens: PrunedTokens | None
     """The thumbnail's tokens, None without a global view."""
-    cache: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
-    """(level, row, col) -> (cells, cells, D_v) pooled features of fine tiles encoded so far."""
+    cache: OrderedDict[tuple[int, int, int], torch.Tensor] = field(default_factory=OrderedDict)
+    """(level, row, col) -> (cells, cells, D_v) pooled features of fine tiles encoded so far, least recently used first."""
 
 
 class CoarseToFineStrategy(PruningStrategy):
@@ -281,11 +285,18 @@ class CoarseToFineStrategy(PruningStrategy):
     query_guided = True
 
     def views(self, width: int, height: int, tile: int = 336) -> list[int]:
-        """The thumbnail (one tile) and the base level; finer levels are read window by window."""
-        sides = [pyramid_sides(max(width, height), self.config.c2f.base_side)[0]]
-        if self.config.c2f.global_view and tile not in sides:
-            sides.insert(0, tile)
+        """The thumbnail (one `tile`, 336 for CLIP ViT-L/14-336) and the base level; finer levels are windows."""
+        sides = {pyramid_sides(max(width, height), self.config.c2f.base_side)[0]}
+        if self._thumbnail_room() > 0:
+            sides.add(tile)
         return sorted(sides)
+
+    def _thumbnail_room(self) -> int:
+        """Tokens the thumbnail may take: `global_max_fraction` of B, leaving one; 0 without it."""
+        if not self.config.c2f.global_view:
+            return 0
+        budget = self.config.budget
+        return min(math.floor(budget * self.config.c2f.global_max_fraction), budget - 1)
 
     def _cells(self, model: UhrForConditionalGeneration) -> int:
         pool, grid = self.config.c2f.pool, model.patch_grid
@@ -313,7 +324,7 @@ class CoarseToFineStrategy(PruningStrategy):
 
         global_tokens = self._global_tokens(model, source)
         finest = levels[-1]
-        dense = grid * grid * int(cfg.global_view) + finest.rows * finest.cols * cells * cells
+        dense = (0 if global_tokens is None else grid * grid) + finest.rows * finest.cols * cells * cells
         return C2FEncoding(
             grids=[base_grid],
             dense=dense,
@@ -326,10 +337,10 @@ class CoarseToFineStrategy(PruningStrategy):
         )
 
     def _global_tokens(self, model: UhrForConditionalGeneration, source: PixelSource) -> PrunedTokens | None:
-        """The thumbnail's tokens (scale 0), pooled to at most half the budget; None when disabled or B = 1."""
+        """The thumbnail's tokens (scale 0), pooled to fit its room in the budget; None without room."""
         tile, grid = model.tile_size, model.patch_grid
-        room = self.config.budget // 2
-        if not self.config.c2f.global_view or room == 0:
+        room = self._thumbnail_room()
+        if room < 1:
             return None
         thumbnail = resize_rgb(source.read_view(tile), tile, tile)  # squashed, as LLaVA-NeXT's base image
         features, _ = model.encode_tiles(torch.from_numpy(np.array(thumbnail))[None])
@@ -350,18 +361,28 @@ class CoarseToFineStrategy(PruningStrategy):
             dense=0,
         )
 
-    def _fetch(self, model: UhrForConditionalGeneration, encoding: C2FEncoding, level_index: int, tiles: torch.Tensor) -> torch.Tensor:
-        """Pooled features of `tiles` at a fine level: cached ones reused, the others read and encoded."""
+    def _fetch(
+        self, model: UhrForConditionalGeneration, encoding: C2FEncoding, level_index: int, tiles: torch.Tensor
+    ) -> torch.Tensor:
+        """Pooled features of `tiles` at a fine level: cached ones reused, the others read and encoded.
+
+        The cache keeps the `max_cached_tiles` most recently used tiles.
+        """
         level = encoding.levels[level_index]
+        cache = encoding.cache
         keys = [(level_index, int(r), int(c)) for r, c in tiles.tolist()]
-        missing = [key for key in keys if key not in encoding.cache]
+        missing = [key for key in keys if key not in cache]
         if missing:
             size = (level.tile, level.tile)
             windows = [encoding.source.read_window(*level.window(r, c), out_size=size) for _, r, c in missing]
             features, _ = model.encode_tiles(torch.from_numpy(np.stack(windows)))
-            for key, pooled in zip(missing, pool_tiles(features, self.config.c2f.pool)):
-                encoding.cache[key] = pooled
-        return torch.stack([encoding.cache[key] for key in keys])
+            cache.update(zip(missing, pool_tiles(features, self.config.c2f.pool)))
+        for key in keys:
+            cache.move_to_end(key)
+        fetched = torch.stack([cache[key] for key in keys])
+        while len(cache) > self.config.c2f.max_cached_tiles:
+            cache.popitem(last=False)
+        return fetched
 
     def select(self, model: UhrForConditionalGeneration, encoding: SceneEncoding, question: str) -> PrunedTokens:
         if not isinstance(encoding, C2FEncoding):

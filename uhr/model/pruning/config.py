@@ -25,7 +25,9 @@ class GeoLlavaConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    max_tokens_per_tile: int = Field(24, ge=1, description="Clusters kept per tile (MAX_TOKENS; 24 in the released config).")
+    max_tokens_per_tile: int = Field(
+        24, ge=1, description="Clusters kept per tile (MAX_TOKENS; 24 in the released config)."
+    )
     pointer_rounds: int = Field(12, ge=1, description="Upper bound on pointer-jumping rounds (root = root[root]).")
     max_tiles_per_side: int = Field(24, ge=1, description="Largest anyres grid side in tiles (24 -> 8064 px with 336 tiles).")
     max_tiles: int = Field(576, ge=2, description="Largest number of tiles of an anyres grid (grids have 2..max_tiles tiles).")
@@ -36,7 +38,9 @@ class GeoLlavaConfig(BaseModel):
             "slots, as the released model does (it was trained with them); False drops them."
         ),
     )
-    chunk_tiles: int = Field(64, ge=1, description="Tiles encoded and clustered together; bounds the tower features held at once.")
+    chunk_tiles: int = Field(
+        64, ge=1, description="Tiles encoded and clustered together; bounds the tower features held at once."
+    )
 
 
 class UhrBatConfig(BaseModel):
@@ -44,12 +48,21 @@ class UhrBatConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    regions: int = Field(64, ge=1, description="Regions per scale (k of k-means / BIRCH clusters; fewer when a scale has fewer tokens).")
+    regions: int = Field(
+        64, ge=1, description="Regions per scale (k of k-means / BIRCH; fewer when a scale has fewer distinct tokens)."
+    )
     partition: PartitionMethod = Field(PartitionMethod.KMEANS, description="How each scale is partitioned into regions.")
-    coord_weight: float = Field(1.0, ge=0.0, description="Scale of the normalised (x, y) coordinates appended to L2-normalised features before clustering.")
+    coord_weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="Scale of the normalised (x, y) coordinates appended to L2-normalised features before clustering.",
+    )
     importance_layer: int | None = Field(
         None,
-        description="LM layer whose text-to-vision attention gives importance; negative counts from the end; None = the middle layer (num_layers // 2).",
+        description=(
+            "LM layer whose text-to-vision attention gives importance; negative counts from the end; "
+            "None = the middle layer (num_layers // 2)."
+        ),
     )
     seed: int = Field(0, description="Seed of the clustering, so a scene always gets the same partition.")
     kmeans_max_iter: int = Field(100, ge=1, description="Lloyd iterations of k-means (MiniBatch k-means: passes over the data).")
@@ -65,16 +78,34 @@ class C2FConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    base_side: int = Field(1008, ge=1, description="Longest side of the coarsest pyramid level (its grid has at most 3x3 tiles of 336).")
-    keep_ratio: float = Field(0.25, gt=0.0, le=1.0, description="Fraction of a level's tokens kept, both to choose the finer tiles to read and as the final selection.")
-    pool: int = Field(2, ge=1, description="Average-pool factor applied to each tile's patch grid (2 -> 24x24 becomes 12x12); must divide the patch grid.")
+    base_side: int = Field(
+        1008, ge=1, description="Longest side of the coarsest pyramid level (its grid has at most 3x3 tiles of 336)."
+    )
+    keep_ratio: float = Field(
+        0.25,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of a level's tokens kept, both to choose the finer tiles to read and as the final selection.",
+    )
+    pool: int = Field(
+        2, ge=1, description="Average-pool factor of each tile's patch grid (2: 24x24 -> 12x12); must divide the patch grid."
+    )
     importance_layer: int | None = Field(
         None,
-        description="LM layer whose attention from the last prompt token gives importance; negative counts from the end; None = the middle layer.",
+        description=(
+            "LM layer whose attention from the last prompt token gives importance; negative counts from the end; "
+            "None = the middle layer."
+        ),
     )
-    global_view: bool = Field(
-        True,
-        description="Prepend the global thumbnail (the scene squashed to one tile, unpooled) as LRS-VQA does; it takes at most half the budget.",
+    global_view: bool = Field(True, description="Prepend the global thumbnail (the scene squashed to one tile) as LRS-VQA does.")
+    max_cached_tiles: int = Field(
+        4096, ge=0, description="Fine tiles a scene's encoding keeps for later questions (least recently used dropped)."
+    )
+    global_max_fraction: float = Field(
+        0.75,
+        gt=0.0,
+        lt=1.0,
+        description="Largest share of the budget the thumbnail's g*g tokens may take; beyond it they are average-pooled to fit.",
     )
 
 

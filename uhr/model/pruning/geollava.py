@@ -26,13 +26,15 @@ never encoded: the pruning branch drops it. With no such grid, the scene goes in
 (as released) keeps all g*g tokens unpruned when they fit the budget and is pruned to
 min(max_tokens_per_tile, budget) clusters otherwise. Projection happens after selection, tiles are
 concatenated in raster order, no newline tokens. Nothing depends on the question: `encode` does
-everything and `select` returns it.
+everything and `select` returns it. In training, gradients reach the projector and the tower
+through the cluster means; the affinity head gets none (parents are an argmax), as in the released
+recipe.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -175,6 +177,29 @@ class TileSelection:
     roots: torch.Tensor
     """(T, N) long root of every token."""
 
+    @staticmethod
+    def cat(parts: list[TileSelection]) -> TileSelection:
+        """Join the selections of consecutive tile chunks."""
+        return TileSelection(
+            features=torch.cat([p.features for p in parts]),
+            slots=torch.cat([p.slots for p in parts]),
+            filled=torch.cat([p.filled for p in parts]),
+            roots=torch.cat([p.roots for p in parts]),
+        )
+
+
+def keep_every_token(features: torch.Tensor) -> TileSelection:
+    """The unpruned selection of (T, g, g, D) tiles: every token is its own cluster, in raster order."""
+    tiles, height, width, dim = features.shape
+    count = height * width
+    slots = torch.arange(count, device=features.device).expand(tiles, count)
+    return TileSelection(
+        features=features.reshape(tiles, count, dim),
+        slots=slots,
+        filled=torch.ones(tiles, count, dtype=torch.bool, device=features.device),
+        roots=slots.clone(),
+    )
+
 
 def prune_tiles(
     features: torch.Tensor,
@@ -200,7 +225,9 @@ def prune_tiles(
     return TileSelection(features=picked, slots=slots, filled=filled, roots=roots)
 
 
-def geollava_pinpoints(tile: int, budget: int, max_tokens_per_tile: int, max_tiles_per_side: int, max_tiles: int) -> list[tuple[int, int]]:
+def geollava_pinpoints(
+    tile: int, budget: int, max_tokens_per_tile: int, max_tiles_per_side: int, max_tiles: int
+) -> list[tuple[int, int]]:
     """(height, width) anyres grids GeoLLaVA may use under `budget`: 2..max_tiles tiles whose clusters fit."""
     grids = []
     for rows in range(1, max_tiles_per_side + 1):
@@ -222,7 +249,7 @@ class GeoLlavaEncoding(SceneEncoding):
 
     tokens: PrunedTokens
     layout: tiling.AnyresLayout
-    pruned: bool = field(default=True)
+    pruned: bool = True
     """False when the single-tile case kept all g*g tokens."""
 
 
@@ -239,7 +266,10 @@ class GeoLlavaStrategy(PruningStrategy):
         return tiling.anyres_layout(width, height, pinpoint, tile)
 
     def views(self, width: int, height: int, tile: int = 336) -> list[int]:
-        """The one view the anyres canvas is resized from (never above the scene's own size)."""
+        """The one view the anyres canvas is resized from (never above the scene's own size).
+
+        `tile` is the tower's input size (336 for CLIP ViT-L/14-336); `encode` passes the model's.
+        """
         layout = self._layout(width, height, tile)
         return [min(max(layout.resized), max(width, height))]
 
@@ -258,32 +288,17 @@ class GeoLlavaStrategy(PruningStrategy):
         keep = min(cfg.max_tokens_per_tile, budget, per_tile)
 
         attention = model.selected_vision_layer.self_attn
-        features, slots, filled, labels = [], [], [], []
+        selections = []
         for chunk in tiles.split(cfg.chunk_tiles):
             tile_features, cls = model.encode_tiles(chunk)  # (t, g, g, D_v), (t, D_v)
-            if keep_all:
-                features.append(tile_features.reshape(1, per_tile, -1))
-                slots.append(torch.arange(per_tile, device=tile_features.device)[None])
-                filled.append(torch.ones(1, per_tile, dtype=torch.bool, device=tile_features.device))
-                labels.append(slots[-1].clone())
+            if keep_all:  # as released, a lone tile within the budget skips pruning
+                selections.append(keep_every_token(tile_features))
                 continue
-            selection = prune_tiles(
-                tile_features, cls, model.reghead(tile_features), attention.q_proj, attention.v_proj, keep, cfg.pointer_rounds
+            probs = model.reghead(tile_features)  # (t, g, g, 9)
+            selections.append(
+                prune_tiles(tile_features, cls, probs, attention.q_proj, attention.v_proj, keep, cfg.pointer_rounds)
             )
-            features.append(selection.features)
-            slots.append(selection.slots)
-            filled.append(selection.filled)
-            labels.append(selection.roots)
-        tokens = self._tokens(
-            model,
-            features=torch.cat(features),
-            slots=torch.cat(slots),
-            filled=torch.cat(filled),
-            roots=torch.cat(labels),
-            layout=layout,
-            width=width,
-            height=height,
-        )
+        tokens = self._tokens(model, TileSelection.cat(selections), layout, width, height)
         return GeoLlavaEncoding(
             grids=[], dense=count * per_tile, width=width, height=height, tokens=tokens, layout=layout, pruned=not keep_all
         )
@@ -291,19 +306,13 @@ class GeoLlavaStrategy(PruningStrategy):
     def _tokens(
         self,
         model: UhrForConditionalGeneration,
-        *,
-        features: torch.Tensor,
-        slots: torch.Tensor,
-        filled: torch.Tensor,
-        roots: torch.Tensor,
+        selection: TileSelection,
         layout: tiling.AnyresLayout,
         width: int,
         height: int,
     ) -> PrunedTokens:
-        """Project the kept slots (tiles in raster order, slots ascending) and attach their provenance.
-
-        features (T, k, D_v), slots / filled (T, k), roots (T, g*g).
-        """
+        """Project the kept slots (tiles in raster order, slots ascending) and attach their provenance."""
+        features, slots, filled, roots = selection.features, selection.slots, selection.filled, selection.roots
         grid, cols = model.patch_grid, layout.cols
         count, keep, dim = features.shape
         device = slots.device

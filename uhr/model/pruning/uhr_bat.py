@@ -324,36 +324,40 @@ class UhrBatStrategy(PruningStrategy):
     query_guided = True
 
     def views(self, width: int, height: int) -> list[int]:
+        """The clamped, merged scale sides, coarsest first."""
         return [view.side for view in effective_scales(self.config.scales, width, height)]
 
     def encode(self, model: UhrForConditionalGeneration, source: PixelSource) -> UhrBatEncoding:
         cfg = self.config.uhr_bat
         width, height = source.width, source.height
-        scales = []
-        for view in effective_scales(self.config.scales, width, height):
+        views = effective_scales(self.config.scales, width, height)
+        encoded = []
+        for view in views:
             pixels = source.read_view(view.side)
             box = tiling.padded_box(width, height, pixels.shape[1], pixels.shape[0], model.tile_size)
             grid = model.encode_view(pixels, scale=view.index, box=box)
             rows, cols = int(grid.valid.any(dim=1).sum()), int(grid.valid.any(dim=0).sum())
-            features = grid.stitched()[:rows, :cols].reshape(rows * cols, -1)  # (N_s, D_v)
-            position = model.scale_embedding(view.index, rows, cols).reshape(rows * cols, -1)
+            features = grid.stitched()[:rows, :cols].reshape(rows * cols, -1)  # (N_s, D_v), padding dropped
+            position = model.scale_embedding(view.index, rows, cols).reshape(rows * cols, -1)  # p + q (eq. 5)
             embeds = model.project(features) + position.to(features.device)
             cell_rows = torch.arange(rows).repeat_interleave(cols)
             cell_cols = torch.arange(cols).repeat(rows)
             embedding = clustering_embedding(features, cell_rows, cell_cols, max(rows, cols), cfg.coord_weight)
             regions = torch.from_numpy(partition_regions(embedding, cfg)).to(features.device)
-            scales.append(ScaleTokens(view=view, grid=grid, rows=rows, cols=cols, embeds=embeds, regions=regions, budget=0))
-        budgets = self._budgets(scales)
-        for scale, budget in zip(scales, budgets):
-            scale.budget = budget
+            encoded.append((grid, rows, cols, embeds, regions))
+        tokens = [rows * cols for _, rows, cols, _, _ in encoded]
+        budgets = self._budgets(views, tokens, [int(regions.max()) + 1 for *_, regions in encoded])
+        scales = [
+            ScaleTokens(view=view, grid=grid, rows=rows, cols=cols, embeds=embeds, regions=regions, budget=budget)
+            for view, (grid, rows, cols, embeds, regions), budget in zip(views, encoded, budgets)
+        ]
         dense = sum(scale.rows * scale.cols for scale in scales)
         return UhrBatEncoding(grids=[scale.grid for scale in scales], dense=dense, width=width, height=height, scales=scales)
 
-    def _budgets(self, scales: list[ScaleTokens]) -> list[int]:
+    def _budgets(self, views: list[ScaleView], tokens: list[int], regions: list[int]) -> list[int]:
+        """B_s: the configured ones (summed over merged scales) or `allocate_budgets`."""
         if self.config.scale_budgets is not None:
-            return [sum(self.config.scale_budgets[i] for i in scale.view.merged) for scale in scales]
-        tokens = [scale.rows * scale.cols for scale in scales]
-        regions = [int(scale.regions.max()) + 1 for scale in scales]
+            return [sum(self.config.scale_budgets[i] for i in view.merged) for view in views]
         return allocate_budgets(self.config.budget, tokens, regions)
 
     def anchor_importance(self, model: UhrForConditionalGeneration, encoding: UhrBatEncoding, question: str) -> torch.Tensor:
