@@ -2,7 +2,7 @@
 
 Prints a Markdown table: for each synthetic scene served by a local S3 API server, the time and
 bytes of `read_view(672)` and of 16 random `read_window(336)` calls, and peak RSS per process.
-Scenes are generated once and kept under ~/.cache/uhr/bench/.
+Scenes are generated once and kept under bench/ in the uhr cache directory (~/.cache/uhr by default).
 """
 
 from __future__ import annotations

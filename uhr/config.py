@@ -38,11 +38,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `update` laid over it, nested mappings merged key by key."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_trees(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -66,8 +67,8 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping of keys to values, got {type(loaded).__name__}")
         tree = loaded or {}
-    tree = _merge(tree, {key: value for key, value in fields.items() if value is not None})
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = merge_trees(tree, {key: value for key, value in fields.items() if value is not None})
+    tree = merge_trees(tree, parse_overrides(overrides or []))
     try:
         return cls.model_validate(tree)
     except ValidationError as err:

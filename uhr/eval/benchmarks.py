@@ -60,7 +60,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from uhr.eval.cache import default_cache_dir
+from uhr.cache import default_cache_dir
 from uhr.storage import StorageConfig, join_uri, redact, uri_protocol
 from uhr.prompts import (
     OPEN_INSTRUCTION,

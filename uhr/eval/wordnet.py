@@ -26,7 +26,7 @@ from pathlib import Path
 import nltk
 from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
-from uhr.eval.cache import default_cache_dir
+from uhr.cache import default_cache_dir
 
 DEFAULT_SOURCE_DIR = Path("/usr/share/wordnet")
 INSTALL_COMMAND = "apt-get install -y --no-install-recommends wordnet-base wordnet-sense-index"

@@ -49,6 +49,7 @@ from transformers import (
 )
 from transformers import initialization as init
 
+from uhr.cache import default_cache_dir
 from uhr.errors import UhrError
 from uhr.model.config import UhrConfig
 from uhr.model.modeling import UhrForConditionalGeneration
@@ -440,7 +441,7 @@ _MANIFEST = ".uhr-manifest.json"
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
-    return Path(os.environ.get("UHR_CACHE_DIR", Path.home() / ".cache" / "uhr")) / "checkpoints"
+    return default_cache_dir() / "checkpoints"
 
 
 def _fetch_directory(uri: str, storage: StorageConfig, cache_dir: str | os.PathLike[str] | None) -> Path:
@@ -573,8 +574,8 @@ def load_model(
 
     The format comes from config.json's `model_type`: "llava_next", "llava_qwen" / "llava_llama"
     (LongVA, GeoLLaVA-8K) or "uhr". `dtype` defaults to float32 for (a)/(b) and to the saved dtype
-    for (c). Remote directories are copied under `cache_dir` (default `$UHR_CACHE_DIR/checkpoints`
-    or `~/.cache/uhr/checkpoints`). The pruning settings the checkpoint implies are in
+    for (c). Remote directories are copied under `cache_dir` (default `checkpoints/` in
+    `uhr.cache.default_cache_dir()`). The pruning settings the checkpoint implies are in
     `model.config.pruning_defaults`.
     """
     location = os.fspath(path_or_uri)

@@ -7,6 +7,7 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from uhr.model.pruning.config import PruningConfig
+from uhr.scenes.normalize import NormalizeConfig
 from uhr.storage import StorageConfig
 
 
@@ -28,7 +29,10 @@ class ReadStageConfig(BaseModel):
     memory_gb: float | None = Field(
         None, gt=0, description="Memory reserved per read task, GiB (views of a scene at the largest scale, plus GDAL's cache)."
     )
-    bands: list[int] | None = Field(None, description="1-based bands mapped to R, G, B; None: the scene reader's default.")
+    window_num_cpus: float = Field(
+        0.25, gt=0, description="CPUs reserved by each task that reads the fine windows a strategy asks for (c2f)."
+    )
+    windows_per_task: int = Field(4, ge=1, description="Fine windows read by one task (one scene open serves them all).")
 
 
 class ActorStageConfig(BaseModel):
@@ -69,6 +73,7 @@ class VqaConfig(BaseModel):
     overwrite: bool = Field(False, description="Delete what `output` holds and start afresh.")
     pruning: PruningConfig = Field(default_factory=PruningConfig, description="Strategy and token budget.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store endpoint and GDAL tuning.")
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig, description="Bands, stretch and nodata handling of scenes.")
     read: ReadStageConfig = Field(default_factory=ReadStageConfig, description="Scene read stage (CPU tasks).")
     encode: ActorStageConfig = Field(default_factory=ActorStageConfig, description="Encode + prune actor pool (answers too when fused).")
     answer: ActorStageConfig = Field(

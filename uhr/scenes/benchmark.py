@@ -22,6 +22,7 @@ import numpy as np
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
+from uhr.cache import default_cache_dir
 from uhr.scenes.reader import open_scene
 from uhr.scenes.windows import random_boxes
 
@@ -43,7 +44,7 @@ class ReadBenchConfig(BaseModel):
     windows: int = Field(default=16, ge=0, description="Random windows read per scene.")
     window_side: int = Field(default=336, gt=0, description="Side of each window.")
     cache_dir: Path = Field(
-        default=Path("~/.cache/uhr/bench"), description="Where generated scenes are kept between runs."
+        default_factory=lambda: default_cache_dir() / "bench", description="Where generated scenes are kept between runs."
     )
     local: bool = Field(default=True, description="Also read each scene from the local file.")
 

@@ -1,4 +1,4 @@
-"""Where uhr keeps what it derives once and reuses: WordNet's NLTK corpus, extracted benchmark images."""
+"""Where uhr keeps what it derives once and reuses: model copies, sample archives, WordNet, benchmark images."""
 
 from __future__ import annotations
 

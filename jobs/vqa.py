@@ -1,0 +1,68 @@
+"""Answer questions about every scene of an archive: `python -m jobs.vqa [options] [key=value ...]`.
+
+With no arguments it answers the embedded sample archive (made once in the cache directory) with
+the default model and writes `./outputs/vqa`. On a cluster:
+
+    ray job submit --working-dir . -- python -m jobs.vqa --config configs/vqa/cluster.yaml
+
+Examples:
+
+    python -m jobs.vqa --scenes s3://bucket/archive/ --ask "How many ships are in the harbour?"
+    python -m jobs.vqa --scenes s3://bucket/archive/ --questions s3://bucket/questions.parquet \\
+        --output s3://bucket/answers/ pruning.strategy=c2f pruning.budget=512 encode.num_gpus=1
+
+Every field of `uhr.pipeline.config.VqaConfig` can be set in the YAML file or as `key=value`
+(dotted for sections: `pruning.uhr_bat.regions=32`, `encode.max_actors=8`). Re-running the same
+command on the same output resumes; `--overwrite` starts afresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from uhr.config import ConfigError, load_config
+from uhr.pipeline import VqaConfig, run_vqa
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.vqa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML file with VqaConfig fields")
+    parser.add_argument("--scenes", help="scene prefix (dir or s3://...) or a .txt file listing scene URIs")
+    parser.add_argument("--questions", help="questions table: .parquet, .jsonl or .csv (question_id, scene, question[, choices, bbox, prompt])")
+    parser.add_argument("--ask", action="append", help="a question for every scene (repeatable; instead of --questions)")
+    parser.add_argument("--output", help="output dataset URI (default outputs/vqa)")
+    parser.add_argument("--model", help="model directory or URI (default: the bundled default model)")
+    parser.add_argument("--overwrite", action="store_true", default=None, help="delete the output's rows and start afresh")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. pruning.budget=512")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    args = parse_args(argv)
+    try:
+        config = load_config(
+            VqaConfig,
+            args.config,
+            args.overrides,
+            scenes=args.scenes,
+            questions=args.questions,
+            ask=args.ask,
+            output=args.output,
+            model=args.model,
+            overwrite=args.overwrite,
+        )
+        summary = run_vqa(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary.format())
+    return 0 if summary.status == "completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

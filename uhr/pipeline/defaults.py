@@ -1,0 +1,64 @@
+"""What `python -m jobs.vqa` uses when given nothing: a small synthetic archive and the default model.
+
+Both are made once in the uhr cache directory (`uhr.cache.default_cache_dir()`) and reused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from uhr.cache import default_cache_dir
+from uhr.model import build_tiny_model, save_model
+from uhr.synth import ArchiveIndex, write_archive
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_SCENES = 4
+SAMPLE_SIZE = 4096
+SAMPLE_SEED = 7
+TINY_MODEL_SEED = 0
+# The tiny tower's 32-px tiles stand in for CLIP's 336 px: the same tile counts as the papers' settings.
+TINY_PRUNING_DEFAULTS = {
+    "strategy": "uhr-bat",
+    "budget": 256,
+    "scales": [64, 128, 256, 384],
+    "c2f": {"base_side": 96},
+    "uhr_bat": {"regions": 16},
+}
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialise creators of `path` (two jobs started at once must not write it twice)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def sample_archive() -> ArchiveIndex:
+    """The embedded sample: `SAMPLE_SCENES` synthetic scenes of `SAMPLE_SIZE` px with questions."""
+    root = default_cache_dir() / "sample" / f"archive-{SAMPLE_SCENES}x{SAMPLE_SIZE}-seed{SAMPLE_SEED}"
+    index = root / "index.json"
+    with _locked(root):
+        if not index.exists():
+            logger.info("writing the sample archive (%d scenes of %d px) to %s", SAMPLE_SCENES, SAMPLE_SIZE, root)
+            archive = write_archive(str(root), scenes=SAMPLE_SCENES, size=SAMPLE_SIZE, seed=SAMPLE_SEED, split="test")
+            index.write_text(json.dumps(archive.to_dict()))
+    return ArchiveIndex(**json.loads(index.read_text()))
+
+
+def default_model() -> str:
+    """Path of the default model, saved in our export format on first use."""
+    path = default_cache_dir() / "models" / f"tiny-qwen2-seed{TINY_MODEL_SEED}"
+    with _locked(path):
+        if not (path / "config.json").exists():
+            logger.info("saving the default model to %s", path)
+            model, _ = build_tiny_model(seed=TINY_MODEL_SEED, pruning_defaults=TINY_PRUNING_DEFAULTS)
+            save_model(model, path)
+    return str(path)

@@ -1,0 +1,305 @@
+"""The archive-wide VQA job: plan on the driver, stream scenes through Ray Data, write answer rows.
+
+`build_vqa_dataset` appends the stages in DESIGN order (read -> encode + prune [+ answer] ->
+[answer]), each switched by the config; `run_vqa` plans, runs and writes, resuming what an earlier
+run on the same output left undone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from uhr.model import load_model_config
+from uhr.config import merge_trees
+from uhr.model.config import UhrConfig
+from uhr.model.pruning.config import PruningConfig
+from uhr.pipeline.config import VqaConfig
+from uhr.pipeline.defaults import default_model, sample_archive
+from uhr.pipeline.output import ResultWriter, RunManifest, clear_output, read_done
+from uhr.pipeline.plan import InputError, Plan, load_questions, make_plan, questions_from_ask, scene_uris
+from uhr.pipeline.stages import AnswerStage, EncodeStage, read_scene
+from uhr.storage import CREDENTIAL_ENV_VARS, StorageConfig, redact
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_pruning(pruning: PruningConfig, model_config: UhrConfig) -> PruningConfig:
+    """The model's pruning defaults (e.g. GeoLLaVA-8K's clusters per tile), under what the user set."""
+    merged = merge_trees(model_config.pruning_defaults or {}, pruning.model_dump(mode="json", exclude_unset=True))
+    return PruningConfig.model_validate(merged)
+
+
+def worker_env(storage: StorageConfig) -> dict[str, Any]:
+    """The runtime environment of every stage: GDAL tuning, endpoint, region, block cache.
+
+    Credentials are left out on purpose: a runtime environment is recorded in the cluster's job
+    metadata. Workers find credentials where the AWS SDKs and GDAL look (node environment, instance
+    or pod identity), as in any production Ray cluster.
+    """
+    env = {k: v for k, v in storage.worker_env_vars().items() if k not in CREDENTIAL_ENV_VARS}
+    return {"env_vars": env}
+
+
+def build_vqa_dataset(
+    groups: list[dict[str, Any]], config: VqaConfig, model_uri: str, model_config: UhrConfig, run_id: str
+) -> ray.data.Dataset:
+    """The lazy pipeline over scene groups: read (CPU tasks) -> encode + prune [+ answer] -> [answer]."""
+    runtime_env = worker_env(config.storage)
+    read, encode, answer = config.read, config.encode, config.answer
+    ds = ray.data.from_items(groups, override_num_blocks=max(1, len(groups)))
+    read_resources: dict[str, Any] = {"num_cpus": read.num_cpus}
+    if read.memory_gb is not None:
+        read_resources["memory"] = read.memory_gb * 2**30
+    ds = ds.map(
+        read_scene,
+        fn_kwargs={
+            "model_config": model_config,
+            "pruning": config.pruning,
+            "storage": config.storage,
+            "normalize": config.normalize,
+        },
+        concurrency=read.concurrency,
+        runtime_env=runtime_env,
+        **read_resources,
+    )
+    ds = ds.map_batches(
+        EncodeStage,
+        fn_constructor_kwargs={"config": config, "model_uri": model_uri, "run_id": run_id, "fused": config.fused},
+        batch_size=encode.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(
+            min_size=encode.min_actors, max_size=encode.max_actors, max_tasks_in_flight_per_actor=encode.max_tasks_in_flight
+        ),
+        num_gpus=encode.num_gpus,
+        num_cpus=encode.num_cpus,
+        runtime_env=runtime_env,
+    )
+    if not config.fused:
+        ds = ds.map_batches(
+            AnswerStage,
+            fn_constructor_kwargs={"config": config, "model_uri": model_uri, "run_id": run_id},
+            batch_size=answer.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(
+                min_size=answer.min_actors,
+                max_size=answer.max_actors,
+                max_tasks_in_flight_per_actor=answer.max_tasks_in_flight,
+            ),
+            num_gpus=answer.num_gpus,
+            num_cpus=answer.num_cpus,
+            runtime_env=runtime_env,
+        )
+    return ds
+
+
+@dataclass
+class RunSummary:
+    """What a run did, printed by the job and stored in the manifest."""
+
+    output: str
+    run_id: str
+    status: str
+    total: int
+    skipped: int
+    rows: int
+    answered: int
+    errors: int
+    scenes: int
+    wall_s: float
+    mean_tokens_kept: float | None
+    mean_tokens_dense: float | None
+
+    @property
+    def scenes_per_s(self) -> float:
+        return self.scenes / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def questions_per_s(self) -> float:
+        return self.rows / self.wall_s if self.wall_s else 0.0
+
+    def format(self) -> str:
+        tokens = (
+            f"{self.mean_tokens_kept:.1f} kept / {self.mean_tokens_dense:.1f} dense"
+            if self.mean_tokens_kept is not None
+            else "n/a"
+        )
+        return "\n".join(
+            [
+                f"run {self.run_id}: {self.status}",
+                f"  rows written   {self.rows} ({self.answered} answered, {self.errors} errors); "
+                f"{self.skipped} already done, {self.total} questions in all",
+                f"  throughput     {self.scenes_per_s:.3f} scenes/s, {self.questions_per_s:.3f} questions/s "
+                f"({self.scenes} scenes in {self.wall_s:.1f} s)",
+                f"  visual tokens  {tokens} (mean per answered question)",
+                f"  output         {redact(self.output)}",
+            ]
+        )
+
+
+class _Progress:
+    """Counts rows as they are written and logs a one-line status every `interval` seconds."""
+
+    def __init__(self, total: int, interval: float):
+        self.total, self.interval = total, interval
+        self.rows = self.answered = self.errors = 0
+        self.kept = self.dense = 0
+        self._start = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._report, name="uhr-status", daemon=True)
+
+    def add(self, batch: pa.Table) -> None:
+        answered = pc.is_valid(batch["answer"])
+        self.rows += batch.num_rows
+        self.answered += pc.sum(answered).as_py() or 0
+        self.errors += pc.sum(pc.is_valid(batch["error"])).as_py() or 0
+        self.kept += pc.sum(pc.filter(batch["tokens_kept"], answered)).as_py() or 0
+        self.dense += pc.sum(pc.filter(batch["tokens_dense"], answered)).as_py() or 0
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self._start
+        rate = self.rows / elapsed if elapsed else 0.0
+        return f"[uhr] {self.rows}/{self.total} rows ({self.answered} answered, {self.errors} errors), {elapsed:.0f} s, {rate:.2f} questions/s"
+
+    def _report(self) -> None:
+        while not self._stop.wait(self.interval):
+            logger.info(self.line())
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        logger.info(self.line())
+
+
+def _versions() -> dict[str, str]:
+    import rasterio
+    import torch
+    import transformers
+
+    from importlib.metadata import version
+
+    return {
+        "uhr": version("uhr"),
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "rasterio": rasterio.__version__,
+        "gdal": rasterio.__gdal_version__,
+        "python": platform.python_version(),
+    }
+
+
+def _questions(config: VqaConfig) -> tuple[pa.Table, str | None]:
+    """The questions of the run and the prefix relative scene names resolve against."""
+    storage = config.storage
+    if config.questions is not None and config.ask:
+        raise InputError("give either `questions` or `ask`, not both")
+    if config.questions is None and not config.ask:
+        if config.scenes is not None:
+            raise InputError("`scenes` needs questions: give `questions` (a table) or `ask` (repeatable text)")
+        archive = sample_archive()
+        return load_questions(archive.questions_parquet, storage), archive.root
+    if config.questions is not None:
+        return load_questions(config.questions, storage), config.scenes
+    if config.scenes is None:
+        raise InputError("`ask` needs `scenes`: a prefix or a file listing scene URIs")
+    return questions_from_ask(scene_uris(config.scenes, storage), config.ask), None
+
+
+def connect_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local Ray."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+
+
+def run_vqa(config: VqaConfig) -> RunSummary:
+    """Answer every pending question of the run's inputs and write them under `config.output`.
+
+    Inputs are checked before Ray starts (`InputError`, `ConfigError`); re-running on the same
+    output skips the questions it already holds.
+    """
+    storage = config.storage
+    run_id = config.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    questions, scenes_prefix = _questions(config)
+    model_uri = config.model or default_model()
+    model_config = load_model_config(model_uri, storage=storage)
+    config = config.model_copy(update={"pruning": resolve_pruning(config.pruning, model_config)})
+    if config.overwrite:
+        clear_output(config.output, storage)
+    done = read_done(config.output, storage)
+    plan: Plan = make_plan(questions, scenes_prefix, set(done["question_id"].to_pylist()))
+
+    manifest = RunManifest.load(config.output, storage)
+    for earlier in manifest.data["runs"]:
+        if earlier.get("status") == "running":
+            earlier["status"] = "interrupted"
+    entry: dict[str, Any] = {
+        "run_id": run_id,
+        "started": datetime.now(timezone.utc).isoformat(),
+        "status": "running",
+        "pending": plan.pending,
+        "scenes": len(plan.groups),
+    }
+    manifest.data.update(
+        config={**config.model_dump(mode="json"), "model": model_uri, "run_id": run_id}, versions=_versions()
+    )
+    manifest.data["runs"].append(entry)
+    manifest.save()
+    logger.info("run %s: %d questions, %d already done, %d scenes to read", run_id, plan.total, plan.done, len(plan.groups))
+
+    start = time.monotonic()
+    progress = _Progress(plan.pending, config.status_interval_s)
+    writer = ResultWriter(config.output, run_id, storage, config.rows_per_file, config.flush_interval_s)
+    status = "failed"
+    stats = ""
+    try:
+        if plan.groups:
+            connect_ray()
+            ds = build_vqa_dataset(plan.groups, config, model_uri, model_config, run_id)
+            with progress:
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    writer.write(batch)
+                    progress.add(batch)
+            stats = ds.stats()
+        writer.close()
+        status = "completed"
+    finally:
+        wall = time.monotonic() - start
+        summary = RunSummary(
+            output=config.output,
+            run_id=run_id,
+            status=status,
+            total=plan.total,
+            skipped=plan.done,
+            rows=progress.rows,
+            answered=progress.answered,
+            errors=progress.errors,
+            scenes=len(plan.groups),
+            wall_s=wall,
+            mean_tokens_kept=progress.kept / progress.answered if progress.answered else None,
+            mean_tokens_dense=progress.dense / progress.answered if progress.answered else None,
+        )
+        entry.update(
+            {k: v for k, v in asdict(summary).items() if k not in ("output", "run_id")},
+            finished=datetime.now(timezone.utc).isoformat(),
+            stats=stats,
+        )
+        rows_total = plan.done + progress.rows
+        manifest.data["counts"] = {"questions": plan.total, "rows": rows_total, "runs": len(manifest.data["runs"])}
+        manifest.data["status"] = "complete" if rows_total >= plan.total and status == "completed" else "incomplete"
+        manifest.save()
+    return summary
