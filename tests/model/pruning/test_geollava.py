@@ -216,11 +216,24 @@ def test_prune_tiles_keeps_at_most_max_tokens_per_tile_in_spatial_order(grid, ke
         assert torch.all(selection.features[t][~selection.filled[t]] == 0)
 
 
-def test_pinpoints_respect_tiles_sides_and_budget():
-    grids = geollava_pinpoints(tile=336, budget=24 * 6, max_tokens_per_tile=24, max_tiles_per_side=3, max_tiles=9)
+def test_pinpoints_respect_tiles_sides_aspect_and_budget():
+    grids = geollava_pinpoints(336, budget=24 * 6, max_tokens_per_tile=24, max_tiles_per_side=3, max_tiles=9, max_aspect=2)
     assert (336, 336) not in grids and (672, 1008) in grids and (1008, 672) in grids
+    assert (336, 1008) not in grids  # 1 x 3 tiles: aspect 3 > 2
     assert all(2 <= (h // 336) * (w // 336) <= 6 for h, w in grids)
-    assert geollava_pinpoints(336, 47, 24, 24, 576) == []
+    assert geollava_pinpoints(336, 47, 24, 147, 576, 49) == []
+
+
+def test_default_pinpoints_are_the_released_list():
+    config = PruningConfig(strategy="geollava", budget=10**6).geollava
+    grids = geollava_pinpoints(
+        336, 10**6, config.max_tokens_per_tile, config.max_tiles_per_side, config.max_tiles, config.max_aspect
+    )
+    # GeoLLaVA-8K's training script lists 2,239 (width, height) grids from (336, 672) to (49392, 1008)
+    assert len(grids) == 2239
+    assert [(w, h) for h, w in grids] == sorted((w, h) for h, w in grids)
+    assert (grids[0], grids[-1]) == ((672, 336), (1008, 49392))
+    assert max(max(h, w) for h, w in grids) == 147 * 336 and max(h * w for h, w in grids) == 576 * 336 * 336
 
 
 # -- the strategy on the tiny model ---------------------------------------------------------------

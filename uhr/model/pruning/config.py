@@ -29,8 +29,13 @@ class GeoLlavaConfig(BaseModel):
         24, ge=1, description="Clusters kept per tile (MAX_TOKENS; 24 in the released config)."
     )
     pointer_rounds: int = Field(12, ge=1, description="Upper bound on pointer-jumping rounds (root = root[root]).")
-    max_tiles_per_side: int = Field(24, ge=1, description="Largest anyres grid side in tiles (24 -> 8064 px with 336 tiles).")
+    max_tiles_per_side: int = Field(
+        147, ge=1, description="Largest anyres grid side in tiles (147 in the released list: 3 x 147 tiles, 49,392 px)."
+    )
     max_tiles: int = Field(576, ge=2, description="Largest number of tiles of an anyres grid (grids have 2..max_tiles tiles).")
+    max_aspect: int = Field(
+        49, ge=1, description="Largest ratio of a grid's long side to its short side, in tiles (49 in the released list)."
+    )
     fill_empty_slots: bool = Field(
         True,
         description=(

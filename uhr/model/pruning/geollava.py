@@ -20,8 +20,9 @@ tokens. They are emitted by default (`fill_empty_slots`), placed as a stable top
 lowest-index empty slots), with `n_source = 0`; set it False to drop them.
 
 The anyres grid is chosen as LLaVA-NeXT does among GeoLLaVA's pinpoints (multiples of the tile on
-both sides, 2..max_tiles tiles, at most max_tiles_per_side per side) restricted to grids whose
-tiles * max_tokens_per_tile fit the budget. The global thumbnail of the released preprocessor is
+both sides, 2..max_tiles tiles, aspect at most max_aspect, at most max_tiles_per_side per side: the
+released list exactly with the defaults) restricted to grids whose tiles * max_tokens_per_tile fit
+the budget. The global thumbnail of the released preprocessor is
 never encoded: the pruning branch drops it. With no such grid, the scene goes into one tile, which
 (as released) keeps all g*g tokens unpruned when they fit the budget and is pruned to
 min(max_tokens_per_tile, budget) clusters otherwise. Projection happens after selection, tiles are
@@ -226,14 +227,21 @@ def prune_tiles(
 
 
 def geollava_pinpoints(
-    tile: int, budget: int, max_tokens_per_tile: int, max_tiles_per_side: int, max_tiles: int
+    tile: int, budget: int, max_tokens_per_tile: int, max_tiles_per_side: int, max_tiles: int, max_aspect: int
 ) -> list[tuple[int, int]]:
-    """(height, width) anyres grids GeoLLaVA may use under `budget`: 2..max_tiles tiles whose clusters fit."""
+    """(height, width) anyres grids GeoLLaVA may use under `budget`.
+
+    The released list is every grid of 2..576 tiles whose long side is at most 49 times its short
+    side (2,239 grids, up to 3 x 147 tiles), ordered by (width, height) as LongVA lists
+    (width, height) pairs, which decides full ties. Grids whose clusters (tiles * max_tokens_per_tile)
+    exceed the budget are left out.
+    """
     grids = []
-    for rows in range(1, max_tiles_per_side + 1):
-        for cols in range(1, max_tiles_per_side + 1):
+    for cols in range(1, max_tiles_per_side + 1):
+        for rows in range(1, max_tiles_per_side + 1):
             tiles = rows * cols
-            if 2 <= tiles <= max_tiles and tiles * max_tokens_per_tile <= budget:
+            fits = tiles * max_tokens_per_tile <= budget
+            if 2 <= tiles <= max_tiles and max(rows, cols) <= max_aspect * min(rows, cols) and fits:
                 grids.append((rows * tile, cols * tile))
     return grids
 
@@ -261,7 +269,9 @@ class GeoLlavaStrategy(PruningStrategy):
 
     def _layout(self, width: int, height: int, tile: int) -> tiling.AnyresLayout:
         cfg = self.config.geollava
-        pinpoints = geollava_pinpoints(tile, self.config.budget, cfg.max_tokens_per_tile, cfg.max_tiles_per_side, cfg.max_tiles)
+        pinpoints = geollava_pinpoints(
+            tile, self.config.budget, cfg.max_tokens_per_tile, cfg.max_tiles_per_side, cfg.max_tiles, cfg.max_aspect
+        )
         pinpoint = tiling.select_pinpoint(width, height, pinpoints) if pinpoints else (tile, tile)
         return tiling.anyres_layout(width, height, pinpoint, tile)
 
