@@ -34,7 +34,8 @@ represented by the global thumbnail alone. No newline tokens. The thumbnail take
 that its grid is average-pooled to fit; with no room at all (B = 1) it is left out.
 
 Provenance: scale 0 is the thumbnail, scale l + 1 pyramid level l; rows/cols index the pooled
-grid of that scale; n_source counts the tower tokens averaged into each token.
+grid of that scale; n_source counts the tower tokens averaged into each token. `dense` counts the
+thumbnail's g*g tokens plus every full-resolution tile's pooled tokens (the whole scene, unpruned).
 """
 
 from __future__ import annotations

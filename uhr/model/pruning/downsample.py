@@ -7,7 +7,7 @@ aspect-kept view. Tokens that see only padding are dropped; the others are proje
 raster order at scale 0. When even one tile holds more than the budget (g*g > budget), its valid
 token grid is average-pooled into the largest grid of at most `budget` cells that keeps the
 aspect; the pooling windows partition the grid (sizes differ by at most one cell), so every
-token's feature is in exactly one output token.
+token's feature is in exactly one output token. `dense` counts the view's valid tokens.
 """
 
 from __future__ import annotations

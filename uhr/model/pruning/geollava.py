@@ -29,7 +29,7 @@ min(max_tokens_per_tile, budget) clusters otherwise. Projection happens after se
 concatenated in raster order, no newline tokens. Nothing depends on the question: `encode` does
 everything and `select` returns it. In training, gradients reach the projector and the tower
 through the cluster means; the affinity head gets none (parents are an argmax), as in the released
-recipe.
+recipe. `dense` counts the chosen grid's tiles * g*g tokens.
 """
 
 from __future__ import annotations

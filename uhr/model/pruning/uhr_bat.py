@@ -29,7 +29,7 @@ Per question (`select`):
   region a token; so the top token of each of the first min(R_s, B_s) regions is reserved and the
   rest of B_s goes to the other candidates in sequence order. The output keeps sequence order.
 
-Scales are emitted coarse to fine.
+Scales are emitted coarse to fine. `dense` counts the valid tokens of all scales.
 """
 
 from __future__ import annotations
