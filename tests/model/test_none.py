@@ -33,10 +33,10 @@ def test_budget_restricts_the_grid(tiny_model, image_factory):
     width, height = 70, 45
     counts = {tuple(p): anyres_token_count(width, height, tuple(p), 32, 8) for p in model.config.image_grid_pinpoints}
     best = select_pinpoint(width, height, model.config.image_grid_pinpoints)
-    assert _strategy(10_000).pinpoint(model, width, height) == best == (64, 64)
+    assert _strategy(10_000).pinpoint(model.config, width, height) == best == (64, 64)
     # One token short of the best grid: LLaVA-NeXT's choice among the grids that still fit.
     fitting = [list(p) for p, n in counts.items() if n <= counts[best] - 1]
-    assert _strategy(counts[best] - 1).pinpoint(model, width, height) == select_pinpoint(width, height, fitting)
+    assert _strategy(counts[best] - 1).pinpoint(model.config, width, height) == select_pinpoint(width, height, fitting)
     source = ArraySource(image_factory(height, width))
     tokens = _strategy(counts[best] - 1).encode(model, source).tokens
     assert len(tokens) <= counts[best] - 1
@@ -93,7 +93,7 @@ def test_encode_once_ask_many(tiny_model, image_factory):
     first = strategy.select(model, encoding, "How many ships?")
     second = strategy.select(model, encoding, "Is the road flooded?")
     assert first is second
-    assert source.sides == [70] == strategy.views(70, 45)
+    assert source.sides == [70] == strategy.views(model.config, 70, 45)
     with pytest.raises(TypeError, match="NoneEncoding"):
         strategy.select(model, SceneEncoding(grids=[], dense=0, width=1, height=1), "q")
 
@@ -107,6 +107,5 @@ def test_large_scene_is_read_at_the_grid_size(tiny_model, image_factory, monkeyp
     tokens = strategy.select(model, strategy.encode(model, source), "q")
     pinpoint = select_pinpoint(width, height, model.config.image_grid_pinpoints)
     layout = anyres_layout(width, height, pinpoint, 32)
-    assert source.sides == [max(layout.resized)]
-    assert strategy.views(width, height) == []
+    assert source.sides == [max(layout.resized)] == strategy.views(model.config, width, height)
     assert len(tokens) == anyres_token_count(width, height, pinpoint, 32, 8)

@@ -46,6 +46,20 @@ class PixelSource(Protocol):
         ...
 
 
+def read_windows(
+    source: PixelSource, windows: list[tuple[int, int, int, int]], out_size: tuple[int, int] | None = None
+) -> list[np.ndarray]:
+    """Windows (col_off, row_off, width, height) of `source`, in order.
+
+    A source with its own `read_windows` reads them as one batch (the VQA pipeline's reads them in
+    parallel CPU tasks); any other source reads them one by one.
+    """
+    batch = getattr(source, "read_windows", None)
+    if batch is not None:
+        return batch(windows, out_size=out_size)
+    return [source.read_window(*window, out_size=out_size) for window in windows]
+
+
 def fit_longest_side(width: int, height: int, max_side: int) -> tuple[int, int]:
     """(width, height) scaled so the longest side is `max_side`, aspect kept, each side >= 1."""
     if width <= 0 or height <= 0:

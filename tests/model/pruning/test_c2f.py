@@ -187,7 +187,7 @@ def test_second_question_on_the_same_area_reuses_cached_tiles(tiny_model, image_
     with torch.no_grad():
         encoding = strategy.encode(model, source)
         assert isinstance(encoding, C2FEncoding) and source.windows == []  # encode reads whole views only
-        assert sorted(source.views) == strategy.views(240, 200, model.tile_size)
+        assert sorted(source.views) == strategy.views(model.config, 240, 200)
         first = strategy.select(model, encoding, "Where is the harbour?")
         reads = len(source.windows)
         assert reads == len(encoding.cache) > 0  # it zoomed, reading each fine window once

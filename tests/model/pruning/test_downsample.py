@@ -48,7 +48,7 @@ def test_all_valid_tokens_projected_in_raster_order(tiny_model, image_factory):
         view = ArraySource(image).read_view(70)
         rows, cols = -(-view.shape[0] // 4), -(-view.shape[1] // 4)  # 4-px patches; padding dropped
         expected = model.project(grid.stitched()[:rows, :cols].reshape(rows * cols, -1))
-    assert strategy.views(70, 50, model.tile_size, model.patch_grid) == [70]
+    assert strategy.views(model.config, 70, 50) == [70]
     assert len(tokens) == rows * cols == tokens.dense
     torch.testing.assert_close(tokens.embeds, expected)
     assert tokens.row.tolist() == torch.arange(rows).repeat_interleave(cols).tolist()

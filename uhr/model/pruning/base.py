@@ -21,6 +21,7 @@ import torch
 from uhr.scenes.source import PixelSource
 
 if TYPE_CHECKING:
+    from uhr.model.config import UhrConfig
     from uhr.model.pruning.config import PruningConfig
     from uhr.model.modeling import UhrForConditionalGeneration
 
@@ -150,11 +151,13 @@ class PruningStrategy(ABC):
     def __init__(self, config: PruningConfig):
         self.config = config
 
-    def views(self, width: int, height: int) -> list[int]:
+    def views(self, config: UhrConfig, width: int, height: int) -> list[int]:
         """Longest sides of the whole-scene views `encode` will ask the source for.
 
-        Lets a CPU read stage fetch them before the accelerator stage. Strategies that read
-        windows on demand (`c2f`) list only their first, coarse view.
+        `config` is the model's (tile size, patch grid, pinpoints): `uhr.model.load_model_config`
+        gives it without loading weights, so a CPU read stage can fetch the views before the
+        accelerator stage. Strategies that read windows on demand (`c2f`) list only their first,
+        coarse views.
         """
         return []
 

@@ -23,7 +23,7 @@ question (`coarse_to_fine`):
    current level, the choice LRS-VQA makes at every level: the candidates are read only if the
    tokens the next level would keep from them, keep_count(tiles * (g / pool)^2), fit the local
    budget B_local = B - thumbnail tokens; otherwise the budget is spent and the current level's
-   selection is final. Only the candidate windows are read from the source (`read_window`),
+   selection is final. Only the candidate windows are read from the source (`read_windows`),
    encoded and cached in the encoding, so later questions on the same area reuse them.
 
 Output: the global thumbnail tokens, then the final level's kept tokens (at most B_local of them,
@@ -55,9 +55,10 @@ from uhr.model.pruning.base import PrunedTokens, PruningStrategy, SceneEncoding
 from uhr.model.pruning.downsample import pooled_shape, pooling_groups
 from uhr.model.pruning.grouping import cell_boxes, group_mean, group_provenance
 from uhr.model.pruning.uhr_bat import middle_layer
-from uhr.scenes.source import PixelSource, fit_longest_side, resize_rgb
+from uhr.scenes.source import PixelSource, fit_longest_side, read_windows, resize_rgb
 
 if TYPE_CHECKING:
+    from uhr.model.config import UhrConfig
     from uhr.model.modeling import UhrForConditionalGeneration
 
 
@@ -285,11 +286,11 @@ class CoarseToFineStrategy(PruningStrategy):
     name = "c2f"
     query_guided = True
 
-    def views(self, width: int, height: int, tile: int = 336) -> list[int]:
-        """The thumbnail (one `tile`, 336 for CLIP ViT-L/14-336) and the base level; finer levels are windows."""
+    def views(self, config: UhrConfig, width: int, height: int) -> list[int]:
+        """The thumbnail (one tile) and the base level; finer levels are read as windows."""
         sides = {pyramid_sides(max(width, height), self.config.c2f.base_side)[0]}
         if self._thumbnail_room() > 0:
-            sides.add(tile)
+            sides.add(config.tile_size)
         return sorted(sides)
 
     def _thumbnail_room(self) -> int:
@@ -375,7 +376,7 @@ class CoarseToFineStrategy(PruningStrategy):
         missing = [key for key in keys if key not in cache]
         if missing:
             size = (level.tile, level.tile)
-            windows = [encoding.source.read_window(*level.window(r, c), out_size=size) for _, r, c in missing]
+            windows = read_windows(encoding.source, [level.window(r, c) for _, r, c in missing], out_size=size)
             features, _ = model.encode_tiles(torch.from_numpy(np.stack(windows)))
             cache.update(zip(missing, pool_tiles(features, self.config.c2f.pool)))
         for key in keys:

@@ -24,6 +24,7 @@ from uhr.model.pruning.grouping import group_mean, group_provenance
 from uhr.scenes.source import PixelSource, fit_longest_side
 
 if TYPE_CHECKING:
+    from uhr.model.config import UhrConfig
     from uhr.model.modeling import UhrForConditionalGeneration
 
 
@@ -74,14 +75,14 @@ class DownsampleStrategy(PruningStrategy):
     name = "downsample"
     query_guided = False
 
-    def views(self, width: int, height: int, tile: int = 336, patch_grid: int = 24) -> list[int]:
-        """The single view `encode` reads (for a CLIP ViT-L/14-336 tower unless told otherwise)."""
-        return [downsample_side(width, height, tile, patch_grid, self.config.budget)]
+    def views(self, config: UhrConfig, width: int, height: int) -> list[int]:
+        """The single view `encode` reads."""
+        return [downsample_side(width, height, config.tile_size, config.patch_grid, self.config.budget)]
 
     def encode(self, model: UhrForConditionalGeneration, source: PixelSource) -> DownsampleEncoding:
         tile, grid_side = model.tile_size, model.patch_grid
         width, height = source.width, source.height
-        (side,) = self.views(width, height, tile, grid_side)
+        (side,) = self.views(model.config, width, height)
         view = source.read_view(side)
         box = tiling.padded_box(width, height, view.shape[1], view.shape[0], tile)
         grid = model.encode_view(view, scale=0, box=box)

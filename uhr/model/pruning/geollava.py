@@ -47,6 +47,7 @@ from uhr.model.pruning.grouping import cell_boxes, group_provenance
 from uhr.scenes.source import PixelSource
 
 if TYPE_CHECKING:
+    from uhr.model.config import UhrConfig
     from uhr.model.modeling import UhrForConditionalGeneration
 
 NEIGHBOUR_OFFSETS: tuple[tuple[int, int], ...] = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
@@ -275,12 +276,9 @@ class GeoLlavaStrategy(PruningStrategy):
         pinpoint = tiling.select_pinpoint(width, height, pinpoints) if pinpoints else (tile, tile)
         return tiling.anyres_layout(width, height, pinpoint, tile)
 
-    def views(self, width: int, height: int, tile: int = 336) -> list[int]:
-        """The one view the anyres canvas is resized from (never above the scene's own size).
-
-        `tile` is the tower's input size (336 for CLIP ViT-L/14-336); `encode` passes the model's.
-        """
-        layout = self._layout(width, height, tile)
+    def views(self, config: UhrConfig, width: int, height: int) -> list[int]:
+        """The one view the anyres canvas is resized from (never above the scene's own size)."""
+        layout = self._layout(width, height, config.tile_size)
         return [min(max(layout.resized), max(width, height))]
 
     def encode(self, model: UhrForConditionalGeneration, source: PixelSource) -> GeoLlavaEncoding:
@@ -289,7 +287,7 @@ class GeoLlavaStrategy(PruningStrategy):
         tile, grid = model.tile_size, model.patch_grid
         width, height = source.width, source.height
         layout = self._layout(width, height, tile)
-        (side,) = self.views(width, height, tile)
+        (side,) = self.views(model.config, width, height)
         canvas = tiling.anyres_canvas(source.read_view(side), layout)
         tiles = torch.from_numpy(tiling.cut_tiles(canvas, tile))  # (T, S, S, 3)
         count = tiles.shape[0]

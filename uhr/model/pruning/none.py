@@ -29,6 +29,7 @@ from uhr.model.pruning.base import PrunedTokens, PruningStrategy, SceneEncoding,
 from uhr.scenes.source import PixelSource
 
 if TYPE_CHECKING:
+    from uhr.model.config import UhrConfig
     from uhr.model.modeling import UhrForConditionalGeneration
 
 
@@ -66,12 +67,10 @@ class NoneStrategy(PruningStrategy):
     native_read_limit: ClassVar[int] = 4096
     """Longest scene side (pixels) read at full resolution; 4096 px of RGB is 48 MiB."""
 
-    def pinpoint(self, model: UhrForConditionalGeneration, width: int, height: int) -> tuple[int, int]:
+    def pinpoint(self, config: UhrConfig, width: int, height: int) -> tuple[int, int]:
         """The LLaVA-NeXT grid (height, width) for this scene among those whose tokens fit the budget."""
-        tile, grid = model.tile_size, model.patch_grid
-        counts = {
-            tuple(p): anyres_token_count(width, height, tuple(p), tile, grid) for p in model.config.image_grid_pinpoints
-        }
+        tile, grid = config.tile_size, config.patch_grid
+        counts = {tuple(p): anyres_token_count(width, height, tuple(p), tile, grid) for p in config.image_grid_pinpoints}
         fitting = [p for p, count in counts.items() if count <= self.config.budget]
         if not fitting:
             raise ValueError(
@@ -85,16 +84,14 @@ class NoneStrategy(PruningStrategy):
         native = max(width, height)
         return native if native <= self.native_read_limit else max(layout.resized)
 
-    def views(self, width: int, height: int) -> list[int]:
-        # Above the native limit the view's side depends on the model's tiles and pinpoints,
-        # unknown here: `encode` then reads its one view itself.
-        native = max(width, height)
-        return [native] if native <= self.native_read_limit else []
+    def views(self, config: UhrConfig, width: int, height: int) -> list[int]:
+        layout = tiling.anyres_layout(width, height, self.pinpoint(config, width, height), config.tile_size)
+        return [self._read_side(width, height, layout)]
 
     def encode(self, model: UhrForConditionalGeneration, source: PixelSource) -> NoneEncoding:
         width, height = source.width, source.height
         tile, grid = model.tile_size, model.patch_grid
-        layout = tiling.anyres_layout(width, height, self.pinpoint(model, width, height), tile)
+        layout = tiling.anyres_layout(width, height, self.pinpoint(model.config, width, height), tile)
         image = source.read_view(self._read_side(width, height, layout))
         thumbnail = tiling.resize_bicubic(image, tile, tile)
         tiles = np.concatenate([thumbnail[None], tiling.cut_tiles(tiling.anyres_canvas(image, layout), tile)])

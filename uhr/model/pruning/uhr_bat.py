@@ -50,6 +50,7 @@ from uhr.model.pruning.grouping import group_mean, group_provenance
 from uhr.scenes.source import PixelSource
 
 if TYPE_CHECKING:
+    from uhr.model.config import UhrConfig
     from uhr.model.modeling import UhrForConditionalGeneration
 
 
@@ -323,7 +324,7 @@ class UhrBatStrategy(PruningStrategy):
     name = "uhr-bat"
     query_guided = True
 
-    def views(self, width: int, height: int) -> list[int]:
+    def views(self, config: UhrConfig, width: int, height: int) -> list[int]:
         """The clamped, merged scale sides, coarsest first."""
         return [view.side for view in effective_scales(self.config.scales, width, height)]
 
