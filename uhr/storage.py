@@ -38,6 +38,8 @@ DEFAULT_GDAL_OPTIONS: dict[str, str] = {
     # Object stores answer bursts with 503 SlowDown; GDAL backs off exponentially from this delay.
     "GDAL_HTTP_MAX_RETRY": "5",
     "GDAL_HTTP_RETRY_DELAY": "1",
+    # Per-file download counters, read by `uhr.scenes.metering` to report the bytes a scene cost.
+    "CPL_VSIL_NETWORK_STATS_ENABLED": "YES",
 }
 
 # Credential variables a worker may need; passed through from the environment, never stored.

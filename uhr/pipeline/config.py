@@ -26,8 +26,11 @@ class ReadStageConfig(BaseModel):
     concurrency: int | None = Field(
         None, ge=1, description="Most read tasks at once; None lets Ray Data decide. Bound it for object stores that throttle."
     )
-    memory_gb: float | None = Field(
-        None, gt=0, description="Memory reserved per read task, GiB (views of a scene at the largest scale, plus GDAL's cache)."
+    memory_gb: float = Field(
+        1.0,
+        gt=0,
+        description="Memory reserved per read task, GiB: the views of a scene at the largest scale plus GDAL's block cache. "
+        "A reservation of its own also keeps Ray Data from fusing the reads into the encode actors.",
     )
     window_num_cpus: float = Field(
         0.25, gt=0, description="CPUs reserved by each task that reads the fine windows a strategy asks for (c2f)."

@@ -179,6 +179,7 @@ class RunManifest:
 
     def save(self) -> None:
         fs = self.storage.filesystem(self.output)
+        fs.makedirs(self.output, exist_ok=True)
         text = json.dumps(self.data, indent=2, sort_keys=True)
         if is_remote(self.path):
             with fs.open(self.path, "wt") as handle:

@@ -93,7 +93,7 @@ def read_scene(
     except Exception as error:  # one bad scene must not fail the job: it becomes error rows
         out["views"], out["view_shapes"] = [], []
         out["error"] = _error_text(uri, error)
-    out["bytes_read"] = meter.bytes or 0
+    out["bytes_read"] = meter.bytes
     out["read_ms"] = (time.perf_counter() - start) * 1000
     return out
 
@@ -109,7 +109,7 @@ def read_windows_task(
     """Read windows of one scene in a CPU task (one open serves them all); returns (arrays, bytes)."""
     with ReadMeter(uri) as meter, open_scene(uri, storage=storage, normalize=normalize) as scene:
         arrays = [scene.read_window(*window, out_size=out_size) for window in windows]
-    return arrays, meter.bytes or 0
+    return arrays, meter.bytes
 
 
 class StagedSource:
@@ -128,7 +128,8 @@ class StagedSource:
             for data, shape in zip(row["views"], row["view_shapes"])
         }
         self._config = config
-        self._bytes, self._ms = 0, 0.0
+        self._bytes: int | None = 0
+        self._ms = 0.0
 
     @property
     def width(self) -> int:
@@ -165,11 +166,12 @@ class StagedSource:
             [task.remote(self.uri, chunk, out_size, self._config.storage, self._config.normalize) for chunk in chunks]
         )
         self._ms += (time.perf_counter() - start) * 1000
-        self._bytes += sum(count for _, count in results)
+        counts = [count for _, count in results]
+        self._bytes = None if self._bytes is None or None in counts else self._bytes + sum(counts)
         return [array for arrays, _ in results for array in arrays]
 
-    def take_reads(self) -> tuple[int, float]:
-        """(bytes, ms) read since the last call."""
+    def take_reads(self) -> tuple[int | None, float]:
+        """(bytes, ms) read since the last call; bytes are None when not metered (local files)."""
         reads = (self._bytes, self._ms)
         self._bytes, self._ms = 0, 0.0
         return reads
@@ -187,6 +189,11 @@ def question_prompt(question: dict[str, Any]) -> str:
     if question.get("choices"):
         return xlrs_prompt(question["question"], list(question["choices"]))
     return question["question"]
+
+
+def _add(a: int | None, b: int | None) -> int | None:
+    """Sum of byte counts; None (not metered) wins."""
+    return None if a is None or b is None else a + b
 
 
 def _device(num_gpus: float) -> str:
@@ -275,7 +282,7 @@ class EncodeStage(_ModelStage):
             return rows
         extra_bytes, extra_read_ms = source.take_reads()
         scene_encode_ms = (time.perf_counter() - start) * 1000 - extra_read_ms
-        scene_bytes = scene["bytes_read"] + extra_bytes
+        scene_bytes = _add(scene["bytes_read"], extra_bytes)
         scene_read_ms = scene["read_ms"] + extra_read_ms
 
         selected: list[tuple[dict[str, Any], PrunedTokens, str]] = []
@@ -294,7 +301,7 @@ class EncodeStage(_ModelStage):
                 tokens_dense=tokens.dense,
                 tokens_kept=len(tokens),
                 tokens_per_scale=[per_scale.get(s, 0) for s in range(max(per_scale, default=-1) + 1)],
-                bytes_read=round(scene_bytes / count) + own_bytes,
+                bytes_read=_add(None if scene_bytes is None else round(scene_bytes / count), own_bytes),
                 read_ms=scene_read_ms / count + own_read_ms,
                 encode_ms=scene_encode_ms / count + (time.perf_counter() - start) * 1000 - own_read_ms,
             )

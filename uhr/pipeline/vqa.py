@@ -58,9 +58,12 @@ def build_vqa_dataset(
     runtime_env = worker_env(config.storage)
     read, encode, answer = config.read, config.encode, config.answer
     ds = ray.data.from_items(groups, override_num_blocks=max(1, len(groups)))
-    read_resources: dict[str, Any] = {"num_cpus": read.num_cpus}
-    if read.memory_gb is not None:
-        read_resources["memory"] = read.memory_gb * 2**30
+    # SPREAD, as Ray Data schedules its own read tasks: scene reads fan out over the nodes.
+    read_resources: dict[str, Any] = {
+        "num_cpus": read.num_cpus,
+        "memory": read.memory_gb * 2**30,
+        "scheduling_strategy": "SPREAD",
+    }
     ds = ds.map(
         read_scene,
         fn_kwargs={

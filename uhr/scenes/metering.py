@@ -1,10 +1,9 @@
-"""How many bytes reading a scene cost: GDAL's own network counters, or the OS's for local files.
+"""How many bytes reading a scene from object storage cost, from GDAL's own network counters.
 
 GDAL counts what it downloads per `/vsi` file once `CPL_VSIL_NETWORK_STATS_ENABLED=YES` is set
 (`StorageConfig.gdal_env()` sets it); rasterio does not expose the counters, so they are read from
-the GDAL library rasterio loaded. Local files are metered with the process's read counter
-(`psutil`: bytes passed through read calls, page-cache hits included), which is exact for a
-process that reads one scene at a time, as a Ray read task does.
+the GDAL library rasterio loaded. Local files are not metered: no counter tells the bytes GDAL read
+from one file apart from everything else the process reads (libraries, PROJ's database).
 """
 
 from __future__ import annotations
@@ -16,8 +15,6 @@ import glob
 import json
 import logging
 import os
-
-import psutil
 
 from uhr.storage import is_remote, to_gdal_path
 
@@ -60,12 +57,11 @@ def gdal_downloaded_bytes(uri: str) -> int | None:
     return 0
 
 
-def _local_read_bytes() -> int:
-    return psutil.Process().io_counters().read_chars
-
-
 class ReadMeter:
-    """`with ReadMeter(uri) as meter: ...` then `meter.bytes`: what the block read of `uri`."""
+    """`with ReadMeter(uri) as meter: ...` then `meter.bytes`: what the block downloaded of `uri`.
+
+    None for local files and where GDAL's counters cannot be read.
+    """
 
     def __init__(self, uri: str):
         self.uri = uri
@@ -74,7 +70,7 @@ class ReadMeter:
         self._start: int | None = None
 
     def _reading(self) -> int | None:
-        return gdal_downloaded_bytes(self.uri) if self.remote else _local_read_bytes()
+        return gdal_downloaded_bytes(self.uri) if self.remote else None
 
     def __enter__(self) -> ReadMeter:
         self._start = self._reading()
