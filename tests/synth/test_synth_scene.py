@@ -245,3 +245,8 @@ def test_bad_options_are_refused_by_name(tmp_path, kwargs: dict, message: str) -
     with pytest.raises(ValueError, match=message):
         write_scene(str(tmp_path / "bad.tif"), arguments.pop("size"), arguments.pop("seed"), **arguments)
     assert not (tmp_path / "bad.tif").exists()
+
+
+def test_gdal_paths_are_refused_as_targets() -> None:
+    with pytest.raises(ValueError, match="s3:// URI, not a GDAL path"):
+        write_scene("/vsis3/bucket/scene.tif", 256, 1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from enum import Enum
 from typing import Any
 
@@ -116,7 +117,7 @@ class LandCoverLayout:
         jitter = rng.uniform(-0.35, 0.35, size=(2, rows, cols))
         site_x = (np.arange(cols)[None, :] - 1 + 0.5 + jitter[0]) * spacing
         site_y = (np.arange(rows)[:, None] - 1 + 0.5 + jitter[1]) * spacing
-        classes = _assign_classes(rows, cols, spacing, width, height, site_x, site_y, rng)
+        classes = _assign_classes(rows, cols, width, height, site_x, site_y, rng)
         return cls(
             width=width,
             height=height,
@@ -196,6 +197,10 @@ class LandCoverLayout:
         on_y = (np.arange(y0, y0 + height) - self.road_offset[1]) % ROAD_PERIOD_PX < ROAD_WIDTH_PX
         return on_x[None, :] | on_y[:, None]
 
+    @cached_property
+    def _sites(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.asarray(self.site_x), np.asarray(self.site_y), np.asarray(self.site_class, dtype=np.uint8)
+
     def _cell_labels(self, cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
         # Cell centres, displaced by two octaves of smooth noise, then the nearest of 3 x 3 sites.
         px = (cx + 0.5) * self.cell
@@ -204,9 +209,7 @@ class LandCoverLayout:
         dy = self._warp(px, py, 2)
         wx = px + dx
         wy = py + dy
-        site_x = np.asarray(self.site_x)
-        site_y = np.asarray(self.site_y)
-        site_class = np.asarray(self.site_class, dtype=np.uint8)
+        site_x, site_y, site_class = self._sites
         rows, cols = site_class.shape
         col = np.floor(wx / self.spacing).astype(np.int64) + 1
         row = np.floor(wy / self.spacing).astype(np.int64) + 1
@@ -235,7 +238,6 @@ def _rounded(values: np.ndarray) -> tuple[tuple[float, ...], ...]:
 def _assign_classes(
     rows: int,
     cols: int,
-    spacing: float,
     width: int,
     height: int,
     site_x: np.ndarray,
@@ -262,7 +264,7 @@ def render_background(
     """
     rgb = np.empty((height, width, 3), dtype=np.float32)
     infrared = np.empty((height, width), dtype=np.float32) if nir else None
-    codes = np.unique(labels)
+    codes = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(LAND_COVERS)))
     for code in codes:
         cover = LAND_COVERS[code]
         where = labels == code

@@ -59,8 +59,27 @@ def value_noise_points(x: np.ndarray, y: np.ndarray, scale: float, seed: int) ->
     wy = _smoothstep(fy - gy)
     ix = gx.astype(np.int64)
     iy = gy.astype(np.int64)
-    top = uniform(seed, ix, iy) * (1.0 - wx) + uniform(seed, ix + 1, iy) * wx
-    bottom = uniform(seed, ix, iy + 1) * (1.0 - wx) + uniform(seed, ix + 1, iy + 1) * wx
+    points = int(np.prod(np.broadcast_shapes(ix.shape, iy.shape)))
+    if points == 0:
+        return np.zeros(np.broadcast_shapes(ix.shape, iy.shape))
+    x_lo, y_lo = int(ix.min()), int(iy.min())
+    lattice_x = np.arange(x_lo, int(ix.max()) + 2)
+    lattice_y = np.arange(y_lo, int(iy.max()) + 2)
+    if lattice_x.size * lattice_y.size <= max(64, 4 * points):
+        # Hash each lattice corner once and gather: the same values as hashing every point.
+        lattice = uniform(seed, lattice_x[None, :], lattice_y[:, None])
+        cx, cy = ix - x_lo, iy - y_lo
+
+        def corner(dx: int, dy: int) -> np.ndarray:
+            return lattice[cy + dy, cx + dx]
+
+    else:
+
+        def corner(dx: int, dy: int) -> np.ndarray:
+            return uniform(seed, ix + dx, iy + dy)
+
+    top = corner(0, 0) * (1.0 - wx) + corner(1, 0) * wx
+    bottom = corner(0, 1) * (1.0 - wx) + corner(1, 1) * wx
     return top * (1.0 - wy) + bottom * wy
 
 

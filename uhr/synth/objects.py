@@ -51,7 +51,13 @@ GLASS_RGB = (34, 40, 52)
 
 @dataclass(frozen=True)
 class ObjectSpec:
-    """How one class is sized, grouped and placed."""
+    """How one class is sized, grouped and placed.
+
+    `host`: the land cover it stands on; `size_px`: range of its long-axis length;
+    `per_megapixel`: expected objects per million pixels of host cover; `group`: range of
+    objects per group; `spread_px`: radius of a scattered group (ships; the other classes form
+    rows, queues and grids); `same_colour`: a group shares one colour.
+    """
 
     host: LandCover
     size_px: tuple[float, float]

@@ -229,11 +229,15 @@ def write_scene(
     Remote URIs are written to a local temporary file, then uploaded with `storage`'s filesystem.
     Returns the scene's ground truth.
     """
+    if compress not in {c.value for c in Compression}:
+        raise ValueError(f"compress must be one of {[c.value for c in Compression]}, got {compress!r}")
     compression = Compression(compress)
     if compression is Compression.JPEG and (dtype != "uint8" or bands == 4):
         raise ValueError(f"JPEG compression needs uint8 with 1 or 3 bands, got {dtype} with {bands} bands")
     if block_size <= 0 or block_size % TILE_PX:
         raise ValueError(f"block_size must be a positive multiple of {TILE_PX}, got {block_size}")
+    if uri.startswith("/vsi"):
+        raise ValueError(f"write scenes to a path or an s3:// URI, not a GDAL path: {redact(uri)}")
     truth = plan_scene(size, seed, dtype=dtype, bands=bands)
     if is_remote(uri):
         filesystem = (storage or StorageConfig()).filesystem(uri)
