@@ -1,0 +1,91 @@
+"""The VQA job survives what production throws at it: a killed driver, a killed actor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+from ray.util.state import list_actors
+
+from uhr.pipeline import run_vqa
+from uhr.synth import write_archive
+
+from .helpers import config, read_manifest, read_rows
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _parts(output: Path) -> list[Path]:
+    return sorted(output.glob("part-*.parquet"))
+
+
+def test_rerun_after_the_driver_is_killed_writes_every_row_once(ray_local, model_dir, tmp_path):
+    # Enough scenes, and long enough answers, for the kill to land part way.
+    archive = write_archive(str(tmp_path / "archive"), scenes=6, size=512, seed=9, questions_per_scene=4)
+    output = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "jobs.vqa",
+        "--questions", archive.questions_parquet, "--scenes", archive.root,
+        "--output", str(output), "--model", str(model_dir),
+        "rows_per_file=1", "max_new_tokens=48", "answer.batch_size=1",
+    ]  # fmt: skip
+    # The driver and the local Ray it starts share a process group: kill -9 the whole job.
+    job = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: _parts(output) or job.poll() is not None, 240, "the first answers")
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    done = sum(pq.read_metadata(part).num_rows for part in _parts(output))
+    total = pq.read_metadata(archive.questions_parquet).num_rows
+    assert 0 < done < total, "the driver must be killed part way"
+
+    summary = run_vqa(config(questions=archive.questions_parquet, scenes=archive.root, output=str(output),
+                             model=str(model_dir), overrides={"max_new_tokens": 48}))
+    rows = read_rows(str(output))
+    assert summary.skipped == done and summary.rows == total - done
+    assert rows.num_rows == total and len(set(rows["question_id"].to_pylist())) == total
+    manifest = read_manifest(str(output))
+    assert [run["status"] for run in manifest["runs"]] == ["interrupted", "completed"]
+    assert manifest["status"] == "complete"
+
+
+def test_a_killed_encode_actor_is_replaced_and_every_row_written_once(ray_local, archive, model_dir, tmp_path):
+    output = tmp_path / "out"
+    run = config(questions=archive.questions_parquet, scenes=archive.root, output=str(output), model=str(model_dir),
+                 overrides={"max_new_tokens": 24, "rows_per_file": 1})
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(summary=run_vqa(run)))
+    worker.start()
+
+    def encode_actor():
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+        return next((a for a in actors if "EncodeStage" in a.class_name and a.pid), None)
+
+    _wait_for(lambda: encode_actor() is not None and _parts(output), 240, "a working encode actor")
+    victim = encode_actor()
+    psutil.Process(victim.pid).kill()
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+
+    summary = result["summary"]
+    rows = read_rows(str(output))
+    total = pq.read_metadata(archive.questions_parquet).num_rows
+    assert summary.status == "completed" and rows.num_rows == total == summary.rows
+    assert len(set(rows["question_id"].to_pylist())) == total and rows["error"].null_count == total
+    assert not psutil.pid_exists(victim.pid)
