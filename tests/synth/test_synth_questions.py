@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from uhr.synth import Category, SceneTruth, generate_questions, plan_scene
 from uhr.synth.landcover import LAND_COVERS
 from uhr.synth.objects import COLOURS, OBJECT_CLASSES, ObjectClass, SceneObject
-from uhr.synth.questions import MC_INSTRUCTION, Question
+from uhr.prompts import XLRS_INSTRUCTION
+from uhr.synth.questions import Question
 
 BOX = re.compile(r"\[(\d+), (\d+), (\d+), (\d+)\]")
 CLASS_NAMES = "|".join(sorted((c.value for c in ObjectClass), key=len, reverse=True))
@@ -162,7 +163,7 @@ def test_small_training_scenes_still_get_the_full_question_mix() -> None:
 def test_prompts_use_the_xlrs_and_llava_layouts() -> None:
     questions = generate_questions(plan_scene(1024, 3), "scenes/scene_0000.tif", 12, open_fraction=0.5)
     mc = next(q for q in questions if q.form == "mc")
-    assert mc.prompt() == mc.question + "The choices are listed below:\n" + "\n".join(mc.choices) + "\n" + MC_INSTRUCTION
+    assert mc.prompt() == mc.question + "The choices are listed below:\n" + "\n".join(mc.choices) + "\n" + XLRS_INSTRUCTION
     assert mc.prompt().endswith("(A, B, C, D).\nThe answer is:")
     open_question = next(q for q in questions if q.form == "open")
     assert open_question.prompt() == open_question.question + "\nAnswer the question using a single word or phrase."

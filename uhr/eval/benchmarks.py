@@ -62,8 +62,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from uhr.cache import default_cache_dir
 from uhr.storage import StorageConfig, join_uri, redact, uri_protocol
+from uhr.synth.questions import question_prompt
 from uhr.prompts import (
-    OPEN_INSTRUCTION,
     MmePromptStyle,
     lrs_vqa_prompt,
     mme_realworld_prompt,
@@ -527,16 +527,11 @@ _SYNTH_FIELDS = (
 SYNTHETIC_QUESTIONS = "questions.parquet"
 
 
-def synthetic_prompt(question: str, choices: list[str], form: str) -> str:
-    """The prompt `uhr.synth` trains with: XLRS layout for multiple choice, LLaVA's for open answers."""
-    return xlrs_prompt(question, choices) if form == "mc" else question + OPEN_INSTRUCTION
-
-
 def load_synthetic(uri: str, *, storage: StorageConfig | None = None) -> pa.Table:
     """A synthetic archive's questions: `uri` is the archive root or its `questions.parquet`.
 
     Scene paths resolve against the archive root. Prompts are the ones the archive's training
-    conversations use (`synthetic_prompt`), so a model is evaluated on what it was trained on.
+    conversations use (`uhr.synth.question_prompt`), so a model is evaluated on what it was trained on.
     `small` is null where the question depends on no single object (`object_size_px` null).
     """
     path = uri if uri.endswith(".parquet") else join_uri(uri, SYNTHETIC_QUESTIONS)
@@ -567,7 +562,7 @@ def load_synthetic(uri: str, *, storage: StorageConfig | None = None) -> pa.Tabl
                 answer=_require_str(record["answer"], "answer", where),
                 form=form,
                 category=_require_str(record["category"], "category", where),
-                prompt=synthetic_prompt(question, choices, form),
+                prompt=question_prompt(question, choices, form),
                 bbox=[float(v) for v in record["bbox"]] if record["bbox"] is not None else None,
                 object_size_px=record["object_size_px"],
                 small=None if record["object_size_px"] is None else bool(record["small"]),

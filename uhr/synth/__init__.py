@@ -10,7 +10,7 @@ from __future__ import annotations
 from uhr.synth.archive import ArchiveIndex, conversation, scene_seed, write_archive
 from uhr.synth.landcover import LandCover, LandCoverLayout
 from uhr.synth.objects import COLOURS, PALETTE, ObjectClass, SceneObject
-from uhr.synth.questions import Category, Form, Question, generate_questions, mc_prompt
+from uhr.synth.questions import Category, Form, Question, generate_questions, question_prompt
 from uhr.synth.scene import Compression, SceneTruth, plan_scene, render_window, write_scene
 
 __all__ = [
@@ -28,8 +28,8 @@ __all__ = [
     "SceneTruth",
     "conversation",
     "generate_questions",
-    "mc_prompt",
     "plan_scene",
+    "question_prompt",
     "render_window",
     "scene_seed",
     "write_archive",

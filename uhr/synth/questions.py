@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from uhr.prompts import OPEN_INSTRUCTION, xlrs_prompt
 from uhr.synth.landcover import LAND_COVERS
 from uhr.synth.objects import COLOURS, OBJECT_CLASSES, ObjectClass, SceneObject
 from uhr.synth.scene import SceneTruth
@@ -57,12 +58,6 @@ CATEGORY_WEIGHTS: dict[Category, float] = {
 # Objects below this size (px) count as small, as in LRS-VQA's size bins.
 SMALL_OBJECT_PX = 32.0
 LETTERS = "ABCD"
-# The answer instructions of XLRS-Bench (multiple choice) and LLaVA/LRS-VQA (open).
-MC_INSTRUCTION = (
-    "\nSelect the best answer for the multiple-choice question based on the image. "
-    "Only respond with the letter corresponding to the correct answer (A, B, C, D).\nThe answer is:"
-)
-OPEN_INSTRUCTION = "\nAnswer the question using a single word or phrase."
 DIRECTIONS = ("left", "right", "above", "below")
 # Tries per question before a category is given up for the scene.
 TRIES = 24
@@ -90,15 +85,14 @@ class Question:
         return asdict(self)
 
     def prompt(self) -> str:
-        """The full prompt a model sees: XLRS layout for multiple choice, LLaVA's for open."""
-        if self.form == Form.MC.value:
-            return mc_prompt(self.question, self.choices)
-        return self.question + OPEN_INSTRUCTION
+        """The full prompt a model sees (`question_prompt`)."""
+        return question_prompt(self.question, self.choices, self.form)
 
 
-def mc_prompt(question: str, choices: list[str]) -> str:
-    """XLRS-Bench's prompt: question, "The choices are listed below:", options, instruction."""
-    return question + "The choices are listed below:\n" + "\n".join(choices) + "\n" + MC_INSTRUCTION
+def question_prompt(question: str, choices: list[str], form: str) -> str:
+    """What training and evaluation show the model: XLRS's layout for multiple choice, LLaVA's
+    short-answer instruction for open questions."""
+    return xlrs_prompt(question, choices) if form == Form.MC.value else question + OPEN_INSTRUCTION
 
 
 @dataclass(frozen=True)

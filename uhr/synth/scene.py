@@ -269,7 +269,7 @@ def _write_cog(truth: SceneTruth, path: str, compression: Compression, block_siz
     staging = os.path.join(workdir, "staging.tif")
     descriptions, colorinterp = _BANDS[truth.bands]
     factors = overview_factors(truth.width, truth.height)
-    with rasterio.Env(GDAL_CACHEMAX=WRITE_CACHE_MB, GDAL_NUM_THREADS="ALL_CPUS"):
+    with rasterio.Env(GDAL_CACHEMAX=WRITE_CACHE_MB * 2**20, GDAL_NUM_THREADS="ALL_CPUS"):
         with rasterio.open(
             staging,
             "w",
