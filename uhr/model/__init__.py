@@ -6,34 +6,28 @@ Public API:
 * `load_model`, `load_model_config`, `save_model`, `build_tiny_model`, `CheckpointError` — checkpoints;
 * `build_tokenizer` — small local ChatML tokenizers;
 * `tokenize_conversation` — LLaVA conversations to `input_ids` / `labels` for fine-tuning.
+
+Names are imported on first use (`uhr._lazy`): `uhr.model.pruning.config` and the other light
+modules import without pulling in transformers.
 """
 
 from __future__ import annotations
 
-from uhr.model.checkpoints import (
-    CheckpointError,
-    build_tiny_model,
-    build_tiny_tokenizer,
-    load_model,
-    load_model_config,
-    save_model,
-)
-from uhr.model.config import UhrConfig
-from uhr.model.conversation import tokenize_conversation
-from uhr.model.modeling import IGNORE_INDEX, UhrCausalLMOutput, UhrForConditionalGeneration
-from uhr.model.tokenizer import build_tokenizer
+from uhr._lazy import lazy_exports
 
-__all__ = [
-    "IGNORE_INDEX",
-    "CheckpointError",
-    "UhrCausalLMOutput",
-    "UhrConfig",
-    "UhrForConditionalGeneration",
-    "build_tiny_model",
-    "build_tiny_tokenizer",
-    "build_tokenizer",
-    "load_model",
-    "load_model_config",
-    "save_model",
-    "tokenize_conversation",
-]
+_EXPORTS = {
+    "CheckpointError": "uhr.model.checkpoints",
+    "build_tiny_model": "uhr.model.checkpoints",
+    "build_tiny_tokenizer": "uhr.model.checkpoints",
+    "load_model": "uhr.model.checkpoints",
+    "load_model_config": "uhr.model.checkpoints",
+    "save_model": "uhr.model.checkpoints",
+    "UhrConfig": "uhr.model.config",
+    "tokenize_conversation": "uhr.model.conversation",
+    "IGNORE_INDEX": "uhr.model.modeling",
+    "UhrCausalLMOutput": "uhr.model.modeling",
+    "UhrForConditionalGeneration": "uhr.model.modeling",
+    "build_tokenizer": "uhr.model.tokenizer",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -1,25 +1,25 @@
 """The archive-wide VQA job on Ray Data: plan, read, encode + prune, answer, write GeoParquet.
 
 `run_vqa(VqaConfig(...))` runs it; `build_vqa_dataset` gives the lazy Ray Data pipeline alone.
+Names are imported on first use (`uhr._lazy`), so the read tasks' modules stay light.
 """
 
 from __future__ import annotations
 
-from uhr.pipeline.config import ActorStageConfig, Precision, ReadStageConfig, VqaConfig
-from uhr.pipeline.output import MANIFEST_NAME, OUTPUT_SCHEMA
-from uhr.pipeline.plan import InputError, load_questions
-from uhr.pipeline.vqa import RunSummary, build_vqa_dataset, run_vqa
+from uhr._lazy import lazy_exports
 
-__all__ = [
-    "MANIFEST_NAME",
-    "OUTPUT_SCHEMA",
-    "ActorStageConfig",
-    "InputError",
-    "Precision",
-    "ReadStageConfig",
-    "RunSummary",
-    "VqaConfig",
-    "build_vqa_dataset",
-    "load_questions",
-    "run_vqa",
-]
+_EXPORTS = {
+    "ActorStageConfig": "uhr.pipeline.config",
+    "Precision": "uhr.pipeline.config",
+    "ReadStageConfig": "uhr.pipeline.config",
+    "VqaConfig": "uhr.pipeline.config",
+    "MANIFEST_NAME": "uhr.pipeline.output",
+    "OUTPUT_SCHEMA": "uhr.pipeline.output",
+    "InputError": "uhr.pipeline.plan",
+    "load_questions": "uhr.pipeline.plan",
+    "RunSummary": "uhr.pipeline.vqa",
+    "build_vqa_dataset": "uhr.pipeline.vqa",
+    "run_vqa": "uhr.pipeline.vqa",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

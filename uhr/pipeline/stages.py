@@ -34,6 +34,7 @@ from uhr.model.config import UhrConfig
 from uhr.model.pruning import PrunedTokens, build_strategy
 from uhr.model.pruning.config import PruningConfig
 from uhr.pipeline.config import VqaConfig
+from uhr.pipeline.reads import StagedSource
 from uhr.pipeline.output import OUTPUT_SCHEMA
 from uhr.prompts import xlrs_prompt
 from uhr.scenes import open_scene
@@ -96,85 +97,6 @@ def read_scene(
     out["bytes_read"] = meter.bytes
     out["read_ms"] = (time.perf_counter() - start) * 1000
     return out
-
-
-@ray.remote
-def read_windows_task(
-    uri: str,
-    windows: list[tuple[int, int, int, int]],
-    out_size: tuple[int, int] | None,
-    storage: StorageConfig,
-    normalize: NormalizeConfig,
-) -> tuple[list[np.ndarray], int]:
-    """Read windows of one scene in a CPU task (one open serves them all); returns (arrays, bytes)."""
-    with ReadMeter(uri) as meter, open_scene(uri, storage=storage, normalize=normalize) as scene:
-        arrays = [scene.read_window(*window, out_size=out_size) for window in windows]
-    return arrays, meter.bytes
-
-
-class StagedSource:
-    """The `PixelSource` an accelerator actor hands a strategy.
-
-    Whole-scene views come from what the read stage fetched; any other view or window is read by
-    CPU tasks (`read_windows_task`), several windows per task, in parallel, so the actor never
-    decodes rasters itself. Bytes and time of those reads accumulate until `take_reads()`.
-    """
-
-    def __init__(self, row: dict[str, Any], config: VqaConfig):
-        self.uri = row["scene"]
-        self._width, self._height = int(row["width"]), int(row["height"])
-        self._views = {
-            max(shape[0], shape[1]): np.frombuffer(data, dtype=np.uint8).reshape(shape)
-            for data, shape in zip(row["views"], row["view_shapes"])
-        }
-        self._config = config
-        self._bytes: int | None = 0
-        self._ms = 0.0
-
-    @property
-    def width(self) -> int:
-        return self._width
-
-    @property
-    def height(self) -> int:
-        return self._height
-
-    def read_view(self, max_side: int) -> np.ndarray:
-        if max_side in self._views:
-            return self._views[max_side]
-        scale = max_side / max(self._width, self._height)
-        out_size = (max(1, round(self._height * scale)), max(1, round(self._width * scale)))
-        return self.read_windows([(0, 0, self._width, self._height)], out_size=out_size)[0]
-
-    def read_window(
-        self, col_off: int, row_off: int, width: int, height: int, out_size: tuple[int, int] | None = None
-    ) -> np.ndarray:
-        return self.read_windows([(col_off, row_off, width, height)], out_size=out_size)[0]
-
-    def read_windows(
-        self, windows: list[tuple[int, int, int, int]], out_size: tuple[int, int] | None = None
-    ) -> list[np.ndarray]:
-        """Read `windows` with CPU tasks, `read.windows_per_task` per task, all at once."""
-        if not windows:
-            return []
-        read = self._config.read
-        start = time.perf_counter()
-        per_task = read.windows_per_task
-        chunks = [windows[i : i + per_task] for i in range(0, len(windows), per_task)]
-        task = read_windows_task.options(num_cpus=read.window_num_cpus)
-        results = ray.get(
-            [task.remote(self.uri, chunk, out_size, self._config.storage, self._config.normalize) for chunk in chunks]
-        )
-        self._ms += (time.perf_counter() - start) * 1000
-        counts = [count for _, count in results]
-        self._bytes = None if self._bytes is None or None in counts else self._bytes + sum(counts)
-        return [array for arrays, _ in results for array in arrays]
-
-    def take_reads(self) -> tuple[int | None, float]:
-        """(bytes, ms) read since the last call; bytes are None when not metered (local files)."""
-        reads = (self._bytes, self._ms)
-        self._bytes, self._ms = 0, 0.0
-        return reads
 
 
 # ----------------------------------------------------------------------------------------------
