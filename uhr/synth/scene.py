@@ -37,8 +37,9 @@ TILE_PX = 512
 # that a reader must stretch, as it must for real sensor data.
 UINT16_OFFSET = 150.0
 UINT16_GAIN = 10.0
-# GDAL block cache while writing (MB); the default, 5% of RAM, would dominate peak memory.
-WRITE_CACHE_MB = 256
+# GDAL block cache while writing (MB). Blocks are written once, in order; GDAL's default (5% of
+# RAM) would dominate peak memory.
+WRITE_CACHE_MB = 32
 JPEG_QUALITY = 90
 # Seed streams, so georeferencing, layout and objects do not shift when one of them changes.
 _GEO_STREAM, _LAYOUT_STREAM, _OBJECT_STREAM = 0, 1, 2
