@@ -1,16 +1,24 @@
 """Autoscaling, for real: the worker types of cluster/aws-gpu.yaml on Ray's fake multi-node provider.
 
 A head with no CPUs and the launcher's worker types (their resources, minima and maxima; idle
-timeout shortened, CPUs capped for this 2-core machine; GPUs are logical resources here) run as
-real Ray nodes on this machine, with token auth on as in the launcher config. A job submitted
-with `ray job submit --working-dir` whose actor pool asks for GPUs must start with no GPU worker,
-make the autoscaler add GPU workers, write every row, and see the GPU workers removed once they
-have been idle for the idle timeout.
+timeout shortened; logical CPUs divided by CPU_SCALE for this 2-core machine; GPUs are logical
+resources here) run as real Ray nodes on this machine, with token auth on as in the launcher
+config. The VQA job, submitted with `ray job submit` on configs/vqa/cluster.yaml as the RayJobs
+run it, and reading scenes and model from an S3 API server, must start with no GPU worker, make
+the autoscaler add GPU workers for its actor pool, write every row, and see the GPU workers
+removed once they have been idle for the idle timeout.
+
+One difference from AWS: there, `ray up` fills in each worker type's `memory` from the instance
+type; the fake provider cannot start nodes with a declared `memory`, so the autoscaler learns a
+type's memory only once a node of that type runs. Work that asks for memory (the read tasks) can
+then be placed only on types already running, and may bring more GPU workers than on AWS, where
+it would bring a `cpu-reader`. The test therefore asks for at least the pool's GPU workers.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -20,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,15 +36,27 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+
+from uhr.config import load_config
+from uhr.model import build_tiny_model, save_model
+from uhr.pipeline.config import VqaConfig
+from uhr.pipeline.defaults import TINY_PRUNING_DEFAULTS
+from uhr.synth import write_archive
+from uhr.testing.s3_server import LocalS3Server
+
+logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 IDLE_TIMEOUT_S = 15
-MAX_NODE_CPUS = 2
+# Logical CPUs of the fake nodes are the launcher's divided by this, so that CPU-to-GPU ratios, and
+# with them the autoscaler's choice of node type, stay those of the real instances.
+CPU_SCALE = 4
 OBJECT_STORE_BYTES = 150 * 1024**2
 # The fake provider tags its head node with this type name.
 FAKE_HEAD_TYPE = "ray.head.default"
@@ -50,8 +71,8 @@ def _free_port() -> int:
 def fake_autoscaling_config(launcher: dict[str, Any], gcs_address: str, idle_timeout_s: float) -> dict[str, Any]:
     """The launcher config's node types on Ray's fake multi-node provider.
 
-    Resources, minima and maxima are the launcher's, except that logical CPUs are capped at
-    MAX_NODE_CPUS (Ray Data starts a process per free CPU) and each node gets a small object store.
+    Resources, minima and maxima are the launcher's, except that logical CPUs are divided by
+    CPU_SCALE (this machine has 2 cores) and each node gets a small object store.
     """
     node_types = {}
     for name, spec in launcher["available_node_types"].items():
@@ -59,7 +80,7 @@ def fake_autoscaling_config(launcher: dict[str, Any], gcs_address: str, idle_tim
         if name == launcher["head_node_type"]:
             node_types[FAKE_HEAD_TYPE] = {"resources": resources, "node_config": {}, "max_workers": 0}
             continue
-        resources["CPU"] = min(resources.get("CPU", 0), MAX_NODE_CPUS)
+        resources["CPU"] = resources.get("CPU", 0) // CPU_SCALE
         resources["object_store_memory"] = OBJECT_STORE_BYTES
         node_types[name] = {
             "resources": resources,
@@ -148,42 +169,54 @@ class FakeCluster:
             command, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         deadline = time.monotonic() + timeout_s
+        # Up when the dashboard answers and the autoscaler has reported once.
         while True:
             try:
-                self.nodes()
-                return
+                if "autoscalerReport" in (self.autoscaler_status() or {}):
+                    return
             except OSError:
-                if self.head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Ray head did not start:\n{self.log_tail('head.log')}") from None
-                time.sleep(0.5)
+                pass
+            if self.head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Ray head did not start:\n{self.log_tail('head.log')}")
+            time.sleep(0.5)
 
     def log_tail(self, name: str, chars: int = 6000) -> str:
         path = self.root / name
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
-    def _state(self, resource: str) -> list[dict[str, Any]]:
-        request = urllib.request.Request(
-            f"{self.dashboard}/api/v0/{resource}?detail=1&limit=10000",
-            headers={"Authorization": f"Bearer {self.token}"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response)["data"]["result"]["result"]
+    def _get(self, path: str, attempts: int = 3) -> dict[str, Any]:
+        request = urllib.request.Request(f"{self.dashboard}{path}", headers={"Authorization": f"Bearer {self.token}"})
+        for attempt in range(1, attempts + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return json.load(response)["data"]
+            except urllib.error.HTTPError as error:
+                # The dashboard answers 500 while a node it asks is going away.
+                if error.code < 500 or attempt == attempts:
+                    raise
+                time.sleep(1)
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
 
     def nodes(self) -> list[dict[str, Any]]:
-        """Every node the cluster has had (state API): node_id, state, resources_total, times."""
-        return self._state("nodes")
+        """Every node the cluster has had (state API): node_id, state, state_message, start/end times."""
+        return self._get("/api/v0/nodes?detail=1&limit=10000")["result"]["result"]
 
     def actors(self) -> list[dict[str, Any]]:
-        return self._state("actors")
+        return self._get("/api/v0/actors?detail=1&limit=10000")["result"]["result"]
 
-    def submit(self, working_dir: Path, entrypoint: list[str], log_name: str = "job.log") -> subprocess.Popen:
-        """`ray job submit --working-dir <dir> -- <entrypoint>`, as the README says; it returns when
-        the job ends, with exit status 0 when it succeeded."""
-        command = [str(BIN / "ray"), "job", "submit", f"--address={self.dashboard}", "--working-dir", str(working_dir)]
+    def autoscaler_status(self) -> dict[str, Any]:
+        """What the autoscaler last reported: node types by node id, resource use by node id."""
+        return self._get("/api/cluster_status")["clusterStatus"]
+
+    def submit(self, runtime_env: dict[str, Any], entrypoint: list[str], log_name: str = "job.log") -> subprocess.Popen:
+        """`ray job submit --runtime-env-json ... -- <entrypoint>`; returns when the job ends, with
+        exit status 0 when it succeeded."""
+        command = [
+            str(BIN / "ray"), "job", "submit", f"--address={self.dashboard}",
+            "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint,
+        ]  # fmt: skip
         log = (self.root / log_name).open("w")
-        return subprocess.Popen(
-            command + ["--", *entrypoint], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        return subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _own_processes(self) -> list[psutil.Process]:
         found = {}
@@ -218,7 +251,9 @@ class FakeCluster:
 
 
 @pytest.fixture()
-def fake_cluster(launcher: dict[str, Any]) -> Iterator[FakeCluster]:
+def fake_cluster(s3_server: LocalS3Server, launcher: dict[str, Any]) -> Iterator[FakeCluster]:
+    """The fake cluster, started after the S3 server so that its nodes, like instances with an
+    instance profile, find the endpoint and (test) credentials in their environment."""
     cluster = FakeCluster(launcher)
     try:
         cluster.start()
@@ -227,70 +262,89 @@ def fake_cluster(launcher: dict[str, Any]) -> Iterator[FakeCluster]:
         cluster.stop()
 
 
-def _node_type(node: dict[str, Any], launcher: dict[str, Any]) -> str:
-    """The launcher node type of a node, from the GPUs and custom resources it was started with."""
-    if node["is_head_node"]:
-        return launcher["head_node_type"]
-    total = node["resources_total"]
-    for name, spec in launcher["available_node_types"].items():
-        wanted = {key: value for key, value in spec["resources"].items() if key != "CPU"}
-        if name != launcher["head_node_type"] and total.get("GPU", 0) == wanted.get("GPU", 0):
-            if all(total.get(key) == value for key, value in wanted.items()):
-                return name
-    raise AssertionError(f"a node with resources {total} matches no node type")
+@pytest.fixture()
+def s3_inputs(s3_server: LocalS3Server, tmp_path: Path) -> dict[str, Any]:
+    """A small synthetic archive and the tiny model in a fresh bucket, as a cluster would read them."""
+    bucket = s3_server.new_bucket("cluster")
+    archive = write_archive(
+        f"s3://{bucket}/archive", scenes=2, size=512, seed=11, questions_per_scene=3, storage=s3_server.storage()
+    )
+    model, _ = build_tiny_model(seed=0, pruning_defaults=TINY_PRUNING_DEFAULTS)
+    save_model(model, tmp_path / "model")
+    for path in sorted((tmp_path / "model").rglob("*")):
+        if path.is_file():
+            s3_server.client.upload_file(str(path), bucket, f"model/{path.relative_to(tmp_path / 'model')}")
+    return {"archive": archive, "model": f"s3://{bucket}/model", "output": f"s3://{bucket}/answers"}
 
 
-TOY_JOB = """
-import sys
-import time
-
-import ray
-
-
-class Square:
-    def __call__(self, batch):
-        time.sleep(0.5)
-        batch["square"] = batch["id"] ** 2
-        return batch
-
-
-ds = ray.data.range(16, override_num_blocks=8)
-ds = ds.map_batches(Square, compute=ray.data.ActorPoolStrategy(min_size=2, max_size=2), num_gpus=1, batch_size=2)
-ds.write_parquet(sys.argv[1])
-"""
+def vqa_entrypoint(inputs: dict[str, Any], region: str) -> list[str]:
+    """The RayJobs' entrypoint with these inputs, float32 (the "GPUs" are CPUs), two tokens per
+    answer, actor CPUs divided by CPU_SCALE as the nodes' are, and a pool of two actors from the
+    start, so that the autoscaler must add two GPU workers."""
+    archive = inputs["archive"]
+    encode = load_config(VqaConfig, REPO / "configs" / "vqa" / "cluster.yaml").encode
+    return [
+        "python", "-m", "jobs.vqa", "--config", "configs/vqa/cluster.yaml",
+        f"model={inputs['model']}",
+        f"scenes={archive.root}",
+        f"questions={archive.questions_parquet}",
+        f"output={inputs['output']}",
+        f"storage.region={region}",
+        "precision=float32",
+        f"encode.num_cpus={encode.num_cpus / CPU_SCALE}",
+        "encode.min_actors=2",
+        "encode.max_actors=2",
+        "max_new_tokens=2",
+        "status_interval_s=5",
+    ]  # fmt: skip
 
 
 @dataclass
 class Snapshot:
-    """What the cluster looked like at `time_ms`: its nodes, and the nodes running a live actor."""
+    """What the autoscaler reported at `time_ms`: the type of each node, and the nodes with resources
+    in use (a node is idle, for the idle timeout, when none of its resources are)."""
 
     time_ms: float
-    nodes: list[dict[str, Any]]
+    types: dict[str, str]
     busy: set[str]
 
 
 def snapshot(cluster: FakeCluster) -> Snapshot:
-    busy = {actor["node_id"] for actor in cluster.actors() if actor["state"] == "ALIVE"}
-    return Snapshot(time.time() * 1000, cluster.nodes(), busy)
+    status = cluster.autoscaler_status()
+    usage = status["loadMetricsReport"]["usageByNode"] or {}
+    held = {
+        node: [used for name, (used, _) in resources.items() if name != "objectStoreMemory" and not name.startswith("node:")]
+        for node, resources in usage.items()
+    }
+    busy = {node for node, used in held.items() if any(amount > 0 for amount in used)}
+    # Timed when the autoscaler made the report, not when it was read: reads lag on a busy machine.
+    return Snapshot(status["time"] * 1000, dict(status["autoscalerReport"]["nodeTypeMapping"] or {}), busy)
 
 
-def test_gpu_workers_come_with_the_job_and_go_when_idle(
-    fake_cluster: FakeCluster, launcher: dict[str, Any], tmp_path: Path
+def test_gpu_workers_come_with_the_vqa_job_and_go_when_idle(
+    fake_cluster: FakeCluster, s3_inputs: dict[str, Any], s3_server: LocalS3Server, launcher: dict[str, Any]
 ) -> None:
     gpu_types = {name for name, spec in launcher["available_node_types"].items() if spec["resources"].get("GPU")}
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    (job_dir / "job.py").write_text(TOY_JOB)
-    output = tmp_path / "out"
+    timeline: list[Snapshot] = []
 
-    def gpu_nodes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [node for node in nodes if _node_type(node, launcher) in gpu_types]
+    def gpu_nodes() -> dict[str, dict[str, Any]]:
+        """The GPU workers the cluster has had (alive or not), by node id, with their type."""
+        types = {node: kind for shot in timeline for node, kind in shot.types.items()}
+        return {
+            node["node_id"]: {**node, "type": types[node["node_id"]]}
+            for node in fake_cluster.nodes()
+            if types.get(node["node_id"]) in gpu_types
+        }
 
     # 1. The cluster starts with no GPU worker.
-    assert gpu_nodes(fake_cluster.nodes()) == []
+    timeline.append(snapshot(fake_cluster))
+    assert set(timeline[0].types.values()) == {FAKE_HEAD_TYPE}
     submitted_ms = time.time() * 1000
-    job = fake_cluster.submit(job_dir, ["python", "job.py", str(output)])
-    timeline = []
+    # The checkout in place on every node, as the RayJobs use the image's (`local://`): an uploaded
+    # working_dir would be unpacked by each fake node into the one session directory they share,
+    # pulling the directory from under the workers of the nodes already running.
+    runtime_env = {"working_dir": f"local://{REPO}"}
+    job = fake_cluster.submit(runtime_env, vqa_entrypoint(s3_inputs, s3_server.storage().region))
     deadline = time.monotonic() + 300
     while job.poll() is None:
         assert time.monotonic() < deadline, f"job did not finish in 300 s:\n{fake_cluster.log_tail('job.log')}"
@@ -298,32 +352,53 @@ def test_gpu_workers_come_with_the_job_and_go_when_idle(
         time.sleep(1)
     assert job.returncode == 0, fake_cluster.log_tail("job.log")
     ended_ms = time.time() * 1000
+    timeline.append(snapshot(fake_cluster))
 
-    # 2. The autoscaler added GPU workers for the job, of the launcher's GPU types, within their maxima.
-    added = gpu_nodes(fake_cluster.nodes())
-    assert added, "no GPU worker was added"
-    assert all(submitted_ms < node["start_time_ms"] < ended_ms for node in added)
-    for name in gpu_types:
-        count = len([node for node in added if _node_type(node, launcher) == name])
-        assert count <= launcher["available_node_types"][name]["max_workers"], name
-    # The job's GPU actors ran there.
-    assert {node["node_id"] for node in added} <= set().union(*(shot.busy for shot in timeline))
+    # 2. The autoscaler added GPU workers of the launcher's GPU types during the job, within their
+    # maxima; the pool's two encode actors (one GPU each) ran on two of them.
+    added = gpu_nodes()
+    assert len(added) >= 2, f"{len(added)} GPU workers were added:\n{fake_cluster.log_tail('job.log')}"
+    assert all(submitted_ms < node["start_time_ms"] < ended_ms for node in added.values())
+    for kind in gpu_types:
+        maximum = launcher["available_node_types"][kind]["max_workers"]
+        assert sum(node["type"] == kind for node in added.values()) <= maximum, kind
+    gpu_actors = [actor for actor in fake_cluster.actors() if (actor["required_resources"] or {}).get("GPU")]
+    assert all(actor["class_name"] == "MapWorker(MapBatches(EncodeStage))" for actor in gpu_actors), gpu_actors
+    assert all(actor["required_resources"]["GPU"] == 1 for actor in gpu_actors)
+    actor_nodes = {actor["node_id"] for actor in gpu_actors}
+    assert len(actor_nodes) == 2 and actor_nodes <= set(added), actor_nodes
 
-    # 3. Every row was written.
-    assert pq.read_table(output).num_rows == 16
+    # 3. Every question has its answer row, and no row is an error.
+    fs = s3_server.storage().filesystem(s3_inputs["output"])
+    rows = pa.concat_tables(
+        pq.read_table(fs.open(part, "rb")) for part in sorted(fs.glob(f"{s3_inputs['output']}/part-*.parquet"))
+    )
+    expected = pq.read_table(fs.open(s3_inputs["archive"].questions_parquet, "rb"))["question_id"].to_pylist()
+    assert sorted(rows["question_id"].to_pylist()) == sorted(expected)
+    assert rows["error"].null_count == rows.num_rows, rows["error"].to_pylist()
+    assert rows["answer"].null_count == 0
 
     # 4. The GPU workers are removed once idle for the idle timeout, not before.
     deadline = time.monotonic() + IDLE_TIMEOUT_S + 90
-    while any(node["state"] == "ALIVE" for node in gpu_nodes(timeline[-1].nodes)):
+    while any(node["state"] == "ALIVE" for node in gpu_nodes().values()):
         assert time.monotonic() < deadline, "GPU workers still up long after the idle timeout"
         time.sleep(1)
         timeline.append(snapshot(fake_cluster))
-    for node in gpu_nodes(timeline[-1].nodes):
-        assert node["state_message"].startswith("Expected termination"), node
-        last_busy_ms = max(shot.time_ms for shot in timeline if node["node_id"] in shot.busy)
-        first_idle_ms = min(
-            shot.time_ms for shot in timeline if shot.time_ms > last_busy_ms and node["node_id"] not in shot.busy
-        )
+    for node_id, node in gpu_nodes().items():
+        assert node["state"] == "DEAD" and node["state_message"].startswith("Expected termination"), node
+        last_busy_ms = max((shot.time_ms for shot in timeline if node_id in shot.busy), default=node["start_time_ms"])
+        later = [shot.time_ms for shot in timeline if shot.time_ms > last_busy_ms]
+        first_idle_ms = min(later, default=node["end_time_ms"])
         # Idle from some time in (last_busy, first_idle]; removed IDLE_TIMEOUT_S after that.
         assert (node["end_time_ms"] - first_idle_ms) / 1000 >= IDLE_TIMEOUT_S - 3, node
         assert (node["end_time_ms"] - last_busy_ms) / 1000 <= IDLE_TIMEOUT_S + 60, node
+        logger.info(
+            "%s worker up %.1f s after submission; idle from %.1f s before the job ended; removed %.1f-%.1f s "
+            "after it became idle",
+            node["type"],
+            (node["start_time_ms"] - submitted_ms) / 1000,
+            (ended_ms - last_busy_ms) / 1000,
+            (node["end_time_ms"] - first_idle_ms) / 1000,
+            (node["end_time_ms"] - last_busy_ms) / 1000,
+        )
+    logger.info("job: %.1f s from submission to success", (ended_ms - submitted_ms) / 1000)

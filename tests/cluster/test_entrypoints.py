@@ -41,22 +41,19 @@ def test_rayjob_entrypoint_exists_and_its_config_parses(manifest: Path) -> None:
 
 def test_vqa_cluster_config_fits_the_cluster(launcher: dict[str, Any]) -> None:
     config = load_config(VqaConfig, REPO / "configs" / "vqa" / "cluster.yaml")
-    gpu_types = [spec["resources"] for spec in launcher["available_node_types"].values() if spec["resources"].get("GPU")]
-    gpu_types_max = [
-        spec["max_workers"] * spec["resources"]["GPU"]
-        for spec in launcher["available_node_types"].values()
-        if spec["resources"].get("GPU")
-    ]
+    node_types = launcher["available_node_types"].values()
+    gpu_types = [spec for spec in node_types if spec["resources"].get("GPU")]
     encode = config.encode
     assert encode.num_gpus >= 1 and config.fused, "one whole GPU per fused actor (see the sizing table)"
     # Each GPU of every GPU type can host an actor: enough CPUs beside each GPU.
-    for resources in gpu_types:
+    for spec in gpu_types:
+        resources = spec["resources"]
         assert encode.num_cpus * resources["GPU"] / encode.num_gpus <= resources["CPU"], resources
-    assert encode.max_actors * encode.num_gpus <= sum(gpu_types_max)
+    assert encode.max_actors * encode.num_gpus <= sum(spec["max_workers"] * spec["resources"]["GPU"] for spec in gpu_types)
     assert encode.min_actors == 1, "a pool cannot shrink to zero: keep the GPUs held to the end to one"
     assert config.precision.value == "bfloat16"
     assert config.storage.region == launcher["provider"]["region"]
-    readers = [spec["resources"]["CPU"] for spec in launcher["available_node_types"].values() if "GPU" not in spec["resources"]]
+    readers = [spec["resources"]["CPU"] for spec in node_types if "GPU" not in spec["resources"]]
     assert config.read.num_cpus <= max(readers) and config.read.concurrency is not None
     for uri in (config.model, config.scenes, config.questions, config.output):
         assert uri.startswith("s3://YOUR-BUCKET/"), uri

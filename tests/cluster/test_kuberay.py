@@ -152,25 +152,31 @@ def test_every_misspelt_key_is_caught(raycluster: dict[str, Any], rayjobs: dict[
             assert problems, f"{name}: renaming {'.'.join(map(str, path))} went unnoticed"
 
 
+GPU_LIMITS = ("workerGroupSpecs", 1, "template", "spec", "containers", 0, "resources", "limits")
+
+
 @pytest.mark.parametrize(
-    ("change", "expected"),
+    ("path", "value", "expected"),
     [
-        (lambda spec: spec["workerGroupSpecs"][1].__setitem__("maxReplicas", "8"), "'8' is not of type 'integer'"),
-        (
-            lambda spec: spec["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["resources"]["limits"].__setitem__(
-                "memory", "26GiB"
-            ),
-            "does not match",
-        ),
-        (lambda spec: spec["autoscalerOptions"].__setitem__("version", "v3"), "'v3' is not one of"),
-        (lambda spec: spec["authOptions"].__setitem__("mode", "Token"), "'Token' is not one of"),
-        (lambda spec: spec["workerGroupSpecs"][0].pop("groupName"), "'groupName' is a required property"),
+        (("workerGroupSpecs", 1, "maxReplicas"), "8", "'8' is not of type 'integer'"),
+        ((*GPU_LIMITS, "memory"), "26GiB", "'26GiB' does not match"),
+        (("autoscalerOptions", "version"), "v3", "'v3' is not one of"),
+        (("authOptions", "mode"), "Token", "'Token' is not one of"),
+        (("workerGroupSpecs", 0, "groupName"), None, "'groupName' is a required property"),
     ],
+    ids=["string-count", "bad-quantity", "autoscaler-version", "auth-mode", "missing-group-name"],
 )
-def test_wrong_values_are_caught(raycluster: dict[str, Any], change: Any, expected: str) -> None:
+def test_wrong_values_are_caught(raycluster: dict[str, Any], path: tuple[Any, ...], value: Any, expected: str) -> None:
     broken = copy.deepcopy(raycluster)
-    change(broken["spec"])
-    assert any(expected in problem for problem in manifest_problems(broken)), manifest_problems(broken)
+    parent = broken["spec"]
+    for step in path[:-1]:
+        parent = parent[step]
+    if value is None:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    problems = manifest_problems(broken)
+    assert any(expected in problem for problem in problems), problems
 
 
 def test_raycluster_autoscales_from_zero(raycluster: dict[str, Any], launcher: dict[str, Any]) -> None:
@@ -194,7 +200,8 @@ def test_ray_reads_the_groups_as_the_launcher_types(raycluster: dict[str, Any], 
     validate_config(derived)
     types = derived["available_node_types"]
     assert types["headgroup"]["resources"]["CPU"] == 0 and "GPU" not in types["headgroup"]["resources"]
-    expected = {name: spec for name, spec in launcher["available_node_types"].items() if name != launcher["head_node_type"]}
+    head = launcher["head_node_type"]
+    expected = {name: spec for name, spec in launcher["available_node_types"].items() if name != head}
     assert set(types) - {"headgroup"} == set(expected)
     for name, spec in expected.items():
         assert (types[name]["min_workers"], types[name]["max_workers"]) == (0, spec["max_workers"]), name
@@ -255,5 +262,5 @@ def test_rayjobs_run_on_the_raycluster_spec_and_clean_up(
         assert spec["shutdownAfterJobFinishes"] is True, name
         assert 0 < spec["ttlSecondsAfterFinished"] <= 3600, name
         assert spec["activeDeadlineSeconds"] > 0 and spec["backoffLimit"] >= 1, name
-        assert "submissionMode" not in spec, name  # K8sJobMode: the submitter uploads working_dir
-        assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"working_dir": workdir}, name
+        # The image's checkout, in place on every pod: nothing to upload, any submission mode.
+        assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"working_dir": f"local://{workdir}"}, name
