@@ -12,11 +12,12 @@ import yaml
 
 from uhr.config import load_config
 from uhr.pipeline.config import VqaConfig
+from uhr.train.config import FinetuneConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
 # The typed config each job entry point reads (`python -m <module> --config <yaml> key=value ...`).
-JOB_CONFIGS = {"jobs.vqa": "uhr.pipeline.config:VqaConfig", "jobs.finetune": "uhr.train.config:TrainConfig"}
+JOB_CONFIGS = {"jobs.vqa": "uhr.pipeline.config:VqaConfig", "jobs.finetune": "uhr.train.config:FinetuneConfig"}
 
 
 def _config_class(module: str) -> type:
@@ -56,4 +57,25 @@ def test_vqa_cluster_config_fits_the_cluster(launcher: dict[str, Any]) -> None:
     readers = [spec["resources"]["CPU"] for spec in node_types if "GPU" not in spec["resources"]]
     assert config.read.num_cpus <= max(readers) and config.read.concurrency is not None
     for uri in (config.model, config.scenes, config.questions, config.output):
+        assert uri.startswith("s3://YOUR-BUCKET/"), uri
+
+
+def test_finetune_cluster_config_fits_the_cluster(launcher: dict[str, Any]) -> None:
+    config = load_config(FinetuneConfig, REPO / "configs" / "train" / "cluster.yaml")
+    scaling = config.scaling
+    assert scaling.use_gpu and config.precision.value == "bfloat16"
+    # The workers' custom resources exist only on GPU types that can hold all of them.
+    hosts = [
+        spec
+        for spec in launcher["available_node_types"].values()
+        if all(spec["resources"].get(name, 0) > 0 for name in scaling.resources_per_worker)
+    ]
+    assert hosts and all(spec["resources"].get("GPU", 0) >= 1 for spec in hosts)
+    assert scaling.num_workers <= sum(spec["max_workers"] * spec["resources"]["GPU"] for spec in hosts)
+    for spec in hosts:
+        per_node = min(spec["resources"]["GPU"], scaling.num_workers)
+        assert per_node * scaling.cpus_per_worker < spec["resources"]["CPU"], "no CPU left for data preprocessing"
+    assert (REPO / config.deepspeed.config).is_file()
+    assert config.storage.region == launcher["provider"]["region"]
+    for uri in (config.model, config.data.manifest, config.data.image_root, config.output):
         assert uri.startswith("s3://YOUR-BUCKET/"), uri
