@@ -1,0 +1,64 @@
+"""A tiny saved model, a small synthetic training split and manifests with bad rows, for the training tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from uhr.model import build_tiny_model, save_model
+from uhr.pipeline.defaults import TINY_PRUNING_DEFAULTS
+from uhr.synth import ArchiveIndex, write_archive
+
+
+@pytest.fixture(scope="package")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model in our export format, with the pruning defaults of the default model."""
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    model, _ = build_tiny_model(seed=0, pruning_defaults=TINY_PRUNING_DEFAULTS)
+    save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="package")
+def train_archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveIndex:
+    """Three 256-px synthetic training scenes with 4 conversations each (train.jsonl)."""
+    root = tmp_path_factory.mktemp("train-archive")
+    return write_archive(str(root), scenes=3, size=256, seed=3, split="train", questions_per_scene=4)
+
+
+def bad_records(good: dict) -> list[tuple[str, str]]:
+    """(JSONL line, the kind of skip it must cause) for every way a manifest row can be unusable."""
+    turns = good["conversations"]
+    return [
+        ('{"id": "broken", "image": ', "json"),
+        ("[1, 2, 3]", "json"),
+        (json.dumps({"id": "no-image", "conversations": turns}), "fields"),
+        (json.dumps({"id": "no-turns", "image": good["image"]}), "fields"),
+        (json.dumps({"id": "empty-turns", "image": good["image"], "conversations": []}), "fields"),
+        (json.dumps({**good, "id": "missing-scene", "image": "scenes/does_not_exist.tif"}), "image"),
+        (json.dumps({**good, "id": "not-a-raster", "image": "train.jsonl"}), "image"),
+        (
+            json.dumps({**good, "id": "no-placeholder", "conversations": [{"from": "human", "value": "What is here?"}, turns[1]]}),
+            "conversation",
+        ),
+        (json.dumps({**good, "id": "no-answer", "conversations": turns[:1]}), "conversation"),
+        (json.dumps({**good, "id": "bad-speaker", "conversations": [turns[0], {"from": "robot", "value": "x"}]}), "conversation"),
+    ]
+
+
+@pytest.fixture(scope="package")
+def manifest_with_bad_rows(train_archive: ArchiveIndex) -> tuple[Path, int, dict[str, int]]:
+    """(train.jsonl of the archive plus unusable rows, good rows, expected skip count per kind)."""
+    good = [json.loads(line) for line in Path(train_archive.train_jsonl).read_text().splitlines()]
+    bad = bad_records(good[0])
+    path = Path(train_archive.root) / "train_with_bad_rows.jsonl"
+    lines = [json.dumps(row) for row in good]
+    for i, (line, _) in enumerate(bad):  # spread over the file, not all in one block
+        lines.insert(1 + 2 * i, line)
+    path.write_text("\n".join(lines) + "\n")
+    kinds: dict[str, int] = {}
+    for _, kind in bad:
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return path, len(good), kinds

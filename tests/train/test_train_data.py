@@ -1,0 +1,175 @@
+"""Manifests -> prepared samples on a real local Ray: views, labels, bad rows skipped and counted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from uhr.config import ConfigError
+from uhr.model import IGNORE_INDEX, load_model, load_model_config, tokenize_conversation
+from uhr.model.pruning import build_strategy
+from uhr.model.pruning.config import PruningConfig
+from uhr.pipeline.vqa import resolve_pruning
+from uhr.scenes import NormalizeConfig, open_scene
+from uhr.storage import StorageConfig
+from uhr.train.data import (
+    PreparedSource,
+    SkipLedger,
+    build_training_dataset,
+    collate,
+    default_image_root,
+    image_uri,
+    load_tokenizer,
+    question_text,
+)
+
+STORAGE = StorageConfig()
+NORMALIZE = NormalizeConfig()
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """A local Ray for this module, started after the S3 server so its workers reach it."""
+    ray.init(address="local", num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _prepare(manifest: str, model_dir: Path, strategy: str = "uhr-bat", storage: StorageConfig = STORAGE, **kwargs):
+    model_config = load_model_config(str(model_dir))
+    pruning = resolve_pruning(PruningConfig(strategy=strategy), model_config)
+    ledger = SkipLedger.remote()
+    dataset = build_training_dataset(
+        manifest,
+        kwargs.pop("image_root", default_image_root(manifest)),
+        tokenizer=load_tokenizer(str(model_dir), storage),
+        model_config=model_config,
+        pruning=pruning,
+        max_length=kwargs.pop("max_length", 512),
+        storage=storage,
+        normalize=NORMALIZE,
+        ledger=ledger,
+    )
+    rows = sorted(dataset.take_all(), key=lambda row: row["id"])
+    return rows, ray.get(ledger.summary.remote(examples=100)), pruning, model_config
+
+
+def test_samples_carry_the_strategy_views_and_answer_only_labels(ray_local, model_dir, train_archive):
+    rows, skipped, pruning, model_config = _prepare(train_archive.train_jsonl, model_dir)
+    records = {r["id"]: r for r in map(json.loads, Path(train_archive.train_jsonl).read_text().splitlines())}
+    _, tokenizer = load_model(str(model_dir))
+
+    assert skipped["count"] == 0 and sorted(row["id"] for row in rows) == sorted(records)
+    strategy = build_strategy(pruning)
+    for row in rows:
+        record = records[row["id"]]
+        expected = tokenize_conversation(tokenizer, record["conversations"], 512)
+        assert row["input_ids"] == expected["input_ids"].tolist() and row["labels"] == expected["labels"].tolist()
+        answer = tokenizer(record["conversations"][1]["value"], add_special_tokens=False)["input_ids"]
+        labelled = [t for t in row["labels"] if t != IGNORE_INDEX]
+        assert labelled[: len(answer)] == answer and len(labelled) == len(answer) + 2  # + <|im_end|>\n
+        assert row["question"] == record["conversations"][0]["value"].replace("<image>", "").strip()
+        with open_scene(row["image"]) as scene:
+            sides = strategy.views(model_config, scene.width, scene.height)
+            assert (row["width"], row["height"]) == (scene.width, scene.height)
+            assert [max(shape[:2]) for shape in row["view_shapes"]] == sides
+            for data, shape, side in zip(row["views"], row["view_shapes"], sides):
+                np.testing.assert_array_equal(np.frombuffer(data, np.uint8).reshape(shape), scene.read_view(side))
+
+
+def test_bad_rows_are_skipped_counted_and_named(ray_local, model_dir, manifest_with_bad_rows):
+    manifest, good, kinds = manifest_with_bad_rows
+    rows, skipped, _, _ = _prepare(str(manifest), model_dir)
+
+    assert len(rows) == good
+    assert skipped["count"] == sum(kinds.values()) and skipped["by_kind"] == kinds
+    reasons = dict(skipped["examples"])
+    assert "bad-speaker" in reasons and "robot" in reasons["bad-speaker"]
+
+
+def test_a_json_list_manifest_reads_like_jsonl_and_a_non_list_is_counted(ray_local, model_dir, train_archive, tmp_path):
+    records = [json.loads(line) for line in Path(train_archive.train_jsonl).read_text().splitlines()]
+    as_list = tmp_path / "train.json"
+    as_list.write_text(json.dumps(records))
+    rows, skipped, _, _ = _prepare(str(as_list), model_dir, image_root=train_archive.root)
+    jsonl_rows, _, _, _ = _prepare(train_archive.train_jsonl, model_dir)
+    assert skipped["count"] == 0
+    assert [(r["id"], r["input_ids"], r["views"]) for r in rows] == [(r["id"], r["input_ids"], r["views"]) for r in jsonl_rows]
+
+    not_a_list = tmp_path / "object.json"
+    not_a_list.write_text(json.dumps({"data": records}))
+    rows, skipped, _, _ = _prepare(str(not_a_list), model_dir, image_root=train_archive.root)
+    assert rows == [] and skipped["count"] == 1 and skipped["by_kind"] == {"manifest": 1}
+
+
+def test_a_too_short_length_limit_skips_rather_than_trains_on_no_answer(ray_local, model_dir, train_archive):
+    rows, skipped, _, _ = _prepare(train_archive.train_jsonl, model_dir, max_length=24)
+    assert rows == [] and skipped["count"] == 12 and skipped["by_kind"] == {"conversation": 12}
+
+
+def test_manifest_and_images_from_object_storage(ray_local, s3_server, model_dir, train_archive):
+    bucket = s3_server.new_bucket("train-data")
+    root = Path(train_archive.root)
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            s3_server.client.upload_file(str(path), bucket, f"archive/{path.relative_to(root)}")
+    for path in sorted(model_dir.iterdir()):
+        s3_server.client.upload_file(str(path), bucket, f"model/{path.name}")
+    storage = s3_server.storage()
+    model_uri = f"s3://{bucket}/model"
+    assert load_tokenizer(model_uri, storage).get_vocab() == load_tokenizer(str(model_dir), storage).get_vocab()
+
+    remote, skipped, _, _ = _prepare(f"s3://{bucket}/archive/train.jsonl", model_dir, storage=storage)
+    local, _, _, _ = _prepare(train_archive.train_jsonl, model_dir)
+    assert skipped["count"] == 0
+    assert [r["image"] for r in remote] == [f"s3://{bucket}/archive/{Path(r['image']).relative_to(root)}" for r in local]
+    assert [(r["input_ids"], r["views"]) for r in remote] == [(r["input_ids"], r["views"]) for r in local]
+
+
+def test_missing_or_unknown_manifests_are_config_errors(ray_local, model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        _prepare(str(tmp_path / "absent.jsonl"), model_dir)
+    (tmp_path / "train.csv").write_text("id,image\n")
+    with pytest.raises(ConfigError, match=r"\.json .* or \.jsonl"):
+        _prepare(str(tmp_path / "train.csv"), model_dir)
+
+
+@pytest.mark.parametrize("strategy", ["uhr-bat", "c2f", "geollava"])
+def test_prepared_source_gives_the_strategy_what_the_scene_gives(ray_local, model_dir, train_archive, strategy):
+    """The worker's source (prefetched views, other reads from the scene) selects the same tokens."""
+    rows, _, pruning, _ = _prepare(train_archive.train_jsonl, model_dir, strategy=strategy)
+    model, _ = load_model(str(model_dir))
+    selector = build_strategy(pruning)
+    row = rows[0]
+    with torch.no_grad():
+        with PreparedSource(row, STORAGE, NORMALIZE) as source:
+            prepared = selector.select(model, selector.encode(model, source), row["question"])
+        with open_scene(row["image"]) as scene:
+            direct = selector.select(model, selector.encode(model, scene), row["question"])
+    torch.testing.assert_close(prepared.embeds, direct.embeds)
+    assert torch.equal(prepared.scale, direct.scale) and torch.equal(prepared.n_source, direct.n_source)
+
+
+def test_collate_pads_right_and_masks_padding():
+    samples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [9], "labels": [9]}]
+    batch = collate(samples, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [9, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [9, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="empty"):
+        collate([], 0)
+
+
+def test_image_paths_and_questions():
+    assert image_uri("scenes/a.tif", "s3://b/archive") == "s3://b/archive/scenes/a.tif"
+    assert image_uri("scenes/a.tif", "/data/archive") == "/data/archive/scenes/a.tif"
+    assert image_uri("s3://other/a.tif", "/data") == "s3://other/a.tif"
+    assert image_uri("/abs/a.tif", "s3://b") == "/abs/a.tif"
+    assert default_image_root("s3://b/x/train.jsonl") == "s3://b/x"
+    turns = [{"from": "human", "value": "<image>\nHow many ships?"}, {"from": "gpt", "value": "3"}]
+    assert question_text(turns, "<image>") == "How many ships?"

@@ -1,0 +1,425 @@
+"""Training data: LLaVA conversation manifests -> prepared samples streamed to the workers.
+
+Ray Data reads the manifest (JSONL line by line, or a JSON list record by record) and a CPU stage
+prepares each record: it resolves the image against the image root, reads exactly the whole-scene
+views the pruning strategy's `encode` will ask for (`strategy.views(model_config, w, h)`), renders
+the conversation with the chat template and labels the answer tokens only. A record that cannot be
+used (bad JSON, missing fields, unreadable image, no image token, nothing left to learn after the
+length cut) is skipped with its reason logged and recorded in a `SkipLedger`; it never fails the run.
+
+Prepared sample row: `id`, `image` (URI), `question` (the text query-guided strategies select
+with), `input_ids`, `labels`, `width`, `height`, `views` (raw RGB bytes) and `view_shapes`.
+A training worker wraps a sample's views in a `PreparedSource` for the strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import torch
+from fsspec.core import split_protocol
+from transformers import PreTrainedTokenizerBase
+
+from uhr.config import ConfigError
+from uhr.model import IGNORE_INDEX, load_model_config, tokenize_conversation
+from uhr.model.checkpoints import _load_tokenizer
+from uhr.model.config import UhrConfig
+from uhr.model.pruning import build_strategy
+from uhr.model.pruning.config import PruningConfig
+from uhr.scenes import Scene, open_scene
+from uhr.scenes.normalize import NormalizeConfig
+from uhr.storage import StorageConfig, is_remote, join_uri, redact, uri_protocol
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".json", ".jsonl")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+# LongVA / GeoLLaVA-8K directories: the tokenizer reads the LM's config (no transformers model type).
+_LONGVA_TYPES = ("llava_qwen", "llava_llama")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer (the CPU stage needs it without the weights)
+# ----------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(model_uri: str, storage: StorageConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer `uhr.model.load_model(model_uri)` attaches, read without the weights.
+
+    Only the directory's small files are fetched (a 7B checkpoint in object storage stays there);
+    they go through the loader's own tokenizer path, so the CPU stage tokenises exactly as the
+    model's prompts do.
+    """
+    from uhr.model.tokenizer import CHATML_TEMPLATE
+
+    model_config = load_model_config(model_uri, storage=storage)
+    fs = storage.filesystem(model_uri)
+    root = model_uri.rstrip("/")
+    raw = json.loads(fs.cat_file(f"{root}/config.json"))
+    with tempfile.TemporaryDirectory(prefix="uhr-tokenizer-") as local:
+        if is_remote(model_uri):
+            stripped = split_protocol(root)[1]
+            for path in fs.find(root):
+                relative = posixpath.relpath(path, stripped)
+                if "/" not in relative and not relative.endswith(_WEIGHT_SUFFIXES):
+                    fs.get_file(path, os.path.join(local, relative))
+            directory = Path(local)
+        else:
+            directory = Path(model_uri)
+        if raw.get("model_type") in _LONGVA_TYPES:
+            fallback = CHATML_TEMPLATE if raw["model_type"] == "llava_qwen" else None
+            tokenizer = _load_tokenizer(directory, model_uri, model_config.text_config, fallback_template=fallback)
+        else:
+            tokenizer = _load_tokenizer(directory, model_uri, model_config)
+    image_id = tokenizer.convert_tokens_to_ids(model_config.image_token)
+    if model_config.image_token_id is not None and image_id != model_config.image_token_id:
+        raise ConfigError(
+            f"model {redact(model_uri)}: tokenizer maps {model_config.image_token!r} to {image_id}, "
+            f"the model expects {model_config.image_token_id}"
+        )
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Skipped samples
+# ----------------------------------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0)
+class SkipLedger:
+    """Samples the CPU stage skipped, by sample key, with the reason (a run-long Ray actor).
+
+    Keys make the count exact however often a sample is seen: every epoch, and again after a
+    worker-group restart, reads the manifest anew.
+    """
+
+    def __init__(self) -> None:
+        self._reasons: dict[str, str] = {}
+
+    def add(self, key: str, reason: str) -> None:
+        self._reasons.setdefault(key, reason)
+
+    def summary(self, examples: int = 5) -> dict[str, Any]:
+        """{"count": n, "by_kind": {kind: n}, "examples": [(key, reason), ...]}."""
+        kinds = Counter(reason.split(":", 1)[0] for reason in self._reasons.values())
+        return {
+            "count": len(self._reasons),
+            "by_kind": dict(kinds.most_common()),
+            "examples": sorted(self._reasons.items())[:examples],
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest reading
+# ----------------------------------------------------------------------------------------------
+
+
+def arrow_filesystem(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem | None, str]:
+    """(pyarrow filesystem, path) for Ray's readers and `RunConfig(storage_filesystem=...)`.
+
+    Local paths get (None, path); object stores go through the project's fsspec filesystem (so a
+    custom endpoint and its options apply), with the protocol stripped from the path.
+    """
+    if not is_remote(uri):
+        return None, os.path.abspath(split_protocol(uri)[1] if uri_protocol(uri) else uri)
+    handler = pafs.FSSpecHandler(storage.filesystem(uri))
+    return pafs.PyFileSystem(handler), split_protocol(uri)[1]
+
+
+def _json_list_records(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A JSON manifest file (a list of records) -> one row per record, each as its JSON text.
+
+    A file that is no JSON list becomes one row with `error` set (skipped and counted downstream).
+    """
+    try:
+        records = json.loads(row["bytes"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return [{"record": None, "error": f"not valid JSON: {error}"}]
+    if not isinstance(records, list):
+        return [{"record": None, "error": f"a JSON manifest must be a list of records, got {type(records).__name__}"}]
+    return [{"record": json.dumps(record), "error": None} for record in records]
+
+
+def read_manifest(uri: str, storage: StorageConfig) -> ray.data.Dataset:
+    """A Ray dataset of manifest records, one row {"record": <JSON text>[, "error"]} per record (unparsed).
+
+    `.jsonl`: one record per non-empty line. `.json`: a list of records. Parsing happens in the
+    preparation stage, so one bad record costs one sample, not the run.
+    """
+    suffix = next((s for s in MANIFEST_SUFFIXES if uri.lower().endswith(s)), None)
+    if suffix is None:
+        raise ConfigError(f"manifest {redact(uri)} must be .json (a list of records) or .jsonl (one record per line)")
+    fs = storage.filesystem(uri)
+    if not fs.exists(uri):
+        raise ConfigError(f"manifest {redact(uri)} does not exist")
+    filesystem, path = arrow_filesystem(uri, storage)
+    if suffix == ".jsonl":
+        return ray.data.read_text(path, filesystem=filesystem).rename_columns({"text": "record"})
+    return ray.data.read_binary_files(path, filesystem=filesystem).flat_map(_json_list_records)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sample preparation (CPU stage)
+# ----------------------------------------------------------------------------------------------
+
+
+class SampleError(ValueError):
+    """A manifest record that cannot become a training sample; `kind` names the check that failed."""
+
+    def __init__(self, kind: str, detail: str):
+        self.kind = kind
+        super().__init__(f"{kind}: {detail}")
+
+    def __reduce__(self):
+        kind, _, detail = str(self).partition(": ")
+        return (type(self), (kind, detail))
+
+
+def image_uri(image: str, image_root: str) -> str:
+    """`image` as a URI: absolute paths and URIs as they are, relative ones under `image_root`."""
+    if uri_protocol(image) is not None or image.startswith("/"):
+        return image
+    return join_uri(image_root, *image.split("/"))
+
+
+def default_image_root(manifest: str) -> str:
+    """The manifest's directory (its prefix, for object stores)."""
+    if uri_protocol(manifest) is None:
+        return os.path.dirname(os.path.abspath(manifest))
+    return manifest.rsplit("/", 1)[0]
+
+
+def question_text(conversations: list[dict[str, Any]], image_token: str) -> str:
+    """The text of the human turn that holds the image, without the placeholder (what strategies select with)."""
+    for turn in conversations:
+        value = str(turn.get("value", ""))
+        if image_token in value:
+            return value.replace(image_token, "").strip()
+    raise SampleError("conversation", f"no turn holds {image_token!r}")
+
+
+def _parse(record: str) -> Any:
+    try:
+        return json.loads(record)
+    except json.JSONDecodeError as error:
+        raise SampleError("json", f"{error.msg} at column {error.colno}") from error
+
+
+def _check_fields(sample: Any) -> None:
+    if not isinstance(sample, dict):
+        raise SampleError("json", f"a record must be an object, got {type(sample).__name__}")
+    missing = [key for key in ("image", "conversations") if key not in sample]
+    if missing:
+        raise SampleError("fields", f"missing {', '.join(missing)}")
+    if not isinstance(sample["image"], str) or not sample["image"]:
+        raise SampleError("fields", f"'image' must be a non-empty string, got {sample['image']!r}")
+    if not isinstance(sample["conversations"], list) or not sample["conversations"]:
+        raise SampleError("fields", "'conversations' must be a non-empty list of turns")
+
+
+def _key(record: str, sample: Any) -> str:
+    """What a skipped record is known by: its id, else the start of its text."""
+    if isinstance(sample, dict) and sample.get("id") is not None:
+        return str(sample["id"])
+    if not record:
+        return "<manifest>"
+    text = record if len(record) <= 80 else record[:77] + "..."
+    return f"<record {text}>"
+
+
+def prepare_sample(
+    row: dict[str, Any],
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    model_config: UhrConfig,
+    pruning: PruningConfig,
+    image_root: str,
+    max_length: int,
+    storage: StorageConfig,
+    normalize: NormalizeConfig,
+    ledger: ray.actor.ActorHandle | None = None,
+) -> list[dict[str, Any]]:
+    """One manifest record -> [prepared sample], or [] when it cannot be used (reason logged and recorded)."""
+    record = row["record"] or ""
+    sample: Any = None
+    try:
+        if row.get("error"):
+            raise SampleError("manifest", row["error"])
+        sample = _parse(record)
+        _check_fields(sample)
+        conversations = sample["conversations"]
+        question = question_text(conversations, model_config.image_token)
+        try:
+            tokens = tokenize_conversation(tokenizer, conversations, max_length, image_token=model_config.image_token)
+        except ValueError as error:
+            raise SampleError("conversation", str(error)) from error
+        uri = image_uri(sample["image"], image_root)
+        views, shapes = [], []
+        try:
+            with open_scene(uri, storage=storage, normalize=normalize) as scene:
+                width, height = scene.width, scene.height
+                for side in build_strategy(pruning).views(model_config, width, height):
+                    view = scene.read_view(side)
+                    views.append(view.tobytes())
+                    shapes.append(list(view.shape))
+        except Exception as error:  # GDAL and the network fail in many ways; each costs one sample
+            raise SampleError("image", f"{type(error).__name__}: {error}") from error
+    except SampleError as error:
+        key = _key(record, sample)
+        reason = redact(str(error).splitlines()[0])
+        logger.warning("skipping sample %s: %s", key, reason)
+        if ledger is not None:  # waited for, so the count is complete once the data is consumed
+            ray.get(ledger.add.remote(key, reason))
+        return []
+    return [
+        {
+            "id": str(sample.get("id", "")),
+            "image": uri,
+            "question": question,
+            "input_ids": tokens["input_ids"].tolist(),
+            "labels": tokens["labels"].tolist(),
+            "width": width,
+            "height": height,
+            "views": views,
+            "view_shapes": shapes,
+        }
+    ]
+
+
+def build_training_dataset(
+    manifest: str,
+    image_root: str,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    model_config: UhrConfig,
+    pruning: PruningConfig,
+    max_length: int,
+    storage: StorageConfig,
+    normalize: NormalizeConfig,
+    num_cpus: float = 1.0,
+    concurrency: int | None = None,
+    runtime_env: dict[str, Any] | None = None,
+    ledger: ray.actor.ActorHandle | None = None,
+) -> ray.data.Dataset:
+    """The lazy dataset of prepared samples: read the manifest, prepare each record on CPUs."""
+    return read_manifest(manifest, storage).flat_map(
+        prepare_sample,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "model_config": model_config,
+            "pruning": pruning,
+            "image_root": image_root,
+            "max_length": max_length,
+            "storage": storage,
+            "normalize": normalize,
+            "ledger": ledger,
+        },
+        num_cpus=num_cpus,
+        concurrency=concurrency,
+        runtime_env=runtime_env,
+    )
+
+
+def count_records(manifest: str, storage: StorageConfig) -> int:
+    """Records in the manifest (before preparation): sizes the learning-rate schedule."""
+    return read_manifest(manifest, storage).count()
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker side
+# ----------------------------------------------------------------------------------------------
+
+
+class PreparedSource:
+    """The `PixelSource` a training worker hands a strategy for one prepared sample.
+
+    Whole-scene views come from the sample (read by the CPU stage); anything else (c2f's fine
+    windows) is read from the scene itself, opened on first need. Use as a context manager.
+    """
+
+    def __init__(self, sample: dict[str, Any], storage: StorageConfig, normalize: NormalizeConfig):
+        self.uri = sample["image"]
+        self._width, self._height = int(sample["width"]), int(sample["height"])
+        self._views = {
+            max(shape[0], shape[1]): np.frombuffer(data, dtype=np.uint8).reshape(shape)
+            for data, shape in zip(sample["views"], sample["view_shapes"])
+        }
+        self._storage, self._normalize = storage, normalize
+        self._scene: Scene | None = None
+
+    @property
+    def width(self) -> int:
+        return self._width
+
+    @property
+    def height(self) -> int:
+        return self._height
+
+    def _open(self) -> Scene:
+        if self._scene is None:
+            self._scene = open_scene(self.uri, storage=self._storage, normalize=self._normalize)
+        return self._scene
+
+    def read_view(self, max_side: int) -> np.ndarray:
+        if max_side in self._views:
+            return self._views[max_side]
+        return self._open().read_view(max_side)
+
+    def read_window(
+        self, col_off: int, row_off: int, width: int, height: int, out_size: tuple[int, int] | None = None
+    ) -> np.ndarray:
+        return self._open().read_window(col_off, row_off, width, height, out_size=out_size)
+
+    def close(self) -> None:
+        if self._scene is not None:
+            self._scene.close()
+            self._scene = None
+
+    def __enter__(self) -> PreparedSource:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def collate(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `labels` (-100 on padding) and `attention_mask`, each (B, L)."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    length = max(len(sample["input_ids"]) for sample in samples)
+    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for i, sample in enumerate(samples):
+        count = len(sample["input_ids"])
+        input_ids[i, :count] = torch.as_tensor(sample["input_ids"], dtype=torch.long)
+        labels[i, :count] = torch.as_tensor(sample["labels"], dtype=torch.long)
+        attention_mask[i, :count] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+__all__ = [
+    "PreparedSource",
+    "SampleError",
+    "SkipLedger",
+    "arrow_filesystem",
+    "build_training_dataset",
+    "collate",
+    "count_records",
+    "default_image_root",
+    "image_uri",
+    "load_tokenizer",
+    "prepare_sample",
+    "question_text",
+    "read_manifest",
+]

@@ -1,0 +1,318 @@
+"""What every training worker runs: `train_loop_per_worker(TrainPlan)` under Ray Train.
+
+Read top to bottom: the plan the driver hands over, per-part freezing and learning rates, the
+DeepSpeed engine, checkpoint save/restore, one micro-step with pruning in the loop, then the loop.
+
+Each worker loads the model, lets the pruning strategy encode and select on its samples (selection
+is discrete; gradients flow through the kept and merged tokens into the projector and, when it
+trains, the tower), and steps a DeepSpeed engine (ZeRO-2 by default: optimizer state and gradients
+partitioned over the ranks). Every `checkpoint_every_steps` all ranks write their part of a
+DeepSpeed checkpoint and report it, so Ray Train merges the parts into one checkpoint directory.
+A restarted worker group (lost worker, re-run of the same command) resumes from the latest one:
+the step count and schedule continue exactly; the interrupted epoch's data is read from its start
+again (Ray Data cannot skip rows without reading them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import ray.train
+import torch
+import torch.distributed as dist
+from transformers import get_cosine_schedule_with_warmup
+
+from uhr.model import load_model
+from uhr.model.modeling import UhrForConditionalGeneration
+from uhr.model.pruning import PrunedTokens, PruningStrategy, build_strategy
+from uhr.train.config import FinetuneConfig, OptimizerConfig
+from uhr.train.data import PreparedSource, collate
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "deepspeed"
+"""DeepSpeed tag (sub-directory) of the engine state inside each reported checkpoint."""
+
+MODEL_PARTS: dict[str, tuple[str, ...]] = {
+    "vision_tower": ("vision_tower.",),
+    "projector": ("multi_modal_projector.", "image_newline", "scale_embedding.", "reghead."),
+    "language_model": ("language_model.",),
+}
+"""Parameter-name prefixes of each part `OptimizerConfig` configures; every parameter is in one."""
+
+
+@dataclass
+class TrainPlan:
+    """What the driver resolved for the workers: the config, the model, DeepSpeed's JSON, the step count."""
+
+    config: FinetuneConfig
+    model_uri: str
+    deepspeed_config: dict[str, Any]
+    total_steps: int
+
+
+@dataclass
+class TrainState:
+    """Loop state kept in every checkpoint (DeepSpeed's `client_state`)."""
+
+    step: int = 0
+    epoch: int = 0
+    history: list[tuple[int, float]] = field(default_factory=list)
+    """(step, loss) of every optimizer step, loss averaged over the step's micro-batches and ranks."""
+    resumed_from: list[int] = field(default_factory=list)
+    """Steps training restarted from, one entry per resume."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Parts, freezing, learning rates
+# ----------------------------------------------------------------------------------------------
+
+
+def model_part(name: str) -> str:
+    """The part (`MODEL_PARTS` key) a parameter name belongs to."""
+    for part, prefixes in MODEL_PARTS.items():
+        if name.startswith(prefixes):
+            return part
+    raise ValueError(f"parameter {name!r} belongs to none of the parts {sorted(MODEL_PARTS)}")
+
+
+def parameter_groups(model: UhrForConditionalGeneration, optimizer: OptimizerConfig) -> list[dict[str, Any]]:
+    """Freeze the parts that do not train; one optimizer group per training part with its lr.
+
+    Tied parameters (an LM head sharing the embeddings) are listed once.
+    """
+    groups: dict[str, list[torch.nn.Parameter]] = {part: [] for part in MODEL_PARTS}
+    for name, parameter in model.named_parameters():
+        part = model_part(name)
+        parameter.requires_grad_(getattr(optimizer, part).train)
+        if parameter.requires_grad:
+            groups[part].append(parameter)
+    return [
+        {"params": params, "lr": getattr(optimizer, part).lr, "name": part} for part, params in groups.items() if params
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Engine and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def build_engine(plan: TrainPlan) -> tuple[DeepSpeedEngine, UhrForConditionalGeneration]:
+    """The model loaded from `plan.model_uri`, frozen and grouped by part, wrapped in a DeepSpeed engine.
+
+    The schedule is transformers' cosine with linear warmup over `plan.total_steps`; DeepSpeed
+    steps it at each optimizer step and keeps it in its checkpoints.
+    """
+    import deepspeed  # after Ray Train set up the process group and the worker's DS_ACCELERATOR
+
+    config = plan.config
+    torch.manual_seed(config.seed)
+    model, _ = load_model(plan.model_uri, storage=config.storage, dtype=torch.float32)
+    model.train()
+    groups = parameter_groups(model, config.optimizer)
+    if config.activation_checkpointing:
+        model.activation_checkpointing_enable()
+    warmup = math.ceil(config.optimizer.warmup_ratio * plan.total_steps)
+    schedule = partial(get_cosine_schedule_with_warmup, num_warmup_steps=warmup, num_training_steps=plan.total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=groups, config=plan.deepspeed_config, lr_scheduler=schedule
+    )
+    return engine, model
+
+
+def inner_optimizer(engine: DeepSpeedEngine) -> torch.optim.Optimizer:
+    """The torch optimizer holding the Adam moments, under DeepSpeed's ZeRO / mixed-precision wrappers."""
+    optimizer: Any = engine.optimizer
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def optimizer_state_bytes(engine: DeepSpeedEngine) -> int:
+    """Bytes of optimizer state (Adam moments) this rank holds: 1/world of the total under ZeRO-1/2."""
+    state = inner_optimizer(engine).state
+    return sum(
+        value.numel() * value.element_size()
+        for per_param in state.values()
+        for value in per_param.values()
+        if isinstance(value, torch.Tensor) and value.ndim > 0
+    )
+
+
+def save_checkpoint(engine: DeepSpeedEngine, state: TrainState, metrics: dict[str, Any]) -> None:
+    """Every rank writes its part of the engine state and reports it; Ray merges them into one directory."""
+    with tempfile.TemporaryDirectory(prefix="uhr-ckpt-") as directory:
+        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"uhr": asdict(state)})
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"checkpoint-{state.step:08d}",
+        )
+
+
+def restore_checkpoint(engine: DeepSpeedEngine, checkpoint: ray.train.Checkpoint) -> TrainState:
+    """Load the engine (weights, optimizer partition, schedule) and the loop state from `checkpoint`."""
+    with checkpoint.as_directory() as directory:
+        path, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+    if path is None:
+        raise RuntimeError(f"checkpoint {checkpoint.path} holds no DeepSpeed state under tag {CHECKPOINT_TAG!r}")
+    saved = client_state["uhr"]
+    return TrainState(
+        step=saved["step"],
+        epoch=saved["epoch"],
+        history=[tuple(item) for item in saved["history"]],
+        resumed_from=[*saved["resumed_from"], saved["step"]],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# One micro-step
+# ----------------------------------------------------------------------------------------------
+
+
+def select_tokens(
+    model: UhrForConditionalGeneration, strategy: PruningStrategy, sample: dict[str, Any], config: FinetuneConfig
+) -> PrunedTokens:
+    """The pruned visual tokens of one sample, with gradients through the kept and merged features."""
+    with PreparedSource(sample, config.storage, config.normalize) as source:
+        encoding = strategy.encode(model, source)
+        return strategy.select(model, encoding, sample["question"])
+
+
+def micro_step(
+    engine: DeepSpeedEngine, strategy: PruningStrategy, samples: list[dict[str, Any]], config: FinetuneConfig
+) -> tuple[float, int]:
+    """Forward, backward and (at accumulation boundaries) an optimizer step; returns (loss, visual tokens)."""
+    model: UhrForConditionalGeneration = engine.module
+    visual = [select_tokens(model, strategy, sample, config) for sample in samples]
+    batch = {key: value.to(engine.device) for key, value in collate(samples, model.tokenizer.pad_token_id).items()}
+    output = engine(**batch, visual=visual)
+    engine.backward(output.loss)
+    engine.step()
+    return float(output.loss.detach()), sum(len(tokens) for tokens in visual)
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / dist.get_world_size()
+
+
+def _gather(value: Any) -> list[Any]:
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
+    """Train until `plan.total_steps` optimizer steps (or `epochs` passes), checkpointing on the way.
+
+    Returns (on rank 0, as `Result.return_value`) the run's loss history, resume points, and per
+    rank the optimizer-state bytes, samples trained and samples/s.
+    """
+    plan = loop_config["plan"]
+    config = plan.config
+    engine, model = build_engine(plan)
+    strategy = build_strategy(config.pruning)
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = restore_checkpoint(engine, checkpoint)
+        logger.info("resumed from step %d (epoch %d)", state.step, state.epoch)
+    shard = ray.train.get_dataset_shard("train")
+    accumulation = config.gradient_accumulation_steps
+    group_names = [group["name"] for group in engine.optimizer.param_groups]
+
+    samples_seen, busy_s, tokens = 0, 0.0, 0
+    step_losses: list[float] = []
+    last_saved = state.step
+    while state.step < plan.total_steps and (config.max_steps is not None or state.epoch < config.epochs):
+        steps_before = state.step
+        batches = shard.iter_batches(
+            batch_size=config.micro_batch_size,
+            batch_format="pyarrow",
+            drop_last=True,
+            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            local_shuffle_seed=config.seed + state.epoch,
+        )
+        started = time.perf_counter()
+        for batch in batches:
+            samples = batch.to_pylist()
+            loss, kept = micro_step(engine, strategy, samples, config)
+            samples_seen += len(samples)
+            tokens += kept
+            step_losses.append(loss)
+            if len(step_losses) < accumulation:
+                continue
+            state.step += 1
+            loss = _mean_over_ranks(sum(step_losses) / len(step_losses), engine.device)
+            step_losses = []
+            state.history.append((state.step, loss))
+            busy_s += time.perf_counter() - started
+            final = state.step == plan.total_steps
+            if state.step % config.log_every_steps == 0 or state.step % config.checkpoint_every_steps == 0 or final:
+                metrics = {
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    "loss": loss,
+                    "visual_tokens_per_sample": tokens / max(samples_seen, 1),
+                    **{f"lr/{name}": lr for name, lr in zip(group_names, engine.get_lr())},
+                }
+                if state.step % config.checkpoint_every_steps == 0 or final:
+                    save_checkpoint(engine, state, metrics)
+                    last_saved = state.step
+                else:
+                    ray.train.report(metrics)
+            started = time.perf_counter()
+            if final:
+                break
+        else:
+            busy_s += time.perf_counter() - started
+        if state.step == steps_before:
+            raise RuntimeError(
+                f"epoch {state.epoch} gave this worker no full optimizer step ({config.batch_size} samples over "
+                f"{dist.get_world_size()} workers): too few usable samples in the manifest"
+            )
+        if state.step < plan.total_steps:
+            state.epoch += 1
+    if last_saved != state.step:  # the epochs ran out before total_steps (skipped samples)
+        save_checkpoint(engine, state, {"step": state.step, "epoch": state.epoch, "loss": state.history[-1][1]})
+
+    per_rank = {
+        "optimizer_state_bytes": _gather(optimizer_state_bytes(engine)),
+        "samples": _gather(samples_seen),
+        "samples_per_s": _gather(samples_seen / busy_s if busy_s else 0.0),
+    }
+    return {"steps": state.step, "epochs": state.epoch, "history": state.history, "resumed_from": state.resumed_from, **per_rank}
+
+
+__all__ = [
+    "CHECKPOINT_TAG",
+    "MODEL_PARTS",
+    "TrainPlan",
+    "TrainState",
+    "build_engine",
+    "inner_optimizer",
+    "micro_step",
+    "model_part",
+    "optimizer_state_bytes",
+    "parameter_groups",
+    "restore_checkpoint",
+    "save_checkpoint",
+    "select_tokens",
+    "train_loop_per_worker",
+]
