@@ -256,7 +256,13 @@ def fake_cluster(s3_server: LocalS3Server, launcher: dict[str, Any]) -> Iterator
     instance profile, find the endpoint and (test) credentials in their environment."""
     cluster = FakeCluster(launcher)
     try:
-        cluster.start()
+        try:
+            cluster.start()
+        except RuntimeError:
+            # A head that times out on an overloaded machine gets one more try, from scratch.
+            cluster.stop()
+            cluster = FakeCluster(launcher)
+            cluster.start()
         yield cluster
     finally:
         cluster.stop()
@@ -365,8 +371,9 @@ def test_gpu_workers_come_with_the_vqa_job_and_go_when_idle(
     gpu_actors = [actor for actor in fake_cluster.actors() if (actor["required_resources"] or {}).get("GPU")]
     assert all(actor["class_name"] == "MapWorker(MapBatches(EncodeStage))" for actor in gpu_actors), gpu_actors
     assert all(actor["required_resources"]["GPU"] == 1 for actor in gpu_actors)
+    # Two or more: an actor that dies (Ray restarts it) may come back on another worker.
     actor_nodes = {actor["node_id"] for actor in gpu_actors}
-    assert len(actor_nodes) == 2 and actor_nodes <= set(added), actor_nodes
+    assert len(actor_nodes) >= 2 and actor_nodes <= set(added), actor_nodes
 
     # 3. Every question has its answer row, and no row is an error.
     fs = s3_server.storage().filesystem(s3_inputs["output"])
