@@ -41,20 +41,16 @@ def nodes_launched(launcher: dict[str, Any], demands: list[dict[str, float]]) ->
         1,
         2,
         4,
-        pytest.param(
-            8,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="8 GPU demands at once pack onto one gpu-h100 node: Ray scores utilisation, not price. "
-                "Needs the encode pool to ask for accelerator_type A10G (not a VqaConfig field yet).",
-            ),
-        ),
+        # Without an accelerator type, 8 demands at once would pack onto one gpu-h100 node: Ray
+        # scores utilisation, not price.
+        8,
     ],
 )
 def test_vqa_actors_get_a10g_workers(launcher: dict[str, Any], actors: int) -> None:
     encode = load_config(VqaConfig, REPO / "configs" / "vqa" / "cluster.yaml").encode
-    assert actors <= encode.max_actors
-    demand = {"GPU": encode.num_gpus, "CPU": encode.num_cpus}
+    assert actors <= encode.max_actors and encode.accelerator_type == "A10G"
+    # What Ray asks for when a pool names an accelerator type (a 0.001 share of its resource).
+    demand = {"GPU": encode.num_gpus, "CPU": encode.num_cpus, f"accelerator_type:{encode.accelerator_type}": 0.001}
     assert nodes_launched(launcher, [demand] * actors) == {"gpu-a10g": actors}
 
 

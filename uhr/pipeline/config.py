@@ -47,6 +47,11 @@ class ActorStageConfig(BaseModel):
     max_actors: int = Field(1, ge=1, description="Most actors the pool grows to when work queues up.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; 0 runs on CPU. Fractions pack several actors on one GPU.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per actor.")
+    accelerator_type: str | None = Field(
+        None,
+        description="Ray accelerator type the actors need (e.g. 'A10G', 'H100'): keeps the autoscaler from packing "
+        "many small actors onto one large, costly GPU node. None: any GPU.",
+    )
     batch_size: int = Field(1, ge=1, description="Rows per call: scenes for the encode stage, questions for the answer stage.")
     max_tasks_in_flight: int = Field(2, ge=1, description="Batches queued per actor, so the next one is ready when a call returns.")
 

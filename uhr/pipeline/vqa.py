@@ -86,6 +86,7 @@ def build_vqa_dataset(
         ),
         num_gpus=encode.num_gpus,
         num_cpus=encode.num_cpus,
+        accelerator_type=encode.accelerator_type,
         runtime_env=runtime_env,
     )
     if not config.fused:
@@ -101,6 +102,7 @@ def build_vqa_dataset(
             ),
             num_gpus=answer.num_gpus,
             num_cpus=answer.num_cpus,
+            accelerator_type=answer.accelerator_type,
             runtime_env=runtime_env,
         )
     return ds
