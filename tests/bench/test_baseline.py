@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uhr.bench.baseline import naive_scene, pool_to_budget
+from uhr.bench.baseline import context_budget, naive_scene, pool_to_budget
 from uhr.bench.inputs import build_bench_model
 from uhr.scenes import ArraySource
 from uhr.synth import write_scene
@@ -41,3 +41,9 @@ def test_naive_scene_downloads_the_whole_object_and_encodes_every_tile(model, s3
     assert times.object_bytes == path.stat().st_size <= sent.bytes_sent
     assert times.tiles == 4 and times.tokens == 256
     assert min(times.download_s, times.decode_s, times.encode_s, times.answer_s) > 0
+
+
+def test_context_budget_leaves_room_for_the_prompt_and_answer(model):
+    assert context_budget(model, text_reserve=512, max_new_tokens=8) == 4096 - 520
+    with pytest.raises(ValueError, match="no room"):
+        context_budget(model, text_reserve=4096, max_new_tokens=1)

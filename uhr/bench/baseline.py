@@ -2,10 +2,10 @@
 
 Per scene: download the whole object, decode the whole image, resize it to one scale (`side`, 4032
 px by default: UHR-BAT's finest scale, 12 x 12 tiles of 336 px), encode every tile with the same
-model, average-pool the token grid only as much as the language model needs (to `budget` tokens,
-the job's budget, so both answer over the same number of visual tokens), then answer the scene's
-questions one at a time. No Ray, no overviews, no range reads, no batching; the scene's work is
-shared by its questions, which is the most a script does without a cache.
+model, average-pool the token grid only as much as the language model needs to fit (`context_budget`:
+its context less room for the prompt and the answer), then answer the scene's questions one at a
+time. No Ray, no overviews, no range reads, no batching; the scene's work is shared by its
+questions, which is the most a script does without a cache.
 """
 
 from __future__ import annotations
@@ -44,6 +44,15 @@ class NaiveSceneTimes:
     @property
     def total_s(self) -> float:
         return self.download_s + self.decode_s + self.encode_s + self.answer_s
+
+
+def context_budget(model: UhrForConditionalGeneration, text_reserve: int, max_new_tokens: int) -> int:
+    """Visual tokens that fit the LM's context (`max_position_embeddings`) beside `text_reserve`
+    prompt positions and the answer."""
+    budget = model.config.text_config.max_position_embeddings - text_reserve - max_new_tokens
+    if budget < 1:
+        raise ValueError(f"the LM's context leaves no room for visual tokens after {text_reserve + max_new_tokens} positions")
+    return budget
 
 
 def pool_to_budget(model: UhrForConditionalGeneration, grid: TokenGrid, budget: int) -> PrunedTokens:
@@ -110,4 +119,4 @@ def naive_scene(
     )
 
 
-__all__ = ["NaiveSceneTimes", "naive_scene", "pool_to_budget"]
+__all__ = ["NaiveSceneTimes", "context_budget", "naive_scene", "pool_to_budget"]

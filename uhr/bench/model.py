@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from uhr.bench.counters import WorkCounter
-from uhr.bench.flops import A100, H100, Cost, GpuSpec, Utilisation, Workload, lm_weight_bytes, price, real_model_config
+from uhr.bench.flops import A100, H100, Cost, GpuSpec, Utilisation, Workload, lm_prefill_flops, price, real_model_config
 from uhr.bench.inputs import bench_cache_dir, build_bench_model, cached_scene, scene_questions, strategy_config
 from uhr.model import UhrForConditionalGeneration
 from uhr.model.pruning import STRATEGIES, PrunedTokens, PruningConfig, StrategyName, build_strategy
@@ -82,6 +82,8 @@ class StrategyResult:
     """Per question in the many-questions run (batched)."""
     one_question_s: float
     many_questions_s: float
+    one_question_cpu_s: float
+    many_questions_cpu_s: float
     questions: int
     workload: dict[str, Workload] = field(default_factory=dict)
     """Phase ("encode", "select", "answer") -> what the many-questions run asked of the model."""
@@ -90,12 +92,19 @@ class StrategyResult:
     def many_over_one(self) -> float:
         return self.many_questions_s / self.one_question_s
 
+    @property
+    def many_over_one_cpu(self) -> float:
+        return self.many_questions_cpu_s / self.one_question_cpu_s
+
 
 @dataclass
 class _Run:
     encode_s: float
     select_s: float
     answer_s: float
+    cpu_s: float
+    """CPU time of this process (all threads) over the whole run: less sensitive than wall time to
+    other work on the machine."""
     tokens: list[PrunedTokens]
 
     @property
@@ -118,6 +127,7 @@ def _run(
         return nullcontext() if counter is None else counter.phase(name)
 
     with open_scene(str(path)) as scene, torch.inference_mode():
+        cpu = time.process_time()
         start = time.perf_counter()
         with phase("encode"):
             encoding = strategy.encode(model, scene)
@@ -128,9 +138,10 @@ def _run(
         for i in range(0, len(prompts), config.answer_batch):
             model.answer(tokens[i : i + config.answer_batch], prompts[i : i + config.answer_batch], max_new_tokens=config.max_new_tokens)
         answered = time.perf_counter()
+        cpu = time.process_time() - cpu
     if counter is not None:
         counter.record_answers("answer", [len(t) for t in tokens])
-    return _Run(encoded - start, selected - encoded, answered - selected, tokens)
+    return _Run(encoded - start, selected - encoded, answered - selected, cpu, tokens)
 
 
 def run_model_benchmark(config: ModelBenchConfig) -> list[StrategyResult]:
@@ -148,10 +159,11 @@ def run_model_benchmark(config: ModelBenchConfig) -> list[StrategyResult]:
     results = []
     for name in config.strategies:
         pruning = strategy_config(name, model.config, width, height)
-        ones = [_run(model, pruning, path, prompts[:1], config) for _ in range(config.repeats)]
-        manys = []
+        ones, manys = [], []
         workload: dict[str, Workload] = {}
+        # Interleaved, so drifting load on the machine hits both alike.
         for repeat in range(config.repeats):
+            ones.append(_run(model, pruning, path, prompts[:1], config))
             with WorkCounter(model) as counter:
                 manys.append(_run(model, pruning, path, prompts, config, counter))
             if repeat == 0:
@@ -169,6 +181,8 @@ def run_model_benchmark(config: ModelBenchConfig) -> list[StrategyResult]:
                 answer_each_s=statistics.median(r.answer_s for r in manys) / len(prompts),
                 one_question_s=statistics.median(r.total_s for r in ones),
                 many_questions_s=statistics.median(r.total_s for r in manys),
+                one_question_cpu_s=statistics.median(r.cpu_s for r in ones),
+                many_questions_cpu_s=statistics.median(r.cpu_s for r in manys),
                 questions=len(prompts),
                 workload=workload,
             )
@@ -243,11 +257,12 @@ def format_report(results: list[StrategyResult], config: ModelBenchConfig) -> st
         "",
         f"torch threads {torch.get_num_threads()}, load average {load}; answers of {config.max_new_tokens} tokens, "
         f"batches of {config.answer_batch}; encode includes reading the views from the local COG; "
-        f"median of {config.repeats} run(s).",
+        f"median of {config.repeats} run(s). Times are wall times; the last column uses this process's CPU time, "
+        "which other work on the machine disturbs less.",
         "",
         f"| strategy | budget | dense tokens | kept tokens | tiles / scene | tiles / question | encode ms | select ms / q "
-        f"| answer ms (1 q) | answer ms / q ({n} q) | 1 question s | {n} questions s | {n} q / 1 q |",
-        "|" + "---|" * 13,
+        f"| answer ms (1 q) | answer ms / q ({n} q) | 1 question s | {n} questions s | {n} q / 1 q | {n} q / 1 q, CPU time |",
+        "|" + "---|" * 14,
     ]
     for r in results:
         encode_tiles = r.workload.get("encode", Workload()).tiles
@@ -255,7 +270,7 @@ def format_report(results: list[StrategyResult], config: ModelBenchConfig) -> st
         lines.append(
             f"| {r.strategy} | {r.budget} | {r.dense:,} | {r.kept:,.0f} | {encode_tiles} | {select_tiles:.1f} "
             f"| {r.encode_s * 1e3:,.0f} | {r.select_s * 1e3:,.0f} | {r.answer_one_s * 1e3:,.0f} | {r.answer_each_s * 1e3:,.0f} "
-            f"| {r.one_question_s:.2f} | {r.many_questions_s:.2f} | {r.many_over_one:.2f} |"
+            f"| {r.one_question_s:.2f} | {r.many_questions_s:.2f} | {r.many_over_one:.2f} | {r.many_over_one_cpu:.2f} |"
         )
     worst = max(results, key=lambda r: r.many_over_one, default=None)
     if worst is not None:
@@ -279,6 +294,12 @@ def format_report(results: list[StrategyResult], config: ModelBenchConfig) -> st
         f"peak bf16 FLOP/s for compute, decode steps at {utilisation.mbu:.0%} of HBM bandwidth. {n} q / 1 q estimated on {fastest.name}; "
         "'shared prefix': the scene's visual tokens prefilled once and reused by its questions (possible when the tokens "
         "do not depend on the question).",
+        "",
+        "FLOPs (2 per multiply-add, matrix products only, attention counted in full): a tile of g^2 patches, T = g^2 + 1 "
+        "tokens, through n tower layers of width d, MLP f: 2 * 3p^2 d g^2 + n (2 (4d^2 + 2df) T + 4 T^2 d); projector "
+        "2 (d D + D^2) per token; an LM layer of width D (h heads x e, h_kv key/value heads, gated MLP F) for q new "
+        "positions over k: 2 (2Dhe + 2D h_kv e + 3DF) q + 4 q k h e; LM head 2 D V per generated token; importance "
+        "passes run the layers below the middle one.",
         "",
         f"| strategy | encode TFLOPs / scene | select TFLOPs / q | answer TFLOPs / q | 1 question TFLOPs | {gpu_heads} "
         f"| {n} q / 1 q est. | with shared prefix |",
@@ -312,6 +333,10 @@ def published_comparison(results: list[StrategyResult], config: ModelBenchConfig
         costs = real_costs(result, gpu, config)
         return costs.encode.flops + costs.select.flops + _price(Workload(answers=[kept]), gpu, config).flops
 
+    def bat_part(result: StrategyResult, part: str) -> float:
+        costs = real_costs(result, gpu, config)
+        return (getattr(costs.encode, part) + getattr(costs.select, part)) / 1e12
+
     bat = by_name.get(StrategyName.UHR_BAT.value)
     if bat is not None:
         lines.append(f"- UHR-BAT dense tokens at {config.size}^2: ours {bat.dense:,}, published {UHR_BAT_DENSE_8K:,} (8k image).")
@@ -319,25 +344,39 @@ def published_comparison(results: list[StrategyResult], config: ModelBenchConfig
         low, high = sorted(UHR_BAT_TABLE4)
         slope_ours = (ours[high] - ours[low]) / ((high - low) / 1000)
         slope_published = (UHR_BAT_TABLE4[high] - UHR_BAT_TABLE4[low]) / ((high - low) / 1000)
-        weights_only = 2 * lm_weight_bytes(real_model_config(), 1) * 1000 / 1e12
+        weights_only = lm_prefill_flops(real_model_config().text_config, 1) * 1000 / 1e12
         lines.append(
             "- UHR-BAT TFLOPs per sample (Table 4): "
             + "; ".join(f"{kept:,} kept: ours {ours[kept]:.1f}, published {UHR_BAT_TABLE4[kept]:.1f}" for kept in sorted(ours))
-            + f". Per 1,000 more kept tokens: ours {slope_ours:.1f} (2 x LM weights alone: {weights_only:.1f}, the rest is "
-            f"attention), published {slope_published:.1f}. Fixed part (extrapolated to 0 kept): "
-            f"ours {ours[low] - slope_ours * low / 1000:.1f}, published {UHR_BAT_TABLE4[low] - slope_published * low / 1000:.1f}."
+            + f". Per 1,000 more kept tokens between them: ours {slope_ours:.1f} (2 x decoder weights alone: "
+            f"{weights_only:.1f}; the rest is attention over the longer sequence), published {slope_published:.1f}. "
+            f"Fixed part: ours {per_sample(bat, 0) / 1e12:.1f} (tower {bat_part(bat, 'tower'):.1f}, projector "
+            f"{bat_part(bat, 'projector'):.1f}, anchor importance {bat_part(bat, 'importance'):.1f}), published "
+            f"{UHR_BAT_TABLE4[low] - slope_published * low / 1000:.1f} (their table extrapolated to 0 kept tokens)."
         )
     anyres, c2f = by_name.get(StrategyName.NONE.value), by_name.get(StrategyName.C2F.value)
     if anyres is not None and c2f is not None:
         ours_anyres = per_sample(anyres, round(anyres.kept)) / 1e12
         ours_c2f = per_sample(c2f, round(c2f.kept)) / 1e12
         lines.append(
-            f"- LRS-VQA anyres vs pruned TFLOPs: ours `none` (LLaVA-NeXT grids, {anyres.kept:,.0f} tokens) {ours_anyres:.1f} vs "
-            f"`c2f` ({c2f.kept:,.0f} tokens) {ours_c2f:.1f} = {ours_anyres / ours_c2f:.1f}x; published "
+            f"- LRS-VQA anyres vs pruned TFLOPs: ours `none` (LLaVA-NeXT's default grids, {anyres.kept:,.0f} tokens) "
+            f"{ours_anyres:.1f} vs `c2f` ({c2f.kept:,.0f} tokens) {ours_c2f:.1f} = {ours_anyres / ours_c2f:.1f}x; published "
             f"{LRS_VQA_TFLOPS['anyres']:.0f} vs {LRS_VQA_TFLOPS['pruned']:.1f} = "
-            f"{LRS_VQA_TFLOPS['anyres'] / LRS_VQA_TFLOPS['pruned']:.1f}x."
+            f"{LRS_VQA_TFLOPS['anyres'] / LRS_VQA_TFLOPS['pruned']:.1f}x. Their anyres figure is what our LM spends on "
+            f"one answer over ~{visual_tokens_for(LRS_VQA_TFLOPS['anyres'] * 1e12, gpu, config):,} visual tokens."
         )
     return lines
+
+
+def visual_tokens_for(flops: float, gpu: GpuSpec, config: ModelBenchConfig) -> int:
+    """Visual tokens whose one answer (prefill + decode, `prompt_tokens` of text) costs `flops` at real sizes."""
+    low, high = 0, 1
+    while _price(Workload(answers=[high]), gpu, config).flops < flops:
+        high *= 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if _price(Workload(answers=[middle]), gpu, config).flops < flops else (low, middle)
+    return high
 
 
 __all__ = [
@@ -350,4 +389,5 @@ __all__ = [
     "published_comparison",
     "real_costs",
     "run_model_benchmark",
+    "visual_tokens_for",
 ]

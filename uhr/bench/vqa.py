@@ -36,13 +36,14 @@ import pyarrow.parquet as pq
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
-from uhr.bench.baseline import NaiveSceneTimes, naive_scene
+from uhr.bench.baseline import NaiveSceneTimes, context_budget, naive_scene
 from uhr.bench.inputs import bench_cache_dir, cached_scene, saved_bench_model, scene_questions, strategy_config
 from uhr.bench.rss import WorkerMemorySampler, WorkerPeak
 from uhr.model import load_model, load_model_config
 from uhr.model.pruning import PruningConfig, StrategyName
 from uhr.pipeline import MANIFEST_NAME, VqaConfig, build_vqa_dataset, load_questions, run_vqa
 from uhr.pipeline.plan import make_plan
+from uhr.synth import Question
 from uhr.testing.s3_server import LocalS3Server
 
 # Targets from the issue.
@@ -73,6 +74,9 @@ class VqaBenchConfig(BaseModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray; None: this machine's.")
     baseline: bool = Field(True, description="Run the naive baseline.")
     baseline_side: int = Field(4032, gt=0, description="Longest side the naive baseline resizes each scene to before tiling it.")
+    baseline_text_reserve: int = Field(
+        512, ge=1, description="LM positions the naive baseline leaves for the prompt; its visual tokens fill the rest of the context."
+    )
     overlap: bool = Field(True, description="Measure stage overlap of the default strategy with `build_vqa_dataset`.")
     rss_size: int | None = Field(32768, gt=0, description="Side of the scene the worker RSS is measured on; None skips it.")
     rss_strategies: list[StrategyName] = Field(
@@ -246,11 +250,16 @@ class VqaBenchResult:
 
 @dataclass(frozen=True)
 class _Scene:
-    """A cached synthetic scene."""
+    """A cached synthetic scene and the questions asked of it."""
 
     path: Path
     size: int
-    seed: int
+    questions: list[Question]
+
+    @staticmethod
+    def of(cache: Path, size: int, seed: int, questions: int) -> _Scene:
+        path = cached_scene(cache, size, seed)
+        return _Scene(path, size, scene_questions(size, seed, questions, path.name))
 
 
 @dataclass(frozen=True)
@@ -279,7 +288,7 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _upload(server: LocalS3Server, scenes: list[_Scene], questions: int, workdir: Path, name: str) -> _Archive:
+def _upload(server: LocalS3Server, scenes: list[_Scene], workdir: Path, name: str) -> _Archive:
     """Put the scenes in a fresh bucket and write their questions table (absolute scene URIs, prompts)."""
     bucket = server.new_bucket("bench")
     rows, prompts, keys = [], {}, []
@@ -288,12 +297,11 @@ def _upload(server: LocalS3Server, scenes: list[_Scene], questions: int, workdir
         server.client.upload_file(str(scene.path), bucket, key)
         uri = f"s3://{bucket}/{key}"
         keys.append(key)
-        asked = scene_questions(scene.size, scene.seed, questions, key)
-        prompts[uri] = [q.prompt() for q in asked]
+        prompts[uri] = [q.prompt() for q in scene.questions]
         rows += [
             {"question_id": q.question_id, "scene": uri, "question": q.question, "choices": q.choices or None,
              "bbox": q.bbox, "prompt": q.prompt()}
-            for q in asked
+            for q in scene.questions
         ]
     table = workdir / f"{name}-questions.parquet"
     pq.write_table(pa.Table.from_pylist(rows), table)
@@ -321,7 +329,7 @@ def _pipeline_run(
     config: VqaBenchConfig, server: LocalS3Server, scenes: list[_Scene], model_dir: Path, workdir: Path,
     strategy: StrategyName,
 ) -> PipelineRun:
-    archive = _upload(server, scenes, config.questions, workdir, strategy.value)
+    archive = _upload(server, scenes, workdir, strategy.value)
     pruning = strategy_config(strategy, load_model_config(str(model_dir)), config.size, config.size)
     output = workdir / f"out-{strategy.value}"
     before = server.stats()
@@ -359,7 +367,7 @@ def _overlap_run(
     config: VqaBenchConfig, server: LocalS3Server, scenes: list[_Scene], model_dir: Path, workdir: Path
 ) -> OverlapRun:
     """The default strategy's pipeline from `build_vqa_dataset`, iterated here with each scene's arrival timed."""
-    archive = _upload(server, scenes, config.questions, workdir, "overlap")
+    archive = _upload(server, scenes, workdir, "overlap")
     model_config = load_model_config(str(model_dir))
     pruning = strategy_config(DEFAULT_STRATEGY, model_config, config.size, config.size)
     vqa = _vqa_config(config, model_dir, archive, pruning, workdir / "out-overlap", server)
@@ -375,11 +383,11 @@ def _overlap_run(
 
 
 def _baseline_run(config: VqaBenchConfig, server: LocalS3Server, scenes: list[_Scene], model_dir: Path, workdir: Path) -> BaselineRun:
-    archive = _upload(server, scenes, config.questions, workdir, "baseline")
+    archive = _upload(server, scenes, workdir, "baseline")
     start = time.perf_counter()
     model, _ = load_model(str(model_dir))
     load_s = time.perf_counter() - start
-    budget = PruningConfig().budget
+    budget = context_budget(model, config.baseline_text_reserve, config.max_new_tokens)
     times = [
         naive_scene(model, uri, prompts, server.storage(), side=config.baseline_side, budget=budget, max_new_tokens=config.max_new_tokens)
         for uri, prompts in archive.prompts.items()
@@ -392,7 +400,7 @@ def _rss_run(
     config: VqaBenchConfig, server: LocalS3Server, scene: _Scene, model_dir: Path, workdir: Path, strategy: StrategyName
 ) -> RssRun:
     """`run_vqa` on the large scene in a fresh Ray, its workers' memory sampled throughout."""
-    archive = _upload(server, [scene], config.questions, workdir, f"rss-{strategy.value}")
+    archive = _upload(server, [scene], workdir, f"rss-{strategy.value}")
     size = scene.size
     pruning = strategy_config(strategy, load_model_config(str(model_dir)), size, size)
     ray.shutdown()
@@ -414,8 +422,8 @@ def _rss_run(
 def run_vqa_benchmark(config: VqaBenchConfig) -> VqaBenchResult:
     """Everything the module docstring lists; scenes and the model are generated on first use."""
     cache = config.cache_dir.expanduser()
-    scenes = [_Scene(cached_scene(cache, config.size, seed), config.size, seed) for seed in range(config.scenes)]
-    large = _Scene(cached_scene(cache, config.rss_size, 0), config.rss_size, 0) if config.rss_size else None
+    scenes = [_Scene.of(cache, config.size, seed, config.questions) for seed in range(config.scenes)]
+    large = _Scene.of(cache, config.rss_size, 0, config.questions) if config.rss_size else None
     model_dir = saved_bench_model(cache, config.model_seed)
     result = VqaBenchResult(config=config, object_bytes=sum(scene.path.stat().st_size for scene in scenes))
     with tempfile.TemporaryDirectory(prefix="uhr-bench-vqa-") as tmp, LocalS3Server() as server:
@@ -492,8 +500,9 @@ def format_report(result: VqaBenchResult) -> str:
         b = result.baseline
         lines += [
             "",
-            f"## Naive baseline: whole-object download, full decode, every tile at {config.baseline_side} px, pooled to "
-            f"{PruningConfig().budget} tokens, one question at a time (this process, torch threads: all cores)",
+            f"## Naive baseline: whole-object download, full decode, every tile at {config.baseline_side} px, pooled only "
+            f"to fit the LM's context ({b.scenes[0].tokens:,} tokens), one question at a time (this process, torch "
+            "threads: all cores)",
             "",
             "| scenes | questions | model load s | download s | decode s | encode s | answer s | wall s | questions/s | tiles / scene |",
             "|" + "---|" * 10,
