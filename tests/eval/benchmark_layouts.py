@@ -19,19 +19,23 @@ import rasterio
 from PIL import Image
 from affine import Affine
 
+
 def png_bytes(width: int, height: int, value: int) -> bytes:
+    """A flat-grey RGB PNG."""
     buffer = io.BytesIO()
     Image.fromarray(np.full((height, width, 3), value, np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
 def jpeg_bytes(width: int, height: int, value: int) -> bytes:
+    """A flat-grey RGB JPEG."""
     buffer = io.BytesIO()
     Image.fromarray(np.full((height, width, 3), value, np.uint8)).save(buffer, format="JPEG")
     return buffer.getvalue()
 
 
 def write_geotiff(path: Path, width: int = 16, height: int = 12) -> None:
+    """A georeferenced 3-band uint8 GeoTIFF (0.5 m pixels, UTM 33N) with a ramp of values."""
     path.parent.mkdir(parents=True, exist_ok=True)
     transform = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4500000.0)  # 0.5 m pixels, UTM 33N
     profile = dict(
