@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import ray
 import ray.train
 import torch
 import torch.distributed as dist
@@ -222,7 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
     """Train until `plan.total_steps` optimizer steps (or `epochs` passes), checkpointing on the way.
 
     Returns (on rank 0, as `Result.return_value`) the run's loss history, resume points, and per
-    rank the optimizer-state bytes, samples trained and samples/s.
+    rank its node, the optimizer-state bytes, samples trained and samples/s.
     """
     plan = loop_config["plan"]
     config = plan.config
@@ -293,6 +294,7 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
         save_checkpoint(engine, state, {"step": state.step, "epoch": state.epoch, "loss": state.history[-1][1]})
 
     per_rank = {
+        "nodes": _gather(ray.get_runtime_context().get_node_id()),
         "optimizer_state_bytes": _gather(optimizer_state_bytes(engine)),
         "samples": _gather(samples_seen),
         "samples_per_s": _gather(samples_seen / busy_s if busy_s else 0.0),

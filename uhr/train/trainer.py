@@ -56,6 +56,8 @@ class FinetuneSummary:
     history: list[tuple[int, float]]
     resumed_from: list[int]
     skipped: dict[str, Any]
+    nodes: list[str]
+    samples: list[int]
     optimizer_state_bytes: list[int]
     samples_per_s: list[float]
     wall_s: float
@@ -84,6 +86,7 @@ class FinetuneSummary:
             [
                 f"fine-tuning: {self.steps}/{self.total_steps} steps, {self.epochs + 1} epoch(s){resumed}, {self.wall_s:.1f} s",
                 f"  loss           {curve}",
+                f"  workers        {len(self.nodes)} on {len(set(self.nodes))} node(s), {sum(self.samples)} samples trained",
                 f"  samples/s      {rates} (per worker)",
                 f"  optimizer MiB  {state} (per rank)",
                 f"  skipped        {self.skipped.get('count', 0)} samples" + (f" ({kinds})" if kinds else ""),
@@ -214,6 +217,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
         history=[tuple(item) for item in done["history"]],
         resumed_from=done["resumed_from"],
         skipped=ray.get(ledger.summary.remote()),
+        nodes=done["nodes"],
+        samples=done["samples"],
         optimizer_state_bytes=done["optimizer_state_bytes"],
         samples_per_s=done["samples_per_s"],
         wall_s=time.monotonic() - start,

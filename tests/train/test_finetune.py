@@ -1,0 +1,198 @@
+"""Fine-tuning end to end on a simulated 2-node Ray cluster: ZeRO-2 over gloo, S3 checkpoints, a killed worker.
+
+One run (`killed_run`) carries most checks, because every run costs a worker-group start on this
+small machine: two workers (one per node, STRICT_SPREAD) train the tiny model with UHR-BAT pruning
+in the loop on a manifest with bad rows, checkpointing to the local S3 server; one worker process
+is killed once the first checkpoint is stored, so the group restarts from it. A second run of the
+same command with more steps then resumes from the run's storage.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+
+from uhr.config import merge_trees
+from uhr.model import load_model, load_model_config, tokenize_conversation
+from uhr.model.pruning import build_strategy
+from uhr.model.pruning.config import PruningConfig
+from uhr.pipeline.vqa import resolve_pruning
+from uhr.scenes import open_scene
+from uhr.train import FinetuneConfig, FinetuneSummary, run_finetune
+from uhr.train.data import collate
+from uhr.train.export import MODEL_STATES
+from uhr.train.loop import CHECKPOINT_TAG, MODEL_PARTS
+
+TRAINER_SLOT = "trainer_slot"
+MAX_STEPS = 8
+# Where Ray Train keeps its checkpoint manager's state (ray.train.v2._internal.constants).
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    """A head (1 CPU) and two worker nodes (2 CPUs and one trainer slot each), after the S3 server,
+    so every node's processes reach it."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = [cluster.add_node(num_cpus=2, resources={TRAINER_SLOT: 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield [node.node_id for node in nodes]
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def finetune_config(model_dir: Path, manifest: Path, output: str, **fields: Any) -> FinetuneConfig:
+    """Two workers pinned one per node, batch 4 (1 x 2 workers x 2 accumulation), a learnable lr."""
+    tree = {
+        "model": str(model_dir),
+        "data": {"manifest": str(manifest), "max_length": 512, "shuffle_buffer": 0},
+        "pruning": {"budget": 64},
+        "optimizer": {"projector": {"lr": 3e-3}, "language_model": {"lr": 3e-3}, "warmup_ratio": 0.0},
+        "scaling": {"num_workers": 2, "resources_per_worker": {TRAINER_SLOT: 1}, "placement_strategy": "STRICT_SPREAD"},
+        "batch_size": 4,
+        "max_steps": MAX_STEPS,
+        "checkpoint_every_steps": 2,
+        "output": output,
+    }
+    return FinetuneConfig.model_validate(merge_trees(tree, fields))
+
+
+def _train_workers() -> list[psutil.Process]:
+    """The training worker processes of this test's cluster (its processes descend from this one)."""
+    workers = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.cmdline() and process.cmdline()[0].startswith("ray::RayTrainWorker"):
+                workers.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return workers
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def killed_run(cluster, s3_server, model_dir, manifest_with_bad_rows) -> tuple[FinetuneConfig, FinetuneSummary, str]:
+    """(config, summary, bucket) of the run whose worker was killed after its first checkpoint."""
+    manifest, _, _ = manifest_with_bad_rows
+    bucket = s3_server.new_bucket("finetune")
+    config = finetune_config(model_dir, manifest, f"s3://{bucket}/runs")
+    result: dict[str, Any] = {}
+
+    def train() -> None:
+        try:
+            result["summary"] = run_finetune(config)
+        except BaseException as error:  # surfaced below, in the test's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=train)
+    thread.start()
+
+    def first_checkpoint() -> bool:
+        # Registered, not only uploaded: Ray Train records a checkpoint once every rank has reported it,
+        # and a group lost before that rightly restarts from scratch.
+        try:
+            snapshot = s3_server.client.get_object(Bucket=bucket, Key=f"runs/finetune/{SNAPSHOT}")["Body"].read()
+        except s3_server.client.exceptions.NoSuchKey:
+            return not thread.is_alive()
+        return b"checkpoint-00000002" in snapshot or not thread.is_alive()
+
+    _wait_for(first_checkpoint, 300, "the first checkpoint in object storage")
+    workers = _train_workers()
+    assert thread.is_alive() and len(workers) == 2, "the kill must land while both workers train"
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    if "error" in result:
+        raise result["error"]
+    return config, result["summary"], bucket
+
+
+def test_the_run_survives_a_killed_worker_and_ends_at_the_configured_step(killed_run):
+    _, summary, _ = killed_run
+    assert summary.steps == summary.total_steps == MAX_STEPS
+    assert len(summary.resumed_from) == 1 and summary.resumed_from[0] in (2, 4, 6)
+    # The history is the checkpoint's up to the restart, then the restarted group's: each step once.
+    assert [step for step, _ in summary.history] == list(range(1, MAX_STEPS + 1))
+
+
+def test_workers_ran_one_per_node(killed_run, cluster):
+    _, summary, _ = killed_run
+    assert sorted(summary.nodes) == sorted(cluster)
+    assert summary.samples[0] == summary.samples[1] > 0  # equal shards: no rank waits on another
+
+
+def test_loss_goes_down_with_pruning_in_the_loop(killed_run):
+    _, summary, _ = killed_run
+    losses = summary.losses
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < 0.8 * first, losses
+
+
+def test_zero2_gives_each_rank_half_of_the_optimizer_state(killed_run, model_dir):
+    model, _ = load_model(str(model_dir))
+    trained = [p for name, p in model.named_parameters() if not name.startswith(MODEL_PARTS["vision_tower"])]
+    adam_bytes = sum(2 * p.numel() * 4 for p in trained)  # exp_avg and exp_avg_sq, float32
+    _, summary, _ = killed_run
+    per_rank = summary.optimizer_state_bytes
+    assert len(per_rank) == 2 and sum(per_rank) >= adam_bytes
+    for held in per_rank:  # 1/world each, up to DeepSpeed's alignment padding
+        assert abs(held - adam_bytes / 2) <= 0.001 * adam_bytes, (held, adam_bytes)
+
+
+def test_bad_manifest_rows_are_skipped_and_counted(killed_run, manifest_with_bad_rows):
+    _, _, kinds = manifest_with_bad_rows
+    _, summary, _ = killed_run
+    assert summary.skipped["count"] == sum(kinds.values()) and summary.skipped["by_kind"] == kinds
+
+
+def test_the_export_serves_the_trained_module_logits(killed_run, s3_server, train_archive):
+    """The export, loaded as the VQA job loads models, equals the module DeepSpeed held at the last step."""
+    config, summary, bucket = killed_run
+    storage = s3_server.storage()
+    exported, tokenizer = load_model(summary.export, storage=storage, dtype="float32")
+    trained, _ = load_model(str(config.model), dtype="float32")
+    states = f"s3://{bucket}/runs/finetune/checkpoint-{MAX_STEPS:08d}/{CHECKPOINT_TAG}/{MODEL_STATES}"
+    with storage.filesystem(states).open(states, "rb") as handle:
+        module = torch.load(handle, map_location="cpu", weights_only=False)["module"]
+    trained.load_state_dict(module)
+    base, _ = load_model(str(config.model), dtype="float32")
+
+    pruning = PruningConfig.model_validate(exported.config.pruning_defaults)
+    # The export serves with the pruning it was trained with: the model's defaults under the run's settings.
+    assert pruning == resolve_pruning(config.pruning, load_model_config(str(config.model)))
+    strategy = build_strategy(pruning)
+    conversation = [{"from": "human", "value": "<image>\nHow many ships are in the harbour?"}, {"from": "gpt", "value": "3"}]
+    batch = collate([{k: v.tolist() for k, v in tokenize_conversation(tokenizer, conversation, 512).items()}], tokenizer.pad_token_id)
+    logits = {}
+    with torch.no_grad(), open_scene(train_archive.scenes[0]) as scene:
+        for name, model in (("exported", exported), ("trained", trained), ("base", base)):
+            visual = strategy.select(model, strategy.encode(model, scene), "How many ships are in the harbour?")
+            logits[name] = model(**batch, visual=[visual]).logits
+    torch.testing.assert_close(logits["exported"], logits["trained"], rtol=0, atol=1e-5)
+    assert not torch.allclose(logits["exported"], logits["base"], atol=1e-3), "training must have changed the model"
+
+
+def test_rerunning_the_same_command_resumes_from_object_storage(killed_run, s3_server):
+    config, first, _ = killed_run
+    summary = run_finetune(config.model_copy(update={"max_steps": MAX_STEPS + 2}))
+    assert summary.resumed_from[-1] == MAX_STEPS and summary.steps == MAX_STEPS + 2
+    assert summary.history[:MAX_STEPS] == first.history
+    assert [step for step, _ in summary.history] == list(range(1, MAX_STEPS + 3))
+    assert summary.samples == [4, 4]  # only the two new steps ran
