@@ -20,7 +20,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=defaults.size)
     parser.add_argument("--scene-seed", type=int, default=defaults.scene_seed)
-    parser.add_argument("--strategies", nargs="+", choices=[s.value for s in StrategyName], default=[s.value for s in defaults.strategies])
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=[s.value for s in StrategyName],
+        default=[s.value for s in defaults.strategies],
+    )
     parser.add_argument("--questions", type=int, default=defaults.questions)
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--repeats", type=int, default=defaults.repeats)

@@ -1,8 +1,8 @@
 """VQA job benchmark: `python -m jobs.bench_vqa [--scenes 4] [--questions 4] [--strategies ...] [--no-rss]`.
 
 Prints Markdown tables: `run_vqa` against a local S3 server on synthetic 8192^2 scenes, per strategy
-(throughput, visual tokens, bytes read over object bytes, Ray Data's operator times), a naive
-baseline on the same work, stage overlap of the default strategy, and the peak RSS of the Ray
+(throughput, visual tokens, bytes read over object bytes, Ray Data's operator times and stage
+overlap), a naive baseline on the same work, and the peak RSS of the Ray
 worker processes on one 32768^2 scene; then each figure against its target. Scenes and the tiny
 model are generated once and kept under bench/ in the uhr cache directory (~/.cache/uhr by default).
 """
@@ -29,9 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-cpus", type=int, default=defaults.num_cpus, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--baseline-side", type=int, default=defaults.baseline_side)
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
-    parser.add_argument("--no-overlap", action="store_true", help="skip the stage-overlap run")
     parser.add_argument("--rss-size", type=int, default=defaults.rss_size)
-    parser.add_argument("--rss-strategies", nargs="+", choices=STRATEGIES, default=[s.value for s in defaults.rss_strategies])
+    parser.add_argument(
+        "--rss-strategies", nargs="+", choices=STRATEGIES, default=[s.value for s in defaults.rss_strategies]
+    )
     parser.add_argument("--no-rss", action="store_true", help="skip the worker-memory runs on the large scene")
     parser.add_argument("--cache-dir", type=Path, default=defaults.cache_dir)
     args = parser.parse_args(argv)
@@ -44,7 +45,6 @@ def main(argv: list[str] | None = None) -> None:
         num_cpus=args.num_cpus,
         baseline=not args.no_baseline,
         baseline_side=args.baseline_side,
-        overlap=not args.no_overlap,
         rss_size=None if args.no_rss else args.rss_size,
         rss_strategies=args.rss_strategies,
         cache_dir=args.cache_dir,

@@ -16,9 +16,13 @@ def model():
     return build_bench_model()[0]
 
 
-@pytest.mark.parametrize(("height", "width", "budget"), [(336, 336, 576), (336, 336, 100), (700, 1000, 1024), (1344, 672, 37)])
+@pytest.mark.parametrize(
+    ("height", "width", "budget"), [(336, 336, 576), (336, 336, 100), (700, 1000, 1024), (1344, 672, 37)]
+)
 def test_pooling_keeps_every_valid_token_in_exactly_one_of_at_most_budget_tokens(model, height, width, budget):
-    view = ArraySource(torch.randint(0, 256, (height, width, 3), dtype=torch.uint8).numpy()).read_view(max(height, width))
+    view = ArraySource(torch.randint(0, 256, (height, width, 3), dtype=torch.uint8).numpy()).read_view(
+        max(height, width)
+    )
     with torch.inference_mode():
         grid = model.encode_view(view, scale=0, box=(0.0, 0.0, float(width), float(height)))
         tokens = pool_to_budget(model, grid, budget)

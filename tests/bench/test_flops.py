@@ -102,4 +102,6 @@ def test_batching_decode_and_sharing_the_visual_prefix_save_time_not_work():
     # The 2,000 visual positions are prefilled once instead of eight times.
     assert shared.prefill < batched.prefill / 4 and shared.decode == batched.decode
     with pytest.raises(ValueError, match="same visual tokens"):
-        price(Workload(answers=[10, 20]), config, H100, utilisation, prompt_tokens=1, answer_tokens=1, shared_prefix=True)
+        price(
+            Workload(answers=[10, 20]), config, H100, utilisation, prompt_tokens=1, answer_tokens=1, shared_prefix=True
+        )

@@ -34,8 +34,10 @@ def test_operators_and_worker_peaks_of_a_ray_data_run(local_ray):
             return {"id": batch["id"], "sum": batch["sum"] * 2}
 
     with WorkerMemorySampler(interval_s=0.05) as sampler:
-        ds = ray.data.range(4, override_num_blocks=4).map(hold_memory, num_cpus=1, memory=1).map_batches(
-            Double, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1
+        ds = (
+            ray.data.range(4, override_num_blocks=4)
+            .map(hold_memory, num_cpus=1, memory=1)
+            .map_batches(Double, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
         )
         rows = ds.take_all()
     assert sorted(row["sum"] for row in rows) == [128] * 4

@@ -10,8 +10,14 @@ from uhr.bench.vqa import VqaBenchConfig, format_report, run_vqa_benchmark
 @pytest.mark.slow
 def test_vqa_benchmark_reports_every_figure_against_its_target(tmp_path):
     config = VqaBenchConfig(
-        scenes=2, questions=2, size=1024, strategies=["uhr-bat", "c2f"], max_new_tokens=2,
-        rss_size=2048, rss_strategies=["c2f"], cache_dir=tmp_path,
+        scenes=2,
+        questions=2,
+        size=1024,
+        strategies=["uhr-bat", "c2f"],
+        max_new_tokens=2,
+        rss_size=2048,
+        rss_strategies=["c2f"],
+        cache_dir=tmp_path,
     )
     result = run_vqa_benchmark(config)
     assert [r.strategy for r in result.runs] == ["uhr-bat", "c2f"]
@@ -23,10 +29,11 @@ def test_vqa_benchmark_reports_every_figure_against_its_target(tmp_path):
         assert 0 < run.running_s <= run.wall_s
     assert result.baseline is not None and result.baseline.questions == 4
     assert [s.tiles for s in result.baseline.scenes] == [144, 144]
-    assert result.overlap is not None and len(result.overlap.arrivals) == 2
+    # Once running, the slowest stage is busy most of its span: reads keep ahead of the encode actor.
+    assert all(0 < run.slowest_busy <= 1.0 and run.wall_over_slowest >= 1.0 for run in result.runs)
     (rss,) = result.rss
     assert rss.size == 2048 and rss.peak_worker.peak_rss > 0
     report = format_report(result)
-    for heading in ("## Naive baseline", "## Stage overlap", "## Peak RSS", "## Targets"):
+    for heading in ("## Naive baseline", "## Peak RSS", "## Targets"):
         assert heading in report
-    assert "c2f bytes read / object bytes" in report
+    assert "c2f bytes read / object bytes" in report and "wall / slowest stage (uhr-bat" in report

@@ -51,7 +51,9 @@ def context_budget(model: UhrForConditionalGeneration, text_reserve: int, max_ne
     prompt positions and the answer."""
     budget = model.config.text_config.max_position_embeddings - text_reserve - max_new_tokens
     if budget < 1:
-        raise ValueError(f"the LM's context leaves no room for visual tokens after {text_reserve + max_new_tokens} positions")
+        raise ValueError(
+            f"the LM's context leaves no room for visual tokens after {text_reserve + max_new_tokens} positions"
+        )
     return budget
 
 

@@ -260,12 +260,16 @@ def price(
     `shared_prefix`: the answers share one visual prefix (the same visual tokens), prefilled once.
     """
     if shared_prefix and len(set(workload.answers)) > 1:
-        raise ValueError(f"a shared visual prefix needs the same visual tokens for every answer, got {sorted(set(workload.answers))}")
+        raise ValueError(
+            f"a shared visual prefix needs the same visual tokens for every answer, got {sorted(set(workload.answers))}"
+        )
     if answer_batch < 1:
         raise ValueError(f"answer_batch must be >= 1, got {answer_batch}")
     tower = workload.tiles * vision_tile_flops(config)
     projector = projector_flops(config, workload.projected)
-    importance = sum(importance_flops(config, visual + prompt_tokens, importance_layer) for visual in workload.importance)
+    importance = sum(
+        importance_flops(config, visual + prompt_tokens, importance_layer) for visual in workload.importance
+    )
     prefill = decode = 0
     if shared_prefix and workload.answers:
         prefill += lm_prefill_flops(config.text_config, workload.answers[0])
@@ -275,7 +279,9 @@ def price(
         decode += rest
     rate = gpu.peak_tflops * 1e12 * utilisation.mfu
     decode_s = sum(
-        _decode_seconds(config, gpu, utilisation, [v + prompt_tokens for v in workload.answers[i : i + answer_batch]], answer_tokens)
+        _decode_seconds(
+            config, gpu, utilisation, [v + prompt_tokens for v in workload.answers[i : i + answer_batch]], answer_tokens
+        )
         for i in range(0, len(workload.answers), answer_batch)
     )
     return Cost(
@@ -289,7 +295,9 @@ def price(
     )
 
 
-def _decode_seconds(config: UhrConfig, gpu: GpuSpec, utilisation: Utilisation, positions: list[int], answer_tokens: int) -> float:
+def _decode_seconds(
+    config: UhrConfig, gpu: GpuSpec, utilisation: Utilisation, positions: list[int], answer_tokens: int
+) -> float:
     """Decode steps of one batch of answers over `positions` each: per step, the weights once and every
     row's KV cache read at `mbu`, or the batch's FLOPs at `mfu`, whichever takes longer."""
     dims = _LmDims.of(config.text_config)

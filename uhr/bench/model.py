@@ -59,7 +59,9 @@ class ModelBenchConfig(BaseModel):
     prompt_tokens: int = Field(
         100, ge=1, description="Text positions (chat template + question) per prompt in the real-size estimates."
     )
-    utilisation: Utilisation = Field(default_factory=Utilisation, description="GPU utilisation the time estimates assume.")
+    utilisation: Utilisation = Field(
+        default_factory=Utilisation, description="GPU utilisation the time estimates assume."
+    )
     gpus: list[GpuSpec] = Field(default_factory=lambda: [A100, H100], description="GPUs to estimate times for.")
     cache_dir: Path = Field(default_factory=bench_cache_dir, description="Where the synthetic scene is kept.")
 
@@ -136,7 +138,11 @@ def _run(
             tokens = [strategy.select(model, encoding, prompt) for prompt in prompts]
         selected = time.perf_counter()
         for i in range(0, len(prompts), config.answer_batch):
-            model.answer(tokens[i : i + config.answer_batch], prompts[i : i + config.answer_batch], max_new_tokens=config.max_new_tokens)
+            model.answer(
+                tokens[i : i + config.answer_batch],
+                prompts[i : i + config.answer_batch],
+                max_new_tokens=config.max_new_tokens,
+            )
         answered = time.perf_counter()
         cpu = time.process_time() - cpu
     if counter is not None:
@@ -210,7 +216,9 @@ def real_costs(result: StrategyResult, gpu: GpuSpec, config: ModelBenchConfig) -
 
     def per_question(c: Cost) -> Cost:
         return Cost(
-            **{name: getattr(c, name) / questions for name in ("tower", "projector", "importance", "prefill", "decode")},
+            **{
+                name: getattr(c, name) / questions for name in ("tower", "projector", "importance", "prefill", "decode")
+            },
             compute_s=c.compute_s / questions,
             decode_s=c.decode_s / questions,
         )
@@ -223,7 +231,9 @@ def real_costs(result: StrategyResult, gpu: GpuSpec, config: ModelBenchConfig) -
     )
 
 
-def estimated_seconds(result: StrategyResult, gpu: GpuSpec, config: ModelBenchConfig, questions: int, shared_prefix: bool = False) -> float:
+def estimated_seconds(
+    result: StrategyResult, gpu: GpuSpec, config: ModelBenchConfig, questions: int, shared_prefix: bool = False
+) -> float:
     """Seconds of `questions` questions on one scene at real sizes: encode once, mean select per
     question, answers over the mean kept tokens (their visual prefix prefilled once with `shared_prefix`)."""
     costs = real_costs(result, gpu, config)
@@ -256,21 +266,23 @@ def format_report(results: list[StrategyResult], config: ModelBenchConfig) -> st
         f"## Tiny model, real tile geometry, {config.size}^2 synthetic scene (local COG), this CPU",
         "",
         f"torch threads {torch.get_num_threads()}, load average {load}; answers of {config.max_new_tokens} tokens, "
-        f"batches of {config.answer_batch}; encode includes reading the views from the local COG; "
-        f"median of {config.repeats} run(s). Times are wall times; the last column uses this process's CPU time, "
-        "which other work on the machine disturbs less.",
+        f"batches of {config.answer_batch}; encode includes reading the views from the local COG; median of "
+        f"{config.repeats} run(s). Times are wall times; the last column uses this process's CPU time, which other "
+        "work on the machine disturbs less.",
         "",
-        f"| strategy | budget | dense tokens | kept tokens | tiles / scene | tiles / question | encode ms | select ms / q "
-        f"| answer ms (1 q) | answer ms / q ({n} q) | 1 question s | {n} questions s | {n} q / 1 q | {n} q / 1 q, CPU time |",
+        "| strategy | budget | dense tokens | kept tokens | tiles / scene | tiles / question | encode ms | select "
+        f"ms / q | answer ms (1 q) | answer ms / q ({n} q) | 1 question s | {n} questions s | {n} q / 1 q | {n} q / "
+        "1 q, CPU time |",
         "|" + "---|" * 14,
     ]
     for r in results:
         encode_tiles = r.workload.get("encode", Workload()).tiles
         select_tiles = r.workload.get("select", Workload()).tiles / r.questions
         lines.append(
-            f"| {r.strategy} | {r.budget} | {r.dense:,} | {r.kept:,.0f} | {encode_tiles} | {select_tiles:.1f} "
-            f"| {r.encode_s * 1e3:,.0f} | {r.select_s * 1e3:,.0f} | {r.answer_one_s * 1e3:,.0f} | {r.answer_each_s * 1e3:,.0f} "
-            f"| {r.one_question_s:.2f} | {r.many_questions_s:.2f} | {r.many_over_one:.2f} | {r.many_over_one_cpu:.2f} |"
+            f"| {r.strategy} | {r.budget} | {r.dense:,} | {r.kept:,.0f} | {encode_tiles} | {select_tiles:.1f} | "
+            f"{r.encode_s * 1e3:,.0f} | {r.select_s * 1e3:,.0f} | {r.answer_one_s * 1e3:,.0f} | "
+            f"{r.answer_each_s * 1e3:,.0f} | {r.one_question_s:.2f} | {r.many_questions_s:.2f} | "
+            f"{r.many_over_one:.2f} | {r.many_over_one_cpu:.2f} |"
         )
     worst = max(results, key=lambda r: r.many_over_one, default=None)
     if worst is not None:
@@ -288,35 +300,39 @@ def format_report(results: list[StrategyResult], config: ModelBenchConfig) -> st
         "",
         "## Priced at real sizes: CLIP ViT-L/14-336 (23 layers run) + Qwen2-7B",
         "",
-        f"Per scene: encode (tower tiles + projector). Per question, mean of {n}: select (c2f fine tiles + LM importance "
-        f"passes to the middle layer) and answer ({config.prompt_tokens} text tokens + kept visual tokens prefilled, "
-        f"{config.max_new_tokens} tokens decoded, batches of {config.answer_batch}). GPU time at {utilisation.mfu:.0%} of "
-        f"peak bf16 FLOP/s for compute, decode steps at {utilisation.mbu:.0%} of HBM bandwidth. {n} q / 1 q estimated on {fastest.name}; "
-        "'shared prefix': the scene's visual tokens prefilled once and reused by its questions (possible when the tokens "
-        "do not depend on the question).",
+        f"Per scene: encode (tower tiles + projector). Per question, mean of {n}: select (c2f fine tiles + LM "
+        f"importance passes to the middle layer) and answer ({config.prompt_tokens} text tokens + kept visual tokens "
+        f"prefilled, {config.max_new_tokens} tokens decoded, batches of {config.answer_batch}). GPU time at "
+        f"{utilisation.mfu:.0%} of peak bf16 FLOP/s for compute, decode steps at {utilisation.mbu:.0%} of HBM "
+        f"bandwidth. {n} q / 1 q estimated on {fastest.name}; 'shared prefix': the scene's visual tokens prefilled "
+        "once and reused by its questions (possible when the tokens do not depend on the question).",
         "",
-        "FLOPs (2 per multiply-add, matrix products only, attention counted in full): a tile of g^2 patches, T = g^2 + 1 "
-        "tokens, through n tower layers of width d, MLP f: 2 * 3p^2 d g^2 + n (2 (4d^2 + 2df) T + 4 T^2 d); projector "
-        "2 (d D + D^2) per token; an LM layer of width D (h heads x e, h_kv key/value heads, gated MLP F) for q new "
-        "positions over k: 2 (2Dhe + 2D h_kv e + 3DF) q + 4 q k h e; LM head 2 D V per generated token; importance "
-        "passes run the layers below the middle one.",
+        "FLOPs (2 per multiply-add, matrix products only, attention counted in full): a tile of g^2 patches, T = "
+        "g^2 + 1 tokens, through n tower layers of width d, MLP f: 2 * 3p^2 d g^2 + n (2 (4d^2 + 2df) T + 4 T^2 d); "
+        "projector 2 (d D + D^2) per token; an LM layer of width D (h heads x e, h_kv key/value heads, gated MLP F) "
+        "for q new positions over k: 2 (2Dhe + 2D h_kv e + 3DF) q + 4 q k h e; LM head 2 D V per generated token; "
+        "importance passes run the layers below the middle one.",
         "",
-        f"| strategy | encode TFLOPs / scene | select TFLOPs / q | answer TFLOPs / q | 1 question TFLOPs | {gpu_heads} "
-        f"| {n} q / 1 q est. | with shared prefix |",
+        "| strategy | encode TFLOPs / scene | select TFLOPs / q | answer TFLOPs / q | 1 question TFLOPs | "
+        f"{gpu_heads} | {n} q / 1 q est. | with shared prefix |",
         "|" + "---|" * (7 + len(config.gpus)),
     ]
     for r in results:
         costs = [real_costs(r, gpu, config) for gpu in config.gpus]
         c = costs[0]
-        times = " | ".join(f"{x.encode.seconds * 1e3:,.0f} / {(x.select.seconds + x.answer.seconds) * 1e3:,.0f}" for x in costs)
+        times = " | ".join(
+            f"{x.encode.seconds * 1e3:,.0f} / {(x.select.seconds + x.answer.seconds) * 1e3:,.0f}" for x in costs
+        )
         ratio = estimated_seconds(r, fastest, config, n) / estimated_seconds(r, fastest, config, 1)
         shared = "-"
         if not STRATEGIES[StrategyName(r.strategy)].query_guided:
-            shared_ratio = estimated_seconds(r, fastest, config, n, True) / estimated_seconds(r, fastest, config, 1, True)
+            shared_ratio = estimated_seconds(r, fastest, config, n, True) / estimated_seconds(
+                r, fastest, config, 1, True
+            )
             shared = f"{shared_ratio:.2f}"
         lines.append(
-            f"| {r.strategy} | {_tflops(c.encode.flops)} | {_tflops(c.select.flops)} | {_tflops(c.answer.flops)} "
-            f"| {_tflops(c.encode.flops + c.select.flops + c.answer.flops)} | {times} | {ratio:.2f} | {shared} |"
+            f"| {r.strategy} | {_tflops(c.encode.flops)} | {_tflops(c.select.flops)} | {_tflops(c.answer.flops)} | "
+            f"{_tflops(c.encode.flops + c.select.flops + c.answer.flops)} | {times} | {ratio:.2f} | {shared} |"
         )
     lines += ["", *published_comparison(results, config)]
     return "\n".join(lines)
@@ -339,7 +355,9 @@ def published_comparison(results: list[StrategyResult], config: ModelBenchConfig
 
     bat = by_name.get(StrategyName.UHR_BAT.value)
     if bat is not None:
-        lines.append(f"- UHR-BAT dense tokens at {config.size}^2: ours {bat.dense:,}, published {UHR_BAT_DENSE_8K:,} (8k image).")
+        lines.append(
+            f"- UHR-BAT dense tokens at {config.size}^2: ours {bat.dense:,}, published {UHR_BAT_DENSE_8K:,} (8k image)."
+        )
         ours = {kept: per_sample(bat, kept) / 1e12 for kept in UHR_BAT_TABLE4}
         low, high = sorted(UHR_BAT_TABLE4)
         slope_ours = (ours[high] - ours[low]) / ((high - low) / 1000)
@@ -347,7 +365,9 @@ def published_comparison(results: list[StrategyResult], config: ModelBenchConfig
         weights_only = lm_prefill_flops(real_model_config().text_config, 1) * 1000 / 1e12
         lines.append(
             "- UHR-BAT TFLOPs per sample (Table 4): "
-            + "; ".join(f"{kept:,} kept: ours {ours[kept]:.1f}, published {UHR_BAT_TABLE4[kept]:.1f}" for kept in sorted(ours))
+            + "; ".join(
+                f"{kept:,} kept: ours {ours[kept]:.1f}, published {UHR_BAT_TABLE4[kept]:.1f}" for kept in sorted(ours)
+            )
             + f". Per 1,000 more kept tokens between them: ours {slope_ours:.1f} (2 x decoder weights alone: "
             f"{weights_only:.1f}; the rest is attention over the longer sequence), published {slope_published:.1f}. "
             f"Fixed part: ours {per_sample(bat, 0) / 1e12:.1f} (tower {bat_part(bat, 'tower'):.1f}, projector "
@@ -360,10 +380,10 @@ def published_comparison(results: list[StrategyResult], config: ModelBenchConfig
         ours_c2f = per_sample(c2f, round(c2f.kept)) / 1e12
         lines.append(
             f"- LRS-VQA anyres vs pruned TFLOPs: ours `none` (LLaVA-NeXT's default grids, {anyres.kept:,.0f} tokens) "
-            f"{ours_anyres:.1f} vs `c2f` ({c2f.kept:,.0f} tokens) {ours_c2f:.1f} = {ours_anyres / ours_c2f:.1f}x; published "
-            f"{LRS_VQA_TFLOPS['anyres']:.0f} vs {LRS_VQA_TFLOPS['pruned']:.1f} = "
-            f"{LRS_VQA_TFLOPS['anyres'] / LRS_VQA_TFLOPS['pruned']:.1f}x. Their anyres figure is what our LM spends on "
-            f"one answer over ~{visual_tokens_for(LRS_VQA_TFLOPS['anyres'] * 1e12, gpu, config):,} visual tokens."
+            f"{ours_anyres:.1f} vs `c2f` ({c2f.kept:,.0f} tokens) {ours_c2f:.1f} = {ours_anyres / ours_c2f:.1f}x; "
+            f"published {LRS_VQA_TFLOPS['anyres']:.0f} vs {LRS_VQA_TFLOPS['pruned']:.1f} = "
+            f"{LRS_VQA_TFLOPS['anyres'] / LRS_VQA_TFLOPS['pruned']:.1f}x. Their anyres figure is what our LM spends "
+            f"on one answer over ~{visual_tokens_for(LRS_VQA_TFLOPS['anyres'] * 1e12, gpu, config):,} visual tokens."
         )
     return lines
 
