@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="model directory or URI (default: the bundled default model)")
     parser.add_argument("--sweep", nargs="+", default=[], metavar="AXIS=V1,V2", help="strategy=a,b and/or budget=n1,n2")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="VqaConfig overrides, e.g. pruning.budget=512")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

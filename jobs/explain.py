@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="model directory or URI (default: the bundled default model)")
     parser.add_argument("--out", help="PNG path or URI (default explain.png)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. pruning.c2f.keep_ratio=0.1")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

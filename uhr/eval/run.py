@@ -524,7 +524,8 @@ def run_evaluation(config: EvaluateConfig, wordnet: WordNetCorpusReader | None =
     # Every run loads the same model, the default one included.
     pinned = config.model_copy(update={"vqa": config.vqa.model_copy(update={"model": model_uri})})
     runs = plan_runs(pinned, model_config, questions_uri)
-    _prepare_output(config, answer_settings(config, spec, model_uri, model_config), storage)
+    settings = answer_settings(config, spec, model_uri, model_config)
+    _prepare_output(config, settings, storage)
     _write_parquet(questions_table(items), questions_uri, storage)
     logger.info(
         "evaluating %s (%d items) with %d run(s): %s",
@@ -555,6 +556,7 @@ def run_evaluation(config: EvaluateConfig, wordnet: WordNetCorpusReader | None =
         "runs": [run.label for run in runs],
         "prompt": spec.mme_prompt.value if spec.name == Benchmark.MME_REALWORLD_RS else f"{spec.name.value}'s own",
         "multi_image_items": sum(len(images) > 1 for images in items.column("images").to_pylist()),
+        "settings": settings,
     }
     files = write_evaluation_report(report, throughput, header, config.output, storage)
     files[ITEMS_NAME] = join_uri(config.output, ITEMS_NAME)
