@@ -208,6 +208,13 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     return float(tensor.item()) / dist.get_world_size()
 
 
+def _steady_rate(samples: int, busy_s: float, first_step: tuple[int, float] | None) -> float | None:
+    """Samples/s after the first optimizer step; None when this process ran fewer than two steps."""
+    if first_step is None or samples == first_step[0]:
+        return None
+    return (samples - first_step[0]) / (busy_s - first_step[1])
+
+
 def _gather(value: Any) -> list[Any]:
     values: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
@@ -223,7 +230,8 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
     """Train until `plan.total_steps` optimizer steps (or `epochs` passes), checkpointing on the way.
 
     Returns (on rank 0, as `Result.return_value`) the run's loss history, resume points, and per
-    rank its node, the optimizer-state bytes, samples trained and samples/s.
+    rank its node, the optimizer-state bytes, samples trained and samples/s (overall, and after the
+    process's first optimizer step).
     """
     plan = loop_config["plan"]
     config = plan.config
@@ -239,6 +247,9 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
     group_names = [group["name"] for group in engine.optimizer.param_groups]
 
     samples_seen, busy_s, tokens = 0, 0.0, 0
+    # (samples, busy seconds) at the end of this process's first optimizer step, which also waits for
+    # Ray Data's first batch and torch's lazy set-up: the steady rate is measured after it.
+    first_step: tuple[int, float] | None = None
     step_losses: list[float] = []
     last_saved = state.step
     while state.step < plan.total_steps and (config.max_steps is not None or state.epoch < config.epochs):
@@ -264,6 +275,8 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
             step_losses = []
             state.history.append((state.step, loss))
             busy_s += time.perf_counter() - started
+            if first_step is None:
+                first_step = (samples_seen, busy_s)
             final = state.step == plan.total_steps
             if state.step % config.log_every_steps == 0 or state.step % config.checkpoint_every_steps == 0 or final:
                 metrics = {
@@ -298,6 +311,7 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
         "optimizer_state_bytes": _gather(optimizer_state_bytes(engine)),
         "samples": _gather(samples_seen),
         "samples_per_s": _gather(samples_seen / busy_s if busy_s else 0.0),
+        "steady_samples_per_s": _gather(_steady_rate(samples_seen, busy_s, first_step)),
     }
     return {"steps": state.step, "epochs": state.epoch, "history": state.history, "resumed_from": state.resumed_from, **per_rank}
 

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -61,6 +61,9 @@ class FinetuneSummary:
     optimizer_state_bytes: list[int]
     samples_per_s: list[float]
     wall_s: float
+    steady_samples_per_s: list[float | None] = field(default_factory=list)
+    """Per rank, samples/s after the worker process's first optimizer step (Ray Data's first batch,
+    lazy set-up); None where a process ran fewer than two steps."""
 
     @property
     def losses(self) -> list[float]:
@@ -222,6 +225,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
         optimizer_state_bytes=done["optimizer_state_bytes"],
         samples_per_s=done["samples_per_s"],
         wall_s=time.monotonic() - start,
+        steady_samples_per_s=done["steady_samples_per_s"],
     )
 
 
