@@ -1,0 +1,163 @@
+"""The demo model: the data it is trained and judged on, and the untrained model `jobs.finetune` starts from.
+
+`python -m uhr.demo` writes, under `outputs/demo/` (or `--root`):
+
+    train/      synthetic training split (scenes, questions, train.jsonl): `TRAIN` settings
+    test/       synthetic held-out benchmark, other scenes of another seed: `TEST` settings
+    init/       the untrained model: a byte-level BPE tokenizer trained on the training prompts and
+                answers, a small CLIP tower and a small Qwen2 LM (`DEMO_VISION`, `DEMO_TEXT`)
+
+Then `python -m jobs.finetune --config configs/train/demo.yaml` trains `init/` on `train/` and
+exports the result; the shipped copy lives in `uhr/assets/demo-model/`
+(`uhr.pipeline.defaults.DEMO_MODEL_DIR`, the default model of the jobs).
+Everything is deterministic from the constants below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from uhr.model import save_model
+from uhr.model.config import UhrConfig
+from uhr.model.modeling import UhrForConditionalGeneration
+from uhr.model.tokenizer import build_tokenizer
+from uhr.synth import ArchiveIndex, write_archive
+
+logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    """How one synthetic split of the demo is written (`uhr.synth.write_archive` arguments)."""
+
+    scenes: int
+    size: int
+    seed: int
+    split: str
+    questions_per_scene: int
+    open_fraction: float
+
+
+# Training and test use different seeds (and splits), so they share no scene. Multiple choice
+# only: the benchmark is XLRS-like and scored by the letter.
+TRAIN = ArchiveSettings(scenes=96, size=1024, seed=101, split="train", questions_per_scene=48, open_fraction=0.0)
+TEST = ArchiveSettings(scenes=24, size=1024, seed=202, split="test", questions_per_scene=16, open_fraction=0.0)
+
+TOKENIZER_VOCAB = 1024
+MODEL_SEED = 0
+# 32-px tiles of 4-px patches (8 x 8 tokens a tile), as the tiny tower of the tests, a bit wider.
+DEMO_VISION = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 4,
+}
+DEMO_TEXT = {
+    "model_type": "qwen2",
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+# LLaVA-NeXT's default grids scaled to 32-px tiles.
+DEMO_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+# Scales for 1024-px scenes: a 64-px anchor (16 x 16 tokens) up to a quarter of the resolution
+# (16 px a token, 4x finer than downsample's 64-px view at budget 256; the tower costs 5x less
+# than with a 512-px scale); c2f starts from 128 px and zooms to full resolution.
+DEMO_PRUNING_DEFAULTS = {
+    "strategy": "uhr-bat",
+    "budget": 256,
+    "scales": [64, 128, 256],
+    "c2f": {"base_side": 128},
+    "uhr_bat": {"regions": 16},
+}
+
+
+def write_split(root: Path, settings: ArchiveSettings) -> ArchiveIndex:
+    """Write one split under `root` (once: an existing `index.json` is reused)."""
+    index = root / "index.json"
+    if index.exists():
+        return ArchiveIndex(**json.loads(index.read_text()))
+    logger.info("writing the %s split (%d scenes of %d px) to %s", settings.split, settings.scenes, settings.size, root)
+    archive = write_archive(
+        str(root),
+        scenes=settings.scenes,
+        size=settings.size,
+        seed=settings.seed,
+        split=settings.split,
+        questions_per_scene=settings.questions_per_scene,
+        open_fraction=settings.open_fraction,
+    )
+    index.write_text(json.dumps(archive.to_dict()))
+    return archive
+
+
+def training_corpus(train_jsonl: Path) -> list[str]:
+    """Every prompt and answer of a training manifest: what the demo tokenizer is trained on."""
+    texts: list[str] = []
+    with open(train_jsonl, encoding="utf-8") as handle:
+        for line in handle:
+            texts.extend(turn["value"].replace("<image>", "") for turn in json.loads(line)["conversations"])
+    return texts
+
+
+def build_demo_model(corpus: list[str], *, seed: int = MODEL_SEED) -> UhrForConditionalGeneration:
+    """The untrained demo model with its tokenizer attached (trained on `corpus`), identical for identical inputs."""
+    tokenizer = build_tokenizer(corpus, vocab_size=TOKENIZER_VOCAB)
+    text = {
+        **DEMO_TEXT,
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": None,
+    }
+    config = UhrConfig(
+        vision_config=dict(DEMO_VISION),
+        text_config=text,
+        image_token_id=tokenizer.image_token_id,
+        image_grid_pinpoints=DEMO_PINPOINTS,
+        tile_batch_size=64,
+        pruning_defaults=DEMO_PRUNING_DEFAULTS,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UhrForConditionalGeneration(config)
+    model.attach_tokenizer(tokenizer)
+    return model.eval()
+
+
+def prepare(root: Path) -> dict[str, str]:
+    """Write the training split, the held-out benchmark and the untrained model under `root`."""
+    train = write_split(root / "train", TRAIN)
+    test = write_split(root / "test", TEST)
+    init = root / "init"
+    if not (init / "config.json").exists():
+        model = build_demo_model(training_corpus(Path(train.train_jsonl)))
+        save_model(model, init)
+        logger.info("saved the untrained demo model to %s", init)
+    return {"train": str(Path(train.train_jsonl)), "test": test.root, "init": str(init)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: prepare the demo's data and untrained model, print where they are (JSON)."""
+    parser = argparse.ArgumentParser(prog="python -m uhr.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="outputs/demo", help="directory for train/, test/ and init/ (default outputs/demo)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    print(json.dumps(prepare(Path(args.root)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
