@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uhr.bench.baseline import context_budget, naive_scene, pool_to_budget
+from uhr.bench.baseline import context_budget, naive_scene
+from uhr.model.pruning.downsample import pool_to_budget
 from uhr.bench.inputs import build_bench_model
 from uhr.scenes import ArraySource
 from uhr.synth import write_scene

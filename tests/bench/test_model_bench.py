@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from uhr.bench.model import ModelBenchConfig, estimated_seconds, format_report, run_model_benchmark
 
 
+@pytest.mark.slow  # ~30 s of the five strategies; the job itself is what users run
 def test_model_benchmark_runs_every_strategy_and_reports_measured_and_priced_figures(tmp_path):
     config = ModelBenchConfig(size=1024, questions=2, max_new_tokens=2, cache_dir=tmp_path)
     results = run_model_benchmark(config)

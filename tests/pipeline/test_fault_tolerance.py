@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
+import ray
 from ray.util.state import list_actors
 
 from uhr.pipeline import run_vqa
@@ -65,27 +66,31 @@ def test_rerun_after_the_driver_is_killed_writes_every_row_once(ray_local, model
     assert manifest["status"] == "complete"
 
 
-def test_a_killed_encode_actor_is_replaced_and_every_row_written_once(ray_local, archive, model_dir, tmp_path):
+def test_a_killed_encode_actor_is_replaced_and_every_row_written_once(ray_local, model_dir, tmp_path):
+    # Long enough answers, one question at a time, for the kill to land part way even on a quiet machine.
+    archive = write_archive(str(tmp_path / "archive"), scenes=6, size=512, seed=11, questions_per_scene=4)
     output = tmp_path / "out"
     run = config(questions=archive.questions_parquet, scenes=archive.root, output=str(output), model=str(model_dir),
-                 overrides={"max_new_tokens": 24, "rows_per_file": 1})
+                 overrides={"max_new_tokens": 48, "rows_per_file": 1, "answer.batch_size": 1})
     result = {}
     worker = threading.Thread(target=lambda: result.update(summary=run_vqa(run)))
     worker.start()
 
     def encode_actor():
-        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+        # This test's Ray by address: other Rays may run on the machine.
+        actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], detail=True)
         return next((a for a in actors if "EncodeStage" in a.class_name and a.pid), None)
 
-    _wait_for(lambda: encode_actor() is not None and _parts(output), 240, "a working encode actor")
+    _wait_for(lambda: (encode_actor() is not None and _parts(output)) or not worker.is_alive(), 240, "a working encode actor")
+    total = pq.read_metadata(archive.questions_parquet).num_rows
     victim = encode_actor()
+    assert worker.is_alive() and victim is not None and len(_parts(output)) < total, "the kill must land part way"
     psutil.Process(victim.pid).kill()
     worker.join(timeout=300)
     assert not worker.is_alive()
 
     summary = result["summary"]
     rows = read_rows(str(output))
-    total = pq.read_metadata(archive.questions_parquet).num_rows
     assert summary.status == "completed" and rows.num_rows == total == summary.rows
     assert len(set(rows["question_id"].to_pylist())) == total and rows["error"].null_count == total
     assert not psutil.pid_exists(victim.pid)

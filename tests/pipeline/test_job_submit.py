@@ -33,6 +33,13 @@ def ray_head():
     """A one-node cluster started as users start one (`ray start --head`), token auth on as on our
     clusters; yields a job client that sends the token."""
     port, dashboard_port = _free_port(), _free_port()
+    # Every port of its own: the package's in-process Ray may hold the defaults (its dashboard
+    # agent on 52365), and an agent that cannot bind leaves the head with "No available agent".
+    agent_ports = [
+        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+        f"--ray-client-server-port={_free_port()}",
+    ]  # fmt: skip
     # Short path: Ray's unix sockets live under the temp dir.
     temp_dir = tempfile.mkdtemp(prefix="uhr-ray-", dir="/tmp")
     token_path = Path(temp_dir) / "auth_token"
@@ -45,6 +52,7 @@ def ray_head():
     command = [
         str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard_port}",
         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+        *agent_ports,
     ]  # fmt: skip
     head = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dashboard_port}"
@@ -90,11 +98,11 @@ def test_ray_job_submit_with_working_dir_runs_the_job(ray_head, archive, model_d
                 raise
             time.sleep(2)
     while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.monotonic() < deadline, "the submitted job did not finish in time"
+        assert time.monotonic() < deadline, f"the submitted job is still {status}: {client.get_job_logs(job_id)[-3000:]}"
         time.sleep(2)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "completed" in logs and "rows written   12" in logs
+    assert "completed" in logs and "rows written   12" in logs, logs[-3000:]
     rows = read_rows(str(output))
     assert rows.num_rows == 12 and rows["error"].null_count == 12
     assert read_manifest(str(output))["status"] == "complete"

@@ -189,6 +189,7 @@ def test_the_export_serves_the_trained_module_logits(killed_run, s3_server, trai
     assert not torch.allclose(logits["exported"], logits["base"], atol=1e-3), "training must have changed the model"
 
 
+@pytest.mark.slow  # a second worker-group start (~100 s here); the killed run already resumes from S3
 def test_rerunning_the_same_command_resumes_from_object_storage(killed_run, s3_server):
     config, first, _ = killed_run
     summary = run_finetune(config.model_copy(update={"max_steps": MAX_STEPS + 2}))

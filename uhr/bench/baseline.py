@@ -19,9 +19,7 @@ from rasterio.io import MemoryFile
 
 from uhr.model import UhrForConditionalGeneration
 from uhr.model import tiling
-from uhr.model.pruning import PrunedTokens, TokenGrid
-from uhr.model.pruning.downsample import pooled_shape, pooling_groups
-from uhr.model.pruning.grouping import group_mean, group_provenance
+from uhr.model.pruning.downsample import pool_to_budget
 from uhr.scenes import fit_longest_side, resize_rgb
 from uhr.storage import StorageConfig
 
@@ -55,29 +53,6 @@ def context_budget(model: UhrForConditionalGeneration, text_reserve: int, max_ne
             f"the LM's context leaves no room for visual tokens after {text_reserve + max_new_tokens} positions"
         )
     return budget
-
-
-def pool_to_budget(model: UhrForConditionalGeneration, grid: TokenGrid, budget: int) -> PrunedTokens:
-    """Every valid token of `grid`, average-pooled into at most `budget` windows, projected."""
-    valid = grid.valid
-    rows, cols = int(valid.any(dim=1).sum()), int(valid.any(dim=0).sum())
-    features = grid.stitched()[:rows, :cols]  # padding is bottom/right only
-    out_h, out_w = pooled_shape(rows, cols, budget)
-    count = out_h * out_w
-    groups = torch.full(grid.shape, -1, dtype=torch.long, device=valid.device)
-    groups[:rows, :cols] = pooling_groups(rows, cols, out_h, out_w, valid.device)
-    pooled = group_mean(features.reshape(rows * cols, -1), groups[:rows, :cols].reshape(-1), count)
-    provenance = group_provenance(groups, count, grid.token_boxes().to(valid.device), grid.patch_grid, grid.tiles[1])
-    return PrunedTokens(
-        embeds=model.project(pooled),
-        scale=torch.zeros(count, dtype=torch.long, device=valid.device),
-        row=provenance.row,
-        col=provenance.col,
-        tile=provenance.tile,
-        n_source=provenance.n_source,
-        box=provenance.box,
-        dense=rows * cols,
-    )
 
 
 def naive_scene(
@@ -121,4 +96,4 @@ def naive_scene(
     )
 
 
-__all__ = ["NaiveSceneTimes", "context_budget", "naive_scene", "pool_to_budget"]
+__all__ = ["NaiveSceneTimes", "context_budget", "naive_scene"]

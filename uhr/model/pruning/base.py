@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from uhr.model.pruning.grouping import cell_boxes
 from uhr.scenes.source import PixelSource
 
 if TYPE_CHECKING:
@@ -67,13 +68,7 @@ class TokenGrid:
 
     def token_boxes(self) -> torch.Tensor:
         """(H, W, 4) scene-pixel box (x0, y0, x1, y1) seen by each token of the stitched grid."""
-        height, width = self.shape
-        x0, y0, x1, y1 = self.box
-        xs = torch.linspace(x0, x1, width + 1, dtype=torch.float64)
-        ys = torch.linspace(y0, y1, height + 1, dtype=torch.float64)
-        left, right = xs[:-1].expand(height, width), xs[1:].expand(height, width)
-        top, bottom = ys[:-1, None].expand(height, width), ys[1:, None].expand(height, width)
-        return torch.stack([left, top, right, bottom], dim=-1).float()
+        return cell_boxes(self.box, *self.shape)
 
 
 @dataclass

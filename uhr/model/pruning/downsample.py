@@ -62,6 +62,29 @@ def pooling_groups(height: int, width: int, out_h: int, out_w: int, device: torc
     return rows[:, None] * out_w + cols[None, :]
 
 
+def pool_to_budget(model: UhrForConditionalGeneration, grid: TokenGrid, budget: int) -> PrunedTokens:
+    """Every valid token of `grid`, average-pooled into at most `budget` windows, projected."""
+    valid = grid.valid
+    rows, cols = int(valid.any(dim=1).sum()), int(valid.any(dim=0).sum())
+    features = grid.stitched()[:rows, :cols]  # padding is bottom/right only
+    out_h, out_w = pooled_shape(rows, cols, budget)
+    count = out_h * out_w
+    groups = torch.full(grid.shape, -1, dtype=torch.long, device=valid.device)
+    groups[:rows, :cols] = pooling_groups(rows, cols, out_h, out_w, valid.device)
+    pooled = group_mean(features.reshape(rows * cols, -1), groups[:rows, :cols].reshape(-1), count)
+    provenance = group_provenance(groups, count, grid.token_boxes().to(valid.device), grid.patch_grid, grid.tiles[1])
+    return PrunedTokens(
+        embeds=model.project(pooled),
+        scale=torch.zeros(count, dtype=torch.long, device=valid.device),
+        row=provenance.row,
+        col=provenance.col,
+        tile=provenance.tile,
+        n_source=provenance.n_source,
+        box=provenance.box,
+        dense=rows * cols,
+    )
+
+
 @dataclass(kw_only=True)
 class DownsampleEncoding(SceneEncoding):
     """A downsampled scene; query-independent, so it holds the final tokens."""
@@ -86,30 +109,8 @@ class DownsampleStrategy(PruningStrategy):
         view = source.read_view(side)
         box = tiling.padded_box(width, height, view.shape[1], view.shape[0], tile)
         grid = model.encode_view(view, scale=0, box=box)
-        tokens = self._tokens(model, grid)
+        tokens = pool_to_budget(model, grid, self.config.budget)
         return DownsampleEncoding(grids=[grid], dense=tokens.dense, width=width, height=height, tokens=tokens)
-
-    def _tokens(self, model: UhrForConditionalGeneration, grid: TokenGrid) -> PrunedTokens:
-        valid = grid.valid
-        rows_valid = int(valid.any(dim=1).sum())
-        cols_valid = int(valid.any(dim=0).sum())
-        features = grid.stitched()[:rows_valid, :cols_valid]  # padding is bottom/right only
-        out_h, out_w = pooled_shape(rows_valid, cols_valid, self.config.budget)
-        groups = torch.full(grid.shape, -1, dtype=torch.long, device=valid.device)
-        groups[:rows_valid, :cols_valid] = pooling_groups(rows_valid, cols_valid, out_h, out_w, valid.device)
-        count = out_h * out_w
-        pooled = group_mean(features.reshape(-1, features.shape[-1]), groups[:rows_valid, :cols_valid].reshape(-1), count)
-        provenance = group_provenance(groups, count, grid.token_boxes().to(valid.device), grid.patch_grid, grid.tiles[1])
-        return PrunedTokens(
-            embeds=model.project(pooled),
-            scale=torch.zeros(count, dtype=torch.long, device=valid.device),
-            row=provenance.row,
-            col=provenance.col,
-            tile=provenance.tile,
-            n_source=provenance.n_source,
-            box=provenance.box,
-            dense=rows_valid * cols_valid,
-        )
 
     def select(self, model: UhrForConditionalGeneration, encoding: SceneEncoding, question: str) -> PrunedTokens:
         if not isinstance(encoding, DownsampleEncoding):
