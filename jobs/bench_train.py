@@ -1,12 +1,12 @@
 """Fine-tuning benchmark: `python -m jobs.bench_train [--strategies ...] [--steps 4] [--batch-size 4]`.
 
 Prints Markdown tables: per pruning strategy, samples/s per worker when `run_finetune` trains the
-tiny model of the training tests (or `--model`) on the synthetic training split with 2 workers on a local Ray (DeepSpeed ZeRO-2
-over gloo), steady state after each worker's first optimizer step; the optimizer state each rank
-holds under ZeRO-2 against ZeRO-0; then the per-GPU memory of CLIP ViT-L/14-336 + Qwen2-7B under
-ZeRO-2 on 8 GPUs, with and without CPU optimizer offload, with its calculation. Checkpoints and
-exports go under bench/train-runs/ and the tiny model under bench/models/ in the uhr cache directory (~/.cache/uhr by default), replaced
-on each run.
+tiny model of the training tests (or `--model`) on the synthetic training split with 2 workers on
+a local Ray (DeepSpeed ZeRO-2 over gloo), steady state after each worker's first optimizer step;
+the optimizer state each rank holds under ZeRO-2 against ZeRO-0; then the per-GPU memory of
+CLIP ViT-L/14-336 + Qwen2-7B under ZeRO-2 on 8 GPUs, with and without CPU optimizer offload, with
+its calculation. Checkpoints and exports go under bench/train-runs/ and the tiny model under
+bench/models/ in the uhr cache directory (~/.cache/uhr by default), replaced on each run.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     defaults = TrainBenchConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--strategies", nargs="+", choices=[s.value for s in StrategyName], default=[s.value for s in defaults.strategies]
+        "--strategies",
+        nargs="+",
+        choices=[s.value for s in StrategyName],
+        default=[s.value for s in defaults.strategies],
     )
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch per step")

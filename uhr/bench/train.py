@@ -2,8 +2,9 @@
 partition, and the memory a GPU needs at real sizes.
 
 * Throughput: `run_finetune` as `python -m jobs.finetune` runs it (the tiny model of the training
-  tests, `build_tiny_model` with the tiny pruning defaults, or `model`; the synthetic training split; `num_workers` workers on a local Ray, DeepSpeed over gloo), a few
-  optimizer steps per strategy. The rate is each worker's samples over its busy time after its first
+  tests, `build_tiny_model` with the tiny pruning defaults, or `model`; the synthetic training
+  split; `num_workers` workers on a local Ray, DeepSpeed over gloo), a few optimizer steps per
+  strategy. The rate is each worker's samples over its busy time after its first
   optimizer step (`FinetuneSummary.steady_samples_per_s`): the first step also waits for Ray Data's
   first prepared batch and torch's lazy set-up, and checkpoint writes are never inside the busy time.
   Ray's own start, the worker group's start and the export are outside it too (they are in `wall s`).
@@ -34,6 +35,7 @@ from uhr.model.pruning import PruningConfig, StrategyName
 from uhr.pipeline.defaults import TINY_PRUNING_DEFAULTS, _locked
 from uhr.pipeline.vqa import resolve_pruning
 from uhr.scenes import open_scene
+from uhr.storage import redact
 from uhr.train import FinetuneConfig, FinetuneSummary, run_finetune
 from uhr.train.config import DeepSpeedSettings, OptimizerConfig
 from uhr.train.deepspeed_config import load_deepspeed_json
@@ -52,7 +54,9 @@ class SizingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    gpus: int = Field(8, ge=1, description="Data-parallel ranks the gradients and optimizer state are partitioned over.")
+    gpus: int = Field(
+        8, ge=1, description="Data-parallel ranks the gradients and optimizer state are partitioned over."
+    )
     activation_gb: float = Field(
         8.0,
         ge=0,
@@ -118,8 +122,11 @@ class TrainRun:
 
 @dataclass
 class TrainBenchResult:
+    """The benchmark's runs: every strategy under ZeRO-2, and the ZeRO-0 comparison run."""
+
     config: TrainBenchConfig
     model: str
+    """The model fine-tuned (path or URI)."""
     trained_parameters: int
     """Parameters the default optimizer settings train in the benchmarked model (tower frozen)."""
     runs: list[TrainRun] = field(default_factory=list)
@@ -384,13 +391,17 @@ def format_report(result: TrainBenchResult) -> str:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     grad_accumulation = config.batch_size // config.num_workers
     lines = [
-        f"## Fine-tuning {'the tiny model' if config.model is None else config.model} on the synthetic training "
+        f"## Fine-tuning {'the tiny model' if config.model is None else 'the model'} on the synthetic training "
         f"split, {config.num_workers} workers, local Ray, DeepSpeed over gloo, this CPU",
+        "",
+        f"Model {redact(result.model)} ({result.trained_parameters:,} trained parameters).",
         "",
         f"Load average at the end {load}; Ray CPUs {ray_cpus(config)}; {config.steps} optimizer steps of "
         f"{config.batch_size} samples per run (micro-batch 1 x {config.num_workers} workers x {grad_accumulation} "
         "accumulation), float32. `steady`: each worker's samples over its busy time after its first optimizer step "
-        "(which also waits for Ray Data's first batch and lazy set-up); `overall`: from its first batch request; "
+        "(which also waits for Ray Data's first batch and lazy set-up; in runs this short the later steps mostly take "
+        "samples prepared meanwhile, so it is the workers' training rate, not what the CPU preparation stage sustains "
+        "over a long run); `overall`: from its first batch request; "
         "checkpoint writes excluded from both. `wall s`: the whole `run_finetune` (Ray Data, worker group start, "
         "training, checkpoint, export).",
         "",
