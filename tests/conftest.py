@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from uhr.model import build_tiny_model, save_model
+from uhr.pipeline.defaults import TINY_PRUNING_DEFAULTS
 from uhr.testing.s3_server import LocalS3Server
 
 # Variables that could point clients at a real account; cleared while the S3 server is up.
@@ -42,3 +45,13 @@ def s3_server() -> Iterator[LocalS3Server]:
             for name, value in server.client_env().items():
                 patch.setenv(name, value)
             yield server
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random model (`build_tiny_model(seed=0)`) in our export format, with the pruning
+    defaults for its 32-px tiles; saved once and loaded by the tests through `load_model`."""
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    model, _ = build_tiny_model(seed=0, pruning_defaults=TINY_PRUNING_DEFAULTS)
+    save_model(model, path)
+    return path

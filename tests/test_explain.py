@@ -24,23 +24,13 @@ from uhr.explain import (
     run_explain,
     scale_colour,
 )
-from uhr.model import build_tiny_model, load_model, save_model
+from uhr.model import load_model
 from uhr.model.pruning import PrunedTokens
 from uhr.model.pruning.config import PruningConfig
-from uhr.pipeline.defaults import TINY_PRUNING_DEFAULTS
 from uhr.scenes import open_scene
 
 WIDTH, HEIGHT = 320, 240
 QUESTION = "How many ships are in the harbour?"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model in our export format (32-px tiles, the sample's pruning defaults)."""
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    model, _ = build_tiny_model(seed=0, pruning_defaults=TINY_PRUNING_DEFAULTS)
-    save_model(model, path)
-    return path
 
 
 @pytest.fixture(scope="module")

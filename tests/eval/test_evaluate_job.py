@@ -18,8 +18,7 @@ from uhr.eval.benchmarks import BenchmarkSpec, load_benchmark
 from uhr.eval.report import REPORT_JSON, REPORT_MD, REPORT_PLOT
 from uhr.eval.run import ITEMS_NAME, QUESTIONS_NAME, EvaluateConfig, parse_sweep, plan_runs
 from uhr.config import ConfigError
-from uhr.model import build_tiny_model, load_model_config, save_model
-from uhr.pipeline.defaults import TINY_PRUNING_DEFAULTS
+from uhr.model import load_model_config
 from uhr.pipeline.output import MANIFEST_NAME
 from uhr.storage import StorageConfig
 from uhr.synth import ArchiveIndex, write_archive
@@ -43,15 +42,6 @@ def ray_local(s3_server, cache_dir) -> Iterator[None]:
     ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model in our export format, with pruning defaults for its 32-px tiles."""
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    model, _ = build_tiny_model(seed=0, pruning_defaults=TINY_PRUNING_DEFAULTS)
-    save_model(model, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A local Ray, a tiny saved model and small synthetic archives for the VQA job tests."""
+"""A local Ray and small synthetic archives for the VQA job tests (the tiny model: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import ray
 
-from uhr.model import build_tiny_model, save_model
-from uhr.pipeline.defaults import TINY_PRUNING_DEFAULTS
 from uhr.synth import ArchiveIndex, write_archive
 
 
@@ -20,15 +18,6 @@ def ray_local(s3_server) -> Iterator[None]:
     ray.init(address="local", num_cpus=2, log_to_driver=False)  # its dashboard serves list_actors
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="package")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model in our export format, with pruning defaults for its 32-px tiles."""
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    model, _ = build_tiny_model(seed=0, pruning_defaults=TINY_PRUNING_DEFAULTS)
-    save_model(model, path)
-    return path
 
 
 @pytest.fixture(scope="package")

@@ -1,4 +1,4 @@
-"""A tiny saved model, a small synthetic training split and manifests with bad rows, for the training tests."""
+"""A small synthetic training split and manifests with bad rows, for the training tests."""
 
 from __future__ import annotations
 
@@ -7,18 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from uhr.model import build_tiny_model, save_model
-from uhr.pipeline.defaults import TINY_PRUNING_DEFAULTS
 from uhr.synth import ArchiveIndex, write_archive
-
-
-@pytest.fixture(scope="package")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model in our export format, with the pruning defaults of the default model."""
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    model, _ = build_tiny_model(seed=0, pruning_defaults=TINY_PRUNING_DEFAULTS)
-    save_model(model, path)
-    return path
 
 
 @pytest.fixture(scope="package")

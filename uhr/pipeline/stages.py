@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 
 from uhr.answers import extract_choice

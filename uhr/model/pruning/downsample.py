@@ -103,7 +103,7 @@ class DownsampleStrategy(PruningStrategy):
         return [downsample_side(width, height, config.tile_size, config.patch_grid, self.config.budget)]
 
     def encode(self, model: UhrForConditionalGeneration, source: PixelSource) -> DownsampleEncoding:
-        tile, grid_side = model.tile_size, model.patch_grid
+        tile = model.tile_size
         width, height = source.width, source.height
         (side,) = self.views(model.config, width, height)
         view = source.read_view(side)
