@@ -1,6 +1,8 @@
 """What `python -m jobs.vqa` uses when given nothing: a small synthetic archive and the default model.
 
-Both are made once in the uhr cache directory (`uhr.cache.default_cache_dir()`) and reused.
+The archive is made once in the uhr cache directory (`uhr.cache.default_cache_dir()`) and reused;
+the default model is the demo model shipped with the package (`uhr.demo`, trained by
+`jobs.finetune` on synthetic 1024-px scenes).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from uhr.cache import default_cache_dir
-from uhr.model import build_tiny_model, save_model
 from uhr.synth import ArchiveIndex, write_archive
 
 logger = logging.getLogger(__name__)
@@ -21,8 +22,10 @@ logger = logging.getLogger(__name__)
 SAMPLE_SCENES = 4
 SAMPLE_SIZE = 4096
 SAMPLE_SEED = 7
-TINY_MODEL_SEED = 0
-# The tiny tower's 32-px tiles stand in for CLIP's 336 px: the same tile counts as the papers' settings.
+# Shipped package data; see uhr/demo.py for how it is made.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+# Pruning settings for the random tiny models of the tests (`build_tiny_model`): their 32-px tiles
+# stand in for CLIP's 336 px, so these are the same tile counts as the papers' settings.
 TINY_PRUNING_DEFAULTS = {
     "strategy": "uhr-bat",
     "budget": 256,
@@ -54,11 +57,7 @@ def sample_archive() -> ArchiveIndex:
 
 
 def default_model() -> str:
-    """Path of the default model, saved in our export format on first use."""
-    path = default_cache_dir() / "models" / f"tiny-qwen2-seed{TINY_MODEL_SEED}"
-    with _locked(path):
-        if not (path / "config.json").exists():
-            logger.info("saving the default model to %s", path)
-            model, _ = build_tiny_model(seed=TINY_MODEL_SEED, pruning_defaults=TINY_PRUNING_DEFAULTS)
-            save_model(model, path)
-    return str(path)
+    """Path of the default model: the shipped demo model (its pruning defaults travel in its config)."""
+    if not (DEMO_MODEL_DIR / "config.json").exists():
+        raise FileNotFoundError(f"the demo model is missing from the installed package: no config.json in {DEMO_MODEL_DIR}")
+    return str(DEMO_MODEL_DIR)

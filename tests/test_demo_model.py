@@ -1,0 +1,112 @@
+"""The shipped demo model: its files, loading it as the jobs do, and answering scenes through the VQA stages.
+
+The scenes are fresh synthetic ones (the sample archive's first scene, and a small archive of
+another seed than the demo's training and benchmark splits), answered by the VQA job's own read and
+encode stages (`read_scene`, `EncodeStage`), the code its Ray actors run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from uhr.answers import extract_choice
+from uhr.demo import DEMO_PRUNING_DEFAULTS, TEST, TRAIN
+from uhr.model import load_model, load_model_config
+from uhr.model.modeling import UhrForConditionalGeneration
+from uhr.model.pruning.config import PruningConfig
+from uhr.pipeline.config import VqaConfig
+from uhr.pipeline.defaults import DEMO_MODEL_DIR, SAMPLE_SEED, SAMPLE_SIZE, default_model
+from uhr.pipeline.stages import EncodeStage, read_scene
+from uhr.pipeline.vqa import resolve_pruning
+from uhr.scenes.normalize import NormalizeConfig
+from uhr.storage import StorageConfig
+from uhr.synth import write_archive
+
+MAX_WEIGHT_BYTES = 25 * 2**20
+# A seed neither the demo's training split nor its benchmark uses.
+FRESH_SEED = 303
+
+
+def _answer_archive(root: Path, strategy: str, budget: int) -> list[dict]:
+    """Every question of the archive under `root`, answered through the VQA job's read and encode stages."""
+    questions = [json.loads(line) for line in (root / "questions.jsonl").read_text().splitlines()]
+    model_uri = default_model()
+    model_config = load_model_config(model_uri)
+    config = VqaConfig(model=model_uri, pruning=resolve_pruning(PruningConfig(strategy=strategy, budget=budget), model_config))
+    stage = EncodeStage(config, model_uri, run_id="test", fused=True)
+    rows: list[dict] = []
+    for scene in sorted({q["scene"] for q in questions}):
+        asked = [
+            {"question_id": q["question_id"], "question": q["question"], "choices": q["choices"], "bbox": q["bbox"], "prompt": None}
+            for q in questions
+            if q["scene"] == scene
+        ]
+        read = read_scene(
+            {"scene": str(root / scene), "questions": asked},
+            model_config=model_config,
+            pruning=config.pruning,
+            storage=StorageConfig(),
+            normalize=NormalizeConfig(),
+        )
+        for table in stage(pa.Table.from_pylist([read])):
+            rows.extend(table.to_pylist())
+    truth = {q["question_id"]: q["answer"] for q in questions}
+    return [{**row, "truth": truth[row["question_id"]]} for row in rows]
+
+
+def test_shipped_files_and_size() -> None:
+    assert default_model() == str(DEMO_MODEL_DIR)
+    names = {path.name for path in DEMO_MODEL_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert not names & {"pytorch_model.bin", "model.bin"}, "weights must ship as safetensors only"
+    assert (DEMO_MODEL_DIR / "model.safetensors").stat().st_size <= MAX_WEIGHT_BYTES
+
+
+def test_loads_through_load_model() -> None:
+    model, tokenizer = load_model(default_model())
+    assert isinstance(model, UhrForConditionalGeneration)
+    assert not model.training
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.config.text_config.vocab_size == len(tokenizer)
+    assert tokenizer.convert_tokens_to_ids(model.config.image_token) == model.config.image_token_id
+    assert model.tile_size == 32
+    # It carries the pruning settings it was trained with (the demo's), valid for every strategy.
+    trained = resolve_pruning(PruningConfig(), model.config)
+    assert trained.model_dump(mode="json", include=set(DEMO_PRUNING_DEFAULTS)) == PruningConfig(
+        **DEMO_PRUNING_DEFAULTS
+    ).model_dump(mode="json", include=set(DEMO_PRUNING_DEFAULTS))
+    for strategy in ("downsample", "geollava", "uhr-bat", "c2f"):
+        assert resolve_pruning(PruningConfig(strategy=strategy), model.config).strategy.value == strategy
+
+
+@pytest.mark.slow
+def test_answers_the_sample_archive(tmp_path: Path) -> None:
+    """The sample archive's first scene (same seed, split and size as `make run`; a 4096-px scene takes
+    10-30 s to write): multiple-choice questions get one of their letters, open ones a non-empty answer."""
+    write_archive(str(tmp_path), scenes=1, size=SAMPLE_SIZE, seed=SAMPLE_SEED, split="test")
+    rows = _answer_archive(tmp_path, "uhr-bat", 256)
+    assert rows and all(row["error"] is None for row in rows)
+    for row in rows:
+        if row["choices"]:
+            letters = "ABCD"[: len(row["choices"])]
+            assert row["choice"] is not None and row["choice"] in letters, f"{row['question_id']}: {row['answer']!r}"
+        else:
+            assert row["answer"].strip(), f"{row['question_id']}: empty answer"
+
+
+# c2f reads its fine windows with Ray tasks, as in the job: starting a local Ray makes it slow.
+@pytest.mark.parametrize("strategy", ["downsample", "geollava", "uhr-bat", pytest.param("c2f", marks=pytest.mark.slow)])
+def test_answers_fresh_scenes_with_a_choice(tmp_path: Path, strategy: str) -> None:
+    """A scene of its training size it never saw (another seed than its splits): every reply is one of the letters."""
+    assert FRESH_SEED not in (TRAIN.seed, TEST.seed)
+    write_archive(str(tmp_path), scenes=1, size=TRAIN.size, seed=FRESH_SEED, split="test", questions_per_scene=12, open_fraction=0.0)
+    rows = _answer_archive(tmp_path, strategy, 256)
+    assert len(rows) == 12 and all(row["error"] is None for row in rows)
+    for row in rows:
+        letters = "ABCD"[: len(row["choices"])]
+        assert row["choice"] is not None and row["choice"] in letters, f"{row['question_id']}: {row['answer']!r}"
