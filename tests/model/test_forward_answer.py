@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from uhr.model import IGNORE_INDEX, tokenize_conversation
+from uhr.model.pruning import build_strategy
 from uhr.model.pruning.config import PruningConfig
 from uhr.model.pruning.none import NoneStrategy
 from uhr.scenes.source import ArraySource
@@ -114,3 +116,35 @@ def test_answer_needs_a_tokenizer(tiny_model, tokens_factory):
     model._tokenizer = None
     with pytest.raises(RuntimeError, match="no tokenizer attached"):
         model.answer([tokens_factory(2, 64)], ["x"])
+
+
+@pytest.mark.parametrize("strategy_name", ["downsample", "uhr-bat"])
+def test_training_learns_an_answer_only_the_pixels_give(tiny_model, strategy_name):
+    """Same question, two images, two answers: the loss can only fall below chance (ln 2 on the
+    differing token) if what the model learns flows from the pixels through the visual tokens."""
+    model, tokenizer = tiny_model
+    model.train()
+    strategy = build_strategy(PruningConfig(strategy=strategy_name, budget=16, scales=[32, 64]))
+    rng = np.random.default_rng(0)
+    scenes = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    question = "What colour is the scene?"
+    samples = []
+    for answer, rgb in scenes.items():
+        image = np.clip(np.array(rgb) + rng.integers(-20, 21, size=(64, 64, 3)), 0, 255).astype(np.uint8)
+        samples.append((ArraySource(image), [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]))
+    input_ids, mask, labels = _batch(tokenizer, [conversation for _, conversation in samples])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        visual = [strategy.select(model, strategy.encode(model, source), question) for source, _ in samples]
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels, visual=visual).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        visual = [strategy.select(model, strategy.encode(model, source), question) for source, _ in samples]
+        swapped = model(input_ids=input_ids, attention_mask=mask, labels=labels, visual=visual[::-1]).loss
+        answers = model.answer(visual, [question, question], max_new_tokens=4)
+    trained = loss.item()
+    assert answers == list(scenes), (answers, trained)
+    assert swapped.item() > trained + 0.5, "swapping the images must hurt: the answers come from the pixels"
