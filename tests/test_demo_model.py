@@ -14,7 +14,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-from uhr.answers import extract_choice
 from uhr.demo import DEMO_PRUNING_DEFAULTS, TEST, TRAIN
 from uhr.model import load_model, load_model_config
 from uhr.model.modeling import UhrForConditionalGeneration

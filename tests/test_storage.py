@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from uhr.errors import SceneError, StorageError, UhrError
-from uhr.storage import DEFAULT_GDAL_OPTIONS, StorageConfig, is_remote, join_uri, redact, to_gdal_path
+from uhr.storage import DEFAULT_GDAL_OPTIONS, StorageConfig, absolute_uri, is_remote, join_uri, redact, to_gdal_path
 
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
@@ -177,3 +177,11 @@ def test_scene_error_carries_redacted_uri_and_reason_and_pickles():
     assert type(copy) is SceneError and (copy.uri, copy.reason) == (error.uri, error.reason) and str(copy) == str(error)
     storage_error = pickle.loads(pickle.dumps(StorageError("s3://b", "access denied")))
     assert str(storage_error) == "storage error at s3://b: access denied"
+
+
+def test_absolute_uri_anchors_local_paths_and_leaves_object_stores(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri("outputs/run") == str(tmp_path / "outputs" / "run")
+    assert absolute_uri("/data/a.tif") == "/data/a.tif"
+    assert absolute_uri("s3://bucket/key") == "s3://bucket/key"
+    assert absolute_uri("/vsis3/bucket/key") == "/vsis3/bucket/key"

@@ -215,6 +215,14 @@ def is_remote(uri: str | os.PathLike[str]) -> bool:
     return uri_protocol(path) not in (None, "file", "local")
 
 
+def absolute_uri(uri: str) -> str:
+    """`uri` with a relative local path made absolute (against this process's working directory);
+    object-store URIs unchanged. For URIs handed to workers, which run in other directories."""
+    if is_remote(uri) or uri_protocol(uri) is not None:
+        return uri
+    return os.path.abspath(uri)
+
+
 def to_gdal_path(uri: str | os.PathLike[str]) -> str:
     """The GDAL path of `uri`: s3://b/k -> /vsis3/b/k, gs:// -> /vsigs/, https:// -> /vsicurl/.
 

@@ -28,11 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from uhr.bench.flops import real_model_config
 from uhr.bench.inputs import bench_cache_dir, strategy_config
+from uhr.cache import creating
 from uhr.model import build_tiny_model, load_model_config, save_model
 from uhr.model.config import UhrConfig
 from uhr.model.modeling import UhrForConditionalGeneration
 from uhr.model.pruning import PruningConfig, StrategyName
-from uhr.pipeline.defaults import TINY_PRUNING_DEFAULTS, _locked
+from uhr.pipeline.defaults import TINY_PRUNING_DEFAULTS
 from uhr.pipeline.vqa import resolve_pruning
 from uhr.scenes import open_scene
 from uhr.storage import redact
@@ -178,7 +179,7 @@ def trained_parameters(counts: dict[str, int], optimizer: OptimizerConfig) -> in
 def saved_tiny_model(cache_dir: Path, seed: int = 0) -> Path:
     """The training tests' tiny model (32-px tiles, `TINY_PRUNING_DEFAULTS`) saved under `cache_dir` once."""
     path = cache_dir / "models" / f"tiny-qwen2-seed{seed}"
-    with _locked(path):
+    with creating(path):
         if not (path / "config.json").exists():
             model, _ = build_tiny_model(seed=seed, pruning_defaults=TINY_PRUNING_DEFAULTS)
             save_model(model, path)

@@ -7,14 +7,11 @@ the default model is the demo model shipped with the package (`uhr.demo`, traine
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from uhr.cache import default_cache_dir
+from uhr.cache import creating, default_cache_dir
 from uhr.synth import ArchiveIndex, write_archive
 
 logger = logging.getLogger(__name__)
@@ -35,20 +32,11 @@ TINY_PRUNING_DEFAULTS = {
 }
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Serialise creators of `path` (two jobs started at once must not write it twice)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def sample_archive() -> ArchiveIndex:
     """The embedded sample: `SAMPLE_SCENES` synthetic scenes of `SAMPLE_SIZE` px with questions."""
     root = default_cache_dir() / "sample" / f"archive-{SAMPLE_SCENES}x{SAMPLE_SIZE}-seed{SAMPLE_SEED}"
     index = root / "index.json"
-    with _locked(root):
+    with creating(root):
         if not index.exists():
             logger.info("writing the sample archive (%d scenes of %d px) to %s", SAMPLE_SCENES, SAMPLE_SIZE, root)
             archive = write_archive(str(root), scenes=SAMPLE_SCENES, size=SAMPLE_SIZE, seed=SAMPLE_SEED, split="test")

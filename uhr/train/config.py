@@ -113,7 +113,8 @@ class DeepSpeedSettings(BaseModel):
 
     config: str = Field(
         "configs/train/zero2.json",
-        description="DeepSpeed JSON, relative to the working directory; its \"auto\" fields are filled from this config.",
+        description="DeepSpeed JSON, relative to the working directory or else the project root; its \"auto\" fields are "
+        "filled from this config.",
     )
     zero_stage: int | None = Field(
         None, ge=0, le=2, description="ZeRO stage to use instead of the JSON's (0 replicates the optimizer state)."

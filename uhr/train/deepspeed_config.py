@@ -48,10 +48,19 @@ AUTO_FIELDS: dict[tuple[str, ...], Callable[[FinetuneConfig], Any]] = {
 """Key path in the DeepSpeed JSON -> what fills it when it says "auto"."""
 
 
+# The checkout `uhr` runs from: relative config paths not found in the working directory are looked
+# up here, so the default works from any directory.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
 def load_deepspeed_json(path: str | Path) -> dict[str, Any]:
-    """The DeepSpeed JSON at `path` (relative paths from the working directory), as a dict."""
+    """The DeepSpeed JSON at `path` as a dict; a relative path is taken from the working directory,
+    else from the project root (where `configs/train/zero2.json`, the default, lives)."""
+    file = Path(path)
+    if not file.is_absolute() and not file.exists() and (PROJECT_ROOT / file).exists():
+        file = PROJECT_ROOT / file
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(file.read_text())
     except OSError as error:
         raise ConfigError(f"cannot read DeepSpeed config {path}: {error.strerror or error}") from error
     except json.JSONDecodeError as error:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import logging
 
-from uhr.cache import default_cache_dir
-from uhr.pipeline.defaults import _locked
+from uhr.cache import creating, default_cache_dir
 from uhr.synth import ArchiveIndex, write_archive
 
 logger = logging.getLogger(__name__)
@@ -26,7 +25,7 @@ def training_archive() -> ArchiveIndex:
     """The embedded training split: `TRAIN_SCENES` synthetic scenes of `TRAIN_SIZE` px with conversations."""
     root = default_cache_dir() / "sample" / f"train-{TRAIN_SCENES}x{TRAIN_SIZE}-seed{TRAIN_SEED}"
     index = root / "index.json"
-    with _locked(root):
+    with creating(root):
         if not index.exists():
             logger.info("writing the training split (%d scenes of %d px) to %s", TRAIN_SCENES, TRAIN_SIZE, root)
             archive = write_archive(

@@ -26,7 +26,7 @@ from uhr.config import ConfigError
 from uhr.model import load_model_config
 from uhr.pipeline.defaults import default_model
 from uhr.pipeline.vqa import resolve_pruning, worker_env
-from uhr.storage import StorageConfig, is_remote, join_uri, redact
+from uhr.storage import StorageConfig, absolute_uri, join_uri, redact
 from uhr.train.config import FinetuneConfig
 from uhr.train.data import (
     SkipLedger,
@@ -129,6 +129,17 @@ def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
     """
     start = time.monotonic()
     storage = config.storage
+    # Ray Train workers do not run in this directory: local paths travel absolute.
+    data = config.data.model_copy(
+        update={key: absolute_uri(value) for key in ("manifest", "image_root") if (value := getattr(config.data, key))}
+    )
+    config = config.model_copy(
+        update={
+            "data": data,
+            "output": absolute_uri(config.output),
+            **{key: absolute_uri(value) for key in ("model", "export") if (value := getattr(config, key))},
+        }
+    )
     model_uri = config.model or default_model()
     model_config = load_model_config(model_uri, storage=storage)
     config = config.model_copy(update={"pruning": resolve_pruning(config.pruning, model_config)})
@@ -212,8 +223,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
     )
     done: dict[str, Any] = result.return_value
     return FinetuneSummary(
-        run=run_uri if is_remote(run_uri) else os.path.abspath(run_uri),
-        export=export if is_remote(export) else os.path.abspath(export),
+        run=run_uri,
+        export=export,
         steps=done["steps"],
         total_steps=total_steps,
         epochs=done["epochs"],
