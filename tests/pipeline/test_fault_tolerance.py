@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -17,18 +16,11 @@ from ray.util.state import list_actors
 
 from uhr.pipeline import run_vqa
 from uhr.synth import write_archive
+from uhr.testing.waiting import wait_for
 
 from .helpers import config, read_manifest, read_rows
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def _parts(output: Path) -> list[Path]:
@@ -48,7 +40,7 @@ def test_rerun_after_the_driver_is_killed_writes_every_row_once(ray_local, model
     # The driver and the local Ray it starts share a process group: kill -9 the whole job.
     job = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: _parts(output) or job.poll() is not None, 240, "the first answers")
+        wait_for(lambda: _parts(output) or job.poll() is not None, 240, "the first answers")
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
@@ -81,7 +73,7 @@ def test_a_killed_encode_actor_is_replaced_and_every_row_written_once(ray_local,
         actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], detail=True)
         return next((a for a in actors if "EncodeStage" in a.class_name and a.pid), None)
 
-    _wait_for(lambda: (encode_actor() is not None and _parts(output)) or not worker.is_alive(), 240, "a working encode actor")
+    wait_for(lambda: (encode_actor() is not None and _parts(output)) or not worker.is_alive(), 240, "a working encode actor")
     total = pq.read_metadata(archive.questions_parquet).num_rows
     victim = encode_actor()
     assert worker.is_alive() and victim is not None and len(_parts(output)) < total, "the kill must land part way"

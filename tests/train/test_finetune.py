@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from uhr.scenes import open_scene
 from uhr.train import FinetuneConfig, FinetuneSummary, run_finetune
 from uhr.train.data import collate
 from uhr.train.export import MODEL_STATES
+from uhr.testing.waiting import wait_for
 from uhr.train.loop import CHECKPOINT_TAG, MODEL_PARTS
 
 TRAINER_SLOT = "trainer_slot"
@@ -80,14 +80,6 @@ def _train_workers() -> list[psutil.Process]:
     return workers
 
 
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def killed_run(cluster, s3_server, model_dir, manifest_with_bad_rows) -> tuple[FinetuneConfig, FinetuneSummary, str]:
     """(config, summary, bucket) of the run whose worker was killed after its first checkpoint."""
@@ -114,7 +106,7 @@ def killed_run(cluster, s3_server, model_dir, manifest_with_bad_rows) -> tuple[F
             return not thread.is_alive()
         return b"checkpoint-00000002" in snapshot or not thread.is_alive()
 
-    _wait_for(first_checkpoint, 300, "the first checkpoint in object storage")
+    wait_for(first_checkpoint, 300, "the first checkpoint in object storage")
     workers = _train_workers()
     assert thread.is_alive() and len(workers) == 2, "the kill must land while both workers train"
     os.kill(workers[-1].pid, signal.SIGKILL)
