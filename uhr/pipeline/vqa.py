@@ -58,12 +58,8 @@ def build_vqa_dataset(
     runtime_env = worker_env(config.storage)
     read, encode, answer = config.read, config.encode, config.answer
     ds = ray.data.from_items(groups, override_num_blocks=max(1, len(groups)))
-    # SPREAD, as Ray Data schedules its own read tasks: scene reads fan out over the nodes.
-    read_resources: dict[str, Any] = {
-        "num_cpus": read.num_cpus,
-        "memory": read.memory_gb * 2**30,
-        "scheduling_strategy": "SPREAD",
-    }
+    # Ray Data spreads its tasks over the nodes itself (DataContext.scheduling_strategy, SPREAD by
+    # default): scene reads fan out without a strategy of ours.
     ds = ds.map(
         read_scene,
         fn_kwargs={
@@ -74,7 +70,8 @@ def build_vqa_dataset(
         },
         concurrency=read.concurrency,
         runtime_env=runtime_env,
-        **read_resources,
+        num_cpus=read.num_cpus,
+        memory=read.memory_gb * 2**30,
     )
     ds = ds.map_batches(
         EncodeStage,
