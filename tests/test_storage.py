@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from uhr.errors import SceneError, StorageError, UhrError
 from uhr.storage import DEFAULT_GDAL_OPTIONS, StorageConfig, absolute_uri, is_remote, join_uri, redact, to_gdal_path
+from uhr.testing.s3_server import FAKE_ACCESS_KEY_ID, FAKE_SHAPED_KEY_ID
 
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
@@ -88,10 +89,10 @@ def test_worker_env_vars_pass_credentials_through_only_when_set(clean_env):
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:5000" and env["AWS_REGION"] == "us-east-1"
     assert env["GDAL_CACHEMAX"] == "64" and env["AWS_S3_ENDPOINT"] == "127.0.0.1:5000"
     assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
-    clean_env.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE12")
+    clean_env.setenv("AWS_ACCESS_KEY_ID", FAKE_ACCESS_KEY_ID)
     clean_env.setenv("AWS_SECRET_ACCESS_KEY", "worker-secret-value")
     env = storage.worker_env_vars()
-    assert env["AWS_ACCESS_KEY_ID"] == "AKIAEXAMPLEEXAMPLE12" and env["AWS_SECRET_ACCESS_KEY"] == "worker-secret-value"
+    assert env["AWS_ACCESS_KEY_ID"] == FAKE_ACCESS_KEY_ID and env["AWS_SECRET_ACCESS_KEY"] == "worker-secret-value"
     # ... and never into the config itself.
     assert "worker-secret-value" not in storage.model_dump_json()
 
@@ -147,8 +148,8 @@ def test_join_uri():
         ("https://x/a.tif?sv=2020&sig=AzureSignature%3D", "AzureSignature%3D"),
         ("s3://alice:pa55word@host/bucket/a.tif", "pa55word"),
         ("Authorization: AWS4-HMAC-SHA256 Credential=AKIA/2025, Signature=deadbeef", "deadbeef"),
-        ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG", "wJalrXUtnFEMI/K7MDENG"),
-        ("key id AKIAIOSFODNN7EXAMPLE failed", "AKIAIOSFODNN7EXAMPLE"),
+        ("aws_secret_access_key = uhr/NOT+A+REAL+SECRET", "uhr/NOT+A+REAL+SECRET"),
+        (f"key id {FAKE_SHAPED_KEY_ID} failed", FAKE_SHAPED_KEY_ID),
     ],
 )
 def test_redact_masks_credentials(text, secret):

@@ -7,6 +7,7 @@ import pytest
 
 from uhr.errors import SceneError
 from uhr.scenes import open_scene
+from uhr.testing.s3_server import FAKE_SHAPED_KEY_ID
 
 from .data import pixels, write_raster
 
@@ -102,10 +103,10 @@ def test_truncated_remote_cog_fails_on_read_with_the_reason(s3_server, bucket, t
 def test_credentials_in_uris_never_reach_the_message(s3_server, bucket):
     signed = (
         f"{s3_server.endpoint_url}/{bucket}/bad/missing.tif"
-        "?X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20250101&X-Amz-Signature=0123456789abcdef0123"
+        f"?X-Amz-Credential={FAKE_SHAPED_KEY_ID}%2F20250101&X-Amz-Signature=0123456789abcdef0123"
     )
     with_user = s3_server.endpoint_url.replace("http://", "http://alice:hunter2-secret@") + f"/{bucket}/x.tif"
-    for uri, secrets in [(signed, ["AKIAIOSFODNN7EXAMPLE", "0123456789abcdef0123"]), (with_user, ["hunter2-secret"])]:
+    for uri, secrets in [(signed, [FAKE_SHAPED_KEY_ID, "0123456789abcdef0123"]), (with_user, ["hunter2-secret"])]:
         with pytest.raises(SceneError) as caught:
             open_scene(uri)
         text = f"{caught.value} {caught.value.uri} {caught.value.reason} {caught.value!r}"
