@@ -45,7 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    pruning = {key: value for key, value in (("strategy", args.strategy), ("budget", args.budget)) if value is not None}
     try:
         config = load_config(
             ExplainConfig,
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             choices=args.choices,
             model=args.model,
             out=args.out,
-            pruning=pruning or None,
+            pruning={"strategy": args.strategy, "budget": args.budget},
         )
         explanation, _ = run_explain(config)
     except (ConfigError, UhrError, ValueError, FileNotFoundError) as error:

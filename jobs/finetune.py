@@ -46,14 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     args = parse_args(argv)
-    # Only the options given: a None here would hide the YAML's value.
-    data = {key: value for key, value in (("manifest", args.manifest), ("image_root", args.image_root)) if value is not None}
     try:
         config = load_config(
             FinetuneConfig,
             args.config,
             args.overrides,
-            data=data or None,
+            data={"manifest": args.manifest, "image_root": args.image_root},
             model=args.model,
             output=args.output,
             export=args.export,

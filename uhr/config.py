@@ -49,10 +49,18 @@ def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _given(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` without its None values, in nested mappings too."""
+    return {key: _given(value) if isinstance(value, dict) else value for key, value in fields.items() if value is not None}
+
+
 def load_config(
     cls: type[ConfigT], path: str | Path | None = None, overrides: list[str] | None = None, **fields: Any
 ) -> ConfigT:
     """Build `cls` from a YAML file, then `fields`, then `key=value` overrides (last wins).
+
+    A None in `fields`, at any depth, means "not given" (an unset command-line option) and leaves
+    the YAML's value in place.
 
     Raises `ConfigError` naming the file and every invalid key, before any work starts.
     """
@@ -67,7 +75,7 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping of keys to values, got {type(loaded).__name__}")
         tree = loaded or {}
-    tree = merge_trees(tree, {key: value for key, value in fields.items() if value is not None})
+    tree = merge_trees(tree, _given(fields))
     tree = merge_trees(tree, parse_overrides(overrides or []))
     try:
         return cls.model_validate(tree)
