@@ -312,14 +312,24 @@ def plot_accuracy_vs_tokens(report: Report) -> bytes:
     return buffer.getvalue()
 
 
-def write_report(report: Report, out_uri: str, storage: StorageConfig | None = None) -> dict[str, str]:
-    """Write `report.json`, `report.md` and `accuracy_vs_tokens.png` under `out_uri`; return their URIs."""
+def write_report(
+    report: Report,
+    out_uri: str,
+    storage: StorageConfig | None = None,
+    *,
+    json_extra: dict[str, Any] | None = None,
+    markdown_extra: tuple[str, ...] = (),
+) -> dict[str, str]:
+    """Write `report.json`, `report.md` and `accuracy_vs_tokens.png` under `out_uri`; return their URIs.
+
+    `json_extra` adds top-level keys to the JSON, `markdown_extra` sections after the tables.
+    """
     fs = (storage or StorageConfig()).filesystem(out_uri)
     if uri_protocol(out_uri) is None:
         fs.makedirs(out_uri, exist_ok=True)
     contents = {
-        REPORT_JSON: json.dumps(report.to_dict(), indent=2).encode("utf-8"),
-        REPORT_MD: to_markdown(report).encode("utf-8"),
+        REPORT_JSON: json.dumps({**report.to_dict(), **(json_extra or {})}, indent=2).encode("utf-8"),
+        REPORT_MD: "\n".join([to_markdown(report), *markdown_extra]).encode("utf-8"),
         REPORT_PLOT: plot_accuracy_vs_tokens(report),
     }
     written = {}

@@ -45,16 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from uhr.config import ConfigError, merge_trees
 from uhr.eval.benchmarks import Benchmark, BenchmarkSpec, MmePromptStyle, load_benchmark
-from uhr.eval.report import (
-    REPORT_JSON,
-    REPORT_MD,
-    REPORT_PLOT,
-    Report,
-    evaluate,
-    join_answers,
-    plot_accuracy_vs_tokens,
-    to_markdown,
-)
+from uhr.eval.report import REPORT_JSON, REPORT_MD, REPORT_PLOT, Report, evaluate, join_answers, write_report
 from uhr.eval.scoring import judge
 from uhr.model import load_model_config
 from uhr.model.config import UhrConfig
@@ -446,22 +437,15 @@ def evaluation_markdown(header: dict[str, Any]) -> str:
 def write_evaluation_report(
     report: Report, throughput: list[RunThroughput], header: dict[str, Any], output: str, storage: StorageConfig
 ) -> dict[str, str]:
-    """`report.json`, `report.md` and `accuracy_vs_tokens.png` under `output`; returns their URIs."""
-    fs = storage.filesystem(output)
-    document = {"evaluation": header, **report.to_dict(), "throughput": [run.to_dict() for run in throughput]}
-    markdown = "\n".join([to_markdown(report), evaluation_markdown(header), throughput_markdown(throughput)])
-    contents = {
-        REPORT_JSON: json.dumps(document, indent=2).encode("utf-8"),
-        REPORT_MD: markdown.encode("utf-8"),
-        REPORT_PLOT: plot_accuracy_vs_tokens(report),
-    }
-    written = {}
-    for name, data in contents.items():
-        uri = join_uri(output, name)
-        with fs.open(uri, "wb") as handle:
-            handle.write(data)
-        written[name] = uri
-    return written
+    """`report.json`, `report.md` and `accuracy_vs_tokens.png` under `output`, with the evaluation's
+    settings and throughput beside the scores; returns their URIs."""
+    return write_report(
+        report,
+        output,
+        storage,
+        json_extra={"evaluation": header, "throughput": [run.to_dict() for run in throughput]},
+        markdown_extra=(evaluation_markdown(header), throughput_markdown(throughput)),
+    )
 
 
 def _write_parquet(table: pa.Table, uri: str, storage: StorageConfig) -> None:
