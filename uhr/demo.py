@@ -19,7 +19,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from uhr.model import save_model
 from uhr.model.config import UhrConfig
 from uhr.model.modeling import UhrForConditionalGeneration
 from uhr.model.tokenizer import build_tokenizer
-from uhr.synth import ArchiveIndex, write_archive
+from uhr.synth import ArchiveIndex, cached_archive
 
 logger = logging.getLogger(__name__)
 
@@ -86,21 +86,7 @@ DEMO_PRUNING_DEFAULTS = {
 
 def write_split(root: Path, settings: ArchiveSettings) -> ArchiveIndex:
     """Write one split under `root` (once: an existing `index.json` is reused)."""
-    index = root / "index.json"
-    if index.exists():
-        return ArchiveIndex(**json.loads(index.read_text()))
-    logger.info("writing the %s split (%d scenes of %d px) to %s", settings.split, settings.scenes, settings.size, root)
-    archive = write_archive(
-        str(root),
-        scenes=settings.scenes,
-        size=settings.size,
-        seed=settings.seed,
-        split=settings.split,
-        questions_per_scene=settings.questions_per_scene,
-        open_fraction=settings.open_fraction,
-    )
-    index.write_text(json.dumps(archive.to_dict()))
-    return archive
+    return cached_archive(root, **asdict(settings))
 
 
 def training_corpus(train_jsonl: Path) -> list[str]:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 
-from uhr.synth import SceneTruth, scene_seed, write_archive
+from uhr.synth import SceneTruth, cached_archive, scene_seed, write_archive
 from uhr.synth.archive import QUESTIONS_SCHEMA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,3 +156,12 @@ def test_memory_stays_bounded_for_a_16k_scene(tmp_path) -> None:
     with rasterio.open(tmp_path / "scene.tif") as src:
         assert src.overviews(1) == [2, 4, 8, 16, 32, 64]
     assert os.path.getsize(tmp_path / "scene.tif") > 0
+
+
+def test_cached_archive_is_written_once_and_then_read_from_its_index(tmp_path):
+    root = tmp_path / "cached"
+    first = cached_archive(root, scenes=1, size=256, seed=3, questions_per_scene=2)
+    written = {path: path.stat().st_mtime_ns for path in root.rglob("*") if path.is_file()}
+    again = cached_archive(root, scenes=1, size=256, seed=3, questions_per_scene=2)
+    assert again == first and first.n_scenes == 1 and first.n_questions == 2
+    assert {path: path.stat().st_mtime_ns for path in root.rglob("*") if path.is_file()} == written

@@ -7,14 +7,10 @@ the default model is the demo model shipped with the package (`uhr.demo`, traine
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
-from uhr.cache import creating, default_cache_dir
-from uhr.synth import ArchiveIndex, write_archive
-
-logger = logging.getLogger(__name__)
+from uhr.cache import default_cache_dir
+from uhr.synth import ArchiveIndex, cached_archive
 
 SAMPLE_SCENES = 4
 SAMPLE_SIZE = 4096
@@ -35,13 +31,7 @@ TINY_PRUNING_DEFAULTS = {
 def sample_archive() -> ArchiveIndex:
     """The embedded sample: `SAMPLE_SCENES` synthetic scenes of `SAMPLE_SIZE` px with questions."""
     root = default_cache_dir() / "sample" / f"archive-{SAMPLE_SCENES}x{SAMPLE_SIZE}-seed{SAMPLE_SEED}"
-    index = root / "index.json"
-    with creating(root):
-        if not index.exists():
-            logger.info("writing the sample archive (%d scenes of %d px) to %s", SAMPLE_SCENES, SAMPLE_SIZE, root)
-            archive = write_archive(str(root), scenes=SAMPLE_SCENES, size=SAMPLE_SIZE, seed=SAMPLE_SEED, split="test")
-            index.write_text(json.dumps(archive.to_dict()))
-    return ArchiveIndex(**json.loads(index.read_text()))
+    return cached_archive(root, scenes=SAMPLE_SCENES, size=SAMPLE_SIZE, seed=SAMPLE_SEED, split="test")
 
 
 def default_model() -> str:

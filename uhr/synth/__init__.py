@@ -7,25 +7,26 @@ conversations. `python -m uhr.synth` is the command line.
 
 from __future__ import annotations
 
-from uhr.synth.archive import ArchiveIndex, conversation, scene_seed, write_archive
+from uhr.synth.archive import ArchiveIndex, cached_archive, conversation, scene_seed, write_archive
 from uhr.synth.landcover import LandCover, LandCoverLayout
 from uhr.synth.objects import COLOURS, PALETTE, ObjectClass, SceneObject
 from uhr.synth.questions import Category, Form, Question, generate_questions, question_prompt
 from uhr.synth.scene import Compression, SceneTruth, plan_scene, render_window, write_scene
 
 __all__ = [
-    "COLOURS",
-    "PALETTE",
     "ArchiveIndex",
+    "COLOURS",
     "Category",
     "Compression",
     "Form",
     "LandCover",
     "LandCoverLayout",
     "ObjectClass",
+    "PALETTE",
     "Question",
     "SceneObject",
     "SceneTruth",
+    "cached_archive",
     "conversation",
     "generate_questions",
     "plan_scene",

@@ -20,12 +20,14 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from uhr.cache import creating
 from uhr.storage import StorageConfig, is_remote, join_uri
 from uhr.synth.questions import Question, generate_questions
 from uhr.synth.scene import Compression, write_scene
@@ -191,3 +193,15 @@ def _put_files(root: str, files: dict[str, Any], storage: StorageConfig) -> None
                 storage.filesystem(target).put_file(local, target)
             else:
                 os.replace(local, os.path.join(local_root, name))
+
+
+def cached_archive(root: Path, **settings: Any) -> ArchiveIndex:
+    """`write_archive(root, **settings)`, done once: later calls read the `index.json` it leaves,
+    and a call made while another process writes the archive waits for it (`uhr.cache.creating`)."""
+    index = root / "index.json"
+    with creating(root):
+        if not index.exists():
+            logger.info("writing a synthetic archive to %s: %s", root, settings)
+            archive = write_archive(str(root), **settings)
+            index.write_text(json.dumps(archive.to_dict()))
+    return ArchiveIndex(**json.loads(index.read_text()))

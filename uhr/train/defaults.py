@@ -7,13 +7,8 @@ sample archive's "test" scenes.
 
 from __future__ import annotations
 
-import json
-import logging
-
-from uhr.cache import creating, default_cache_dir
-from uhr.synth import ArchiveIndex, write_archive
-
-logger = logging.getLogger(__name__)
+from uhr.cache import default_cache_dir
+from uhr.synth import ArchiveIndex, cached_archive
 
 TRAIN_SCENES = 8
 TRAIN_SIZE = 1024
@@ -24,17 +19,11 @@ TRAIN_QUESTIONS_PER_SCENE = 12
 def training_archive() -> ArchiveIndex:
     """The embedded training split: `TRAIN_SCENES` synthetic scenes of `TRAIN_SIZE` px with conversations."""
     root = default_cache_dir() / "sample" / f"train-{TRAIN_SCENES}x{TRAIN_SIZE}-seed{TRAIN_SEED}"
-    index = root / "index.json"
-    with creating(root):
-        if not index.exists():
-            logger.info("writing the training split (%d scenes of %d px) to %s", TRAIN_SCENES, TRAIN_SIZE, root)
-            archive = write_archive(
-                str(root),
-                scenes=TRAIN_SCENES,
-                size=TRAIN_SIZE,
-                seed=TRAIN_SEED,
-                split="train",
-                questions_per_scene=TRAIN_QUESTIONS_PER_SCENE,
-            )
-            index.write_text(json.dumps(archive.to_dict()))
-    return ArchiveIndex(**json.loads(index.read_text()))
+    return cached_archive(
+        root,
+        scenes=TRAIN_SCENES,
+        size=TRAIN_SIZE,
+        seed=TRAIN_SEED,
+        split="train",
+        questions_per_scene=TRAIN_QUESTIONS_PER_SCENE,
+    )
