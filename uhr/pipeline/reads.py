@@ -19,6 +19,15 @@ from uhr.scenes.normalize import NormalizeConfig
 from uhr.storage import StorageConfig
 
 
+def decode_views(row: dict[str, Any]) -> dict[int, np.ndarray]:
+    """The whole-scene views a read stage put in `row` (`views` as raw RGB bytes, `view_shapes`),
+    keyed by longest side as `PixelSource.read_view` asks for them."""
+    return {
+        max(shape[0], shape[1]): np.frombuffer(data, dtype=np.uint8).reshape(shape)
+        for data, shape in zip(row["views"], row["view_shapes"])
+    }
+
+
 @ray.remote
 def read_windows_task(
     uri: str,
@@ -44,10 +53,7 @@ class StagedSource:
     def __init__(self, row: dict[str, Any], config: VqaConfig):
         self.uri = row["scene"]
         self._width, self._height = int(row["width"]), int(row["height"])
-        self._views = {
-            max(shape[0], shape[1]): np.frombuffer(data, dtype=np.uint8).reshape(shape)
-            for data, shape in zip(row["views"], row["view_shapes"])
-        }
+        self._views = decode_views(row)
         self._config = config
         self._bytes: int | None = 0
         self._ms = 0.0

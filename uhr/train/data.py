@@ -36,6 +36,7 @@ from uhr.model.checkpoints import _load_tokenizer
 from uhr.model.config import UhrConfig
 from uhr.model.pruning import build_strategy
 from uhr.model.pruning.config import PruningConfig
+from uhr.pipeline.reads import decode_views
 from uhr.scenes import Scene, open_scene
 from uhr.scenes.normalize import NormalizeConfig
 from uhr.storage import StorageConfig, is_remote, join_uri, redact, uri_protocol
@@ -350,10 +351,7 @@ class PreparedSource:
     def __init__(self, sample: dict[str, Any], storage: StorageConfig, normalize: NormalizeConfig):
         self.uri = sample["image"]
         self._width, self._height = int(sample["width"]), int(sample["height"])
-        self._views = {
-            max(shape[0], shape[1]): np.frombuffer(data, dtype=np.uint8).reshape(shape)
-            for data, shape in zip(sample["views"], sample["view_shapes"])
-        }
+        self._views = decode_views(sample)
         self._storage, self._normalize = storage, normalize
         self._scene: Scene | None = None
 
