@@ -8,6 +8,7 @@ run on the same output left undone.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import threading
@@ -222,10 +223,21 @@ def _questions(config: VqaConfig) -> tuple[pa.Table, str | None]:
     return questions_from_ask(scene_uris(config.scenes, storage), config.ask), None
 
 
-def connect_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local Ray."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+def connect_ray(min_cpus: float = 0) -> None:
+    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local Ray.
+
+    A local Ray gets at least `min_cpus` logical CPUs, more than the machine has if need be: a job
+    whose tasks and actors need them all at once (training workers beside their data stage) would
+    otherwise never schedule on a small machine.
+    """
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    num_cpus = math.ceil(min_cpus) if min_cpus > (os.cpu_count() or 1) else None
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
 
 
 def run_vqa(config: VqaConfig) -> RunSummary:

@@ -11,8 +11,6 @@ directory), and a worker lost mid-run restarts the worker group from it (`max_fa
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +23,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from uhr.config import ConfigError
 from uhr.model import load_model_config
 from uhr.pipeline.defaults import default_model
-from uhr.pipeline.vqa import resolve_pruning, worker_env
+from uhr.pipeline.vqa import connect_ray, resolve_pruning, worker_env
 from uhr.storage import StorageConfig, absolute_uri, join_uri, redact
 from uhr.train.config import FinetuneConfig
 from uhr.train.data import (
@@ -105,23 +103,6 @@ def _delete(uri: str, storage: StorageConfig) -> None:
         fs.rm(uri, recursive=True)
 
 
-def connect_ray(config: FinetuneConfig) -> None:
-    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local Ray.
-
-    A local Ray gets at least enough logical CPUs for the workers plus one preparation task:
-    Ray Data runs only on what the training workers leave free, so on a small machine the CPU
-    stage would otherwise never start.
-    """
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    needed = config.scaling.num_workers * config.scaling.cpus_per_worker + config.data.num_cpus
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), log_to_driver=True)
-
-
 def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
     """Fine-tune, checkpoint and export as `config` says; resumes a run that `output`/`name` already holds.
 
@@ -155,7 +136,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
         _delete(run_uri, storage)
         _delete(export_uri, storage)
 
-    connect_ray(config)
+    # Every worker and one preparation task at once.
+    connect_ray(min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker + config.data.num_cpus)
     records = count_records(manifest, storage)
     steps_per_epoch = records // config.batch_size
     total_steps = config.max_steps or config.epochs * steps_per_epoch
