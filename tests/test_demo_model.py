@@ -19,12 +19,13 @@ from uhr.model import load_model, load_model_config
 from uhr.model.modeling import UhrForConditionalGeneration
 from uhr.model.pruning.config import PruningConfig
 from uhr.pipeline.config import VqaConfig
-from uhr.pipeline.defaults import DEMO_MODEL_DIR, SAMPLE_SEED, SAMPLE_SIZE, default_model
+from uhr.pipeline.defaults import DEMO_MODEL_DIR, SAMPLE_QUESTIONS, SAMPLE_SEED, SAMPLE_SIZE, default_model
 from uhr.pipeline.stages import EncodeStage, read_scene
 from uhr.pipeline.vqa import resolve_pruning
 from uhr.scenes.normalize import NormalizeConfig
 from uhr.storage import StorageConfig
 from uhr.synth import write_archive
+from uhr.synth.questions import LETTERS
 
 MAX_WEIGHT_BYTES = 25 * 2**20
 # A seed neither the demo's training split nor its benchmark uses.
@@ -85,17 +86,14 @@ def test_loads_through_load_model() -> None:
 
 @pytest.mark.slow
 def test_answers_the_sample_archive(tmp_path: Path) -> None:
-    """The sample archive's first scene (same seed, split and size as `make run`; a 4096-px scene takes
-    10-30 s to write): multiple-choice questions get one of their letters, open ones a non-empty answer."""
-    write_archive(str(tmp_path), scenes=1, size=SAMPLE_SIZE, seed=SAMPLE_SEED, split="test")
+    """The sample archive's first scene (same seed, split, size and questions as `make run`): every
+    multiple-choice question gets one of its letters."""
+    write_archive(str(tmp_path), scenes=1, size=SAMPLE_SIZE, seed=SAMPLE_SEED, split="test", **SAMPLE_QUESTIONS)
     rows = _answer_archive(tmp_path, "uhr-bat", 256)
-    assert rows and all(row["error"] is None for row in rows)
+    assert len(rows) == SAMPLE_QUESTIONS["questions_per_scene"] and all(row["error"] is None for row in rows)
     for row in rows:
-        if row["choices"]:
-            letters = "ABCD"[: len(row["choices"])]
-            assert row["choice"] is not None and row["choice"] in letters, f"{row['question_id']}: {row['answer']!r}"
-        else:
-            assert row["answer"].strip(), f"{row['question_id']}: empty answer"
+        letters = LETTERS[: len(row["choices"])]
+        assert row["choice"] is not None and row["choice"] in letters, f"{row['question_id']}: {row['answer']!r}"
 
 
 # c2f reads its fine windows with Ray tasks, as in the job: starting a local Ray makes it slow.
@@ -103,9 +101,12 @@ def test_answers_the_sample_archive(tmp_path: Path) -> None:
 def test_answers_fresh_scenes_with_a_choice(tmp_path: Path, strategy: str) -> None:
     """A scene of its training size it never saw (another seed than its splits): every reply is one of the letters."""
     assert FRESH_SEED not in (TRAIN.seed, TEST.seed)
-    write_archive(str(tmp_path), scenes=1, size=TRAIN.size, seed=FRESH_SEED, split="test", questions_per_scene=12, open_fraction=0.0)
+    write_archive(
+        str(tmp_path), scenes=1, size=TEST.size, seed=FRESH_SEED, split="test", questions_per_scene=12,
+        open_fraction=0.0, referents=TEST.referents, option_order=TEST.option_order,
+    )
     rows = _answer_archive(tmp_path, strategy, 256)
     assert len(rows) == 12 and all(row["error"] is None for row in rows)
     for row in rows:
-        letters = "ABCD"[: len(row["choices"])]
+        letters = LETTERS[: len(row["choices"])]
         assert row["choice"] is not None and row["choice"] in letters, f"{row['question_id']}: {row['answer']!r}"

@@ -60,6 +60,12 @@ def test_every_strategy_from_object_storage_to_geoparquet(ray_local, s3_server, 
         # (c2f reads windows per question, in CPU tasks that each open the object: more on tiny scenes.)
         scenes = storage.filesystem(s3_archive).find(f"{s3_archive}/scenes", detail=True)
         assert sum(rows["bytes_read"].to_pylist()) <= sum(info["size"] for info in scenes.values()) * 1.05
+    # The summary scores the multiple-choice rows against the questions' `answer` column (same letter set).
+    truth = dict(zip(questions["question_id"].to_pylist(), questions["answer"].to_pylist()))
+    scored = [row for row in rows.to_pylist() if row["choices"]]
+    assert scored and summary.scored == len(scored)
+    assert summary.correct == sum(set(row["choice"] or "") == set(truth[row["question_id"]]) for row in scored)
+    assert f"({summary.correct}/{summary.scored} multiple-choice" in summary.format()
     manifest = read_manifest(output, storage)
     assert manifest["status"] == "complete" and manifest["counts"] == {"questions": rows.num_rows, "rows": rows.num_rows, "runs": 1}
     assert manifest["config"]["pruning"]["strategy"] == strategy and manifest["versions"]["ray"].startswith("2.60")
@@ -74,6 +80,7 @@ def test_ask_every_scene_with_stable_ids_and_resume_skips_done(ray_local, archiv
     expected = {question_id(scene, text) for scene in archive.scenes for text in asks}
     assert first.rows == len(expected) == rows.num_rows
     assert set(rows["question_id"].to_pylist()) == expected and set(rows["scene"].to_pylist()) == set(archive.scenes)
+    assert first.scored == 0 and "accuracy" not in first.format()  # --ask questions have no reference
     # The same command again finds everything done: no new rows, one more run in the manifest.
     second = run_vqa(run)
     assert (second.rows, second.skipped) == (0, len(expected))

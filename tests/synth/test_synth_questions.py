@@ -173,3 +173,90 @@ def test_prompts_use_the_xlrs_and_llava_layouts() -> None:
 def test_bad_arguments_are_refused(count: int, fraction: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         generate_questions(plan_scene(256, 0), "scenes/a.tif", count, open_fraction=fraction)
+
+
+def check_scene_question(q: Question, truth: SceneTruth) -> None:
+    """A scene-referent question with fixed options, re-derived from the truth: its referent is
+    unique in the scene, its answer is the truth's, its options are in the category's fixed order."""
+    assert not boxes(q.question), "scene referents name no pixel box"
+    assert q.question.endswith(" in the image?")
+    objects = truth.objects
+    category = Category(q.category)
+    texts = [c[4:] for c in q.choices]
+    assert [c[:4] for c in q.choices] == [f"({letter}) " for letter in "ABCDE"[: len(q.choices)]]
+    assert texts[ord(q.answer) - ord("A")] == q.answer_text
+    if category is Category.OVERALL_COUNTING:
+        members = [o for o in objects if o.cls is plural_class(q.question)]
+        assert q.answer_text == str(len(members))
+        assert texts == sorted(texts, key=int)
+        return
+    order = {
+        Category.OBJECT_COLOUR: COLOURS,
+        Category.OBJECT_CLASS: tuple(c.value for c in OBJECT_CLASSES),
+        Category.REGIONAL_LAND_USE: tuple(c.value for c in LAND_COVERS),
+        Category.PRESENCE: ("yes", "no"),
+        Category.SPATIAL_RELATION: ("left", "right", "above", "below"),
+    }[category]
+    # Every label of the category, in its order; past five labels, the answer and four others.
+    assert texts == [label for label in order if label in texts] and len(texts) == min(len(order), 5)
+    described = re.findall(rf"(red|blue|white|yellow|green|orange) ({CLASS_NAMES})\b", q.question)
+    if category is Category.OBJECT_COLOUR:
+        name = re.search(rf"the ({CLASS_NAMES})s? in the image", q.question).group(1)  # type: ignore[union-attr]
+        members = [o for o in objects if o.cls.value == name]
+        assert members and {o.colour for o in members} == {q.answer_text}
+        assert (len(members) == 1) == (f"the {name} in" in q.question)
+        assert q.object_size_px == min(o.size_px for o in members)
+    elif category is Category.OBJECT_CLASS:
+        colour = re.search(r"the (\w+) object in the image", q.question).group(1)  # type: ignore[union-attr]
+        (obj,) = [o for o in objects if o.colour == colour]
+        assert q.answer_text == obj.cls.value and q.object_size_px == obj.size_px
+    elif category is Category.PRESENCE:
+        ((colour, name),) = described
+        members = [o for o in objects if o.colour == colour and o.cls.value == name]
+        assert q.answer_text == ("yes" if members else "no")
+        assert q.object_size_px == (min(o.size_px for o in members) if members else None)
+    elif category is Category.REGIONAL_LAND_USE:
+        labels = truth.landcover.labels(0, 0, truth.width, truth.height)
+        shares = np.sort(np.bincount(labels.ravel(), minlength=len(LAND_COVERS)) / labels.size)
+        dominant = LAND_COVERS[int(np.bincount(labels.ravel(), minlength=len(LAND_COVERS)).argmax())].value
+        assert q.answer_text == dominant and shares[-1] - shares[-2] >= 0.05
+    else:
+        assert category is Category.SPATIAL_RELATION
+        (a,), (b,) = ([o for o in objects if (o.colour, o.cls.value) == kind] for kind in described)
+        apart = {
+            "left": a.bbox[2] <= b.bbox[0],
+            "right": a.bbox[0] >= b.bbox[2],
+            "above": a.bbox[3] <= b.bbox[1],
+            "below": a.bbox[1] >= b.bbox[3],
+        }
+        assert apart[q.answer_text]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), size=st.integers(512, 1400))
+def test_scene_referent_questions_agree_with_the_truth(seed: int, size: int) -> None:
+    truth = plan_scene(size, seed)
+    questions = generate_questions(truth, "scenes/scene_0000.tif", 16, open_fraction=0.0, referents="scene", option_order="fixed")
+    assert len({q.question for q in questions}) == len(questions)
+    for q in questions:
+        check_scene_question(q, truth)
+
+
+def test_fixed_options_give_each_label_one_letter_and_leave_regions_unchanged() -> None:
+    questions = [
+        q
+        for seed in range(16)
+        for q in generate_questions(plan_scene(1024, seed), f"scenes/s{seed}.tif", 16, open_fraction=0.0, referents="scene", option_order="fixed")
+    ]
+    letters: dict[str, set[str]] = {}
+    for q in questions:
+        if q.category in (Category.OBJECT_CLASS.value, Category.PRESENCE.value, Category.SPATIAL_RELATION.value):
+            letters.setdefault(q.answer_text, set()).add(q.answer)
+    assert letters and all(len(found) == 1 for found in letters.values()), letters
+    # Small objects decide a good share of the scene questions, as on the region benchmark.
+    assert 0.2 <= sum(q.small for q in questions) / len(questions) <= 0.8
+    # The region (XLRS) questions are unchanged by the new arguments' defaults.
+    truth = plan_scene(1024, 5)
+    assert generate_questions(truth, "scenes/a.tif", 12) == generate_questions(
+        truth, "scenes/a.tif", 12, referents="region", option_order="shuffled"
+    )

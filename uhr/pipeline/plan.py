@@ -29,6 +29,8 @@ QUESTIONS_SCHEMA = pa.schema(
         pa.field("choices", pa.list_(pa.string())),
         pa.field("bbox", pa.list_(pa.float64())),
         pa.field("prompt", pa.string()),
+        # The table's `answer` column when it has one (a benchmark's or synthetic archive's truth).
+        pa.field("reference", pa.string()),
     ]
 )
 REQUIRED_COLUMNS = ("question_id", "scene", "question")
@@ -100,6 +102,9 @@ def load_questions(uri: str, storage: StorageConfig) -> pa.Table:
     columns["prompt"] = (
         table.column("prompt").cast(pa.string()) if "prompt" in table.column_names else pa.nulls(table.num_rows, pa.string())
     )
+    columns["reference"] = (
+        table.column("answer").cast(pa.string()) if "answer" in table.column_names else pa.nulls(table.num_rows, pa.string())
+    )
     questions = pa.table(columns, schema=QUESTIONS_SCHEMA.remove_metadata())
     for name in REQUIRED_COLUMNS:
         empty = pc.sum(pc.or_(pc.is_null(questions[name]), pc.equal(questions[name], ""))).as_py() or 0
@@ -135,6 +140,7 @@ def questions_from_ask(scenes: Iterable[str], asks: list[str]) -> pa.Table:
             "choices": pa.nulls(len(rows), type=pa.list_(pa.string())),
             "bbox": pa.nulls(len(rows), type=pa.list_(pa.float64())),
             "prompt": pa.nulls(len(rows), type=pa.string()),
+            "reference": pa.nulls(len(rows), type=pa.string()),
         },
         schema=QUESTIONS_SCHEMA.remove_metadata(),
     )
@@ -179,6 +185,15 @@ class Plan:
     @property
     def pending(self) -> int:
         return self.total - self.done
+
+
+def choice_references(questions: pa.Table) -> dict[str, str]:
+    """question_id -> reference letter(s), for the multiple-choice questions that have a reference answer."""
+    return {
+        qid: reference
+        for qid, choices, reference in zip(*(questions[name].to_pylist() for name in ("question_id", "choices", "reference")))
+        if choices and reference
+    }
 
 
 def make_plan(questions: pa.Table, scenes_prefix: str | None, done_ids: set[str]) -> Plan:

@@ -28,7 +28,15 @@ from uhr.model.pruning.config import PruningConfig
 from uhr.pipeline.config import VqaConfig
 from uhr.pipeline.defaults import default_model, sample_archive
 from uhr.pipeline.output import ResultWriter, RunManifest, clear_output, read_done
-from uhr.pipeline.plan import InputError, Plan, load_questions, make_plan, questions_from_ask, scene_uris
+from uhr.pipeline.plan import (
+    InputError,
+    Plan,
+    choice_references,
+    load_questions,
+    make_plan,
+    questions_from_ask,
+    scene_uris,
+)
 from uhr.pipeline.stages import AnswerStage, EncodeStage, read_scene
 from uhr.storage import CREDENTIAL_ENV_VARS, StorageConfig, redact
 
@@ -122,6 +130,13 @@ class RunSummary:
     wall_s: float
     mean_tokens_kept: float | None
     mean_tokens_dense: float | None
+    # Multiple-choice questions with a reference answer, and how many the chosen letter(s) got right.
+    scored: int = 0
+    correct: int = 0
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.scored if self.scored else None
 
     @property
     def scenes_per_s(self) -> float:
@@ -145,6 +160,14 @@ class RunSummary:
                 f"  throughput     {self.scenes_per_s:.3f} scenes/s, {self.questions_per_s:.3f} questions/s "
                 f"({self.scenes} scenes in {self.wall_s:.1f} s)",
                 f"  visual tokens  {tokens} (mean per answered question)",
+                *(
+                    [
+                        f"  accuracy       {self.accuracy:.1%} ({self.correct}/{self.scored} multiple-choice "
+                        "questions with a reference answer; XLRS letter rule)"
+                    ]
+                    if self.scored
+                    else []
+                ),
                 f"  output         {redact(self.output)}",
             ]
         )
@@ -153,9 +176,9 @@ class RunSummary:
 class _Progress:
     """Counts rows as they are written and logs a one-line status every `interval` seconds."""
 
-    def __init__(self, total: int, interval: float):
-        self.total, self.interval = total, interval
-        self.rows = self.answered = self.errors = 0
+    def __init__(self, total: int, interval: float, references: dict[str, str]):
+        self.total, self.interval, self.references = total, interval, references
+        self.rows = self.answered = self.errors = self.scored = self.correct = 0
         self.kept = self.dense = 0
         self._start = time.monotonic()
         self._stop = threading.Event()
@@ -168,6 +191,12 @@ class _Progress:
         self.errors += pc.sum(pc.is_valid(batch["error"])).as_py() or 0
         self.kept += pc.sum(pc.filter(batch["tokens_kept"], answered)).as_py() or 0
         self.dense += pc.sum(pc.filter(batch["tokens_dense"], answered)).as_py() or 0
+        for qid, choice in zip(batch["question_id"].to_pylist(), batch["choice"].to_pylist()):
+            reference = self.references.get(qid)
+            if reference is not None:
+                self.scored += 1
+                # XLRS's rule on the letters `extract_choice` already took from the answer: same set.
+                self.correct += choice is not None and set(choice) == set(reference)
 
     def line(self) -> str:
         elapsed = time.monotonic() - self._start
@@ -276,7 +305,7 @@ def run_vqa(config: VqaConfig) -> RunSummary:
     logger.info("run %s: %d questions, %d already done, %d scenes to read", run_id, plan.total, plan.done, len(plan.groups))
 
     start = time.monotonic()
-    progress = _Progress(plan.pending, config.status_interval_s)
+    progress = _Progress(plan.pending, config.status_interval_s, choice_references(questions))
     writer = ResultWriter(config.output, run_id, storage, config.rows_per_file, config.flush_interval_s)
     status = "failed"
     stats = ""
@@ -306,6 +335,8 @@ def run_vqa(config: VqaConfig) -> RunSummary:
             wall_s=wall,
             mean_tokens_kept=progress.kept / progress.answered if progress.answered else None,
             mean_tokens_dense=progress.dense / progress.answered if progress.answered else None,
+            scored=progress.scored,
+            correct=progress.correct,
         )
         entry.update(
             {k: v for k, v in asdict(summary).items() if k not in ("output", "run_id")},

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from uhr.cache import creating
 from uhr.storage import StorageConfig, is_remote, join_uri
-from uhr.synth.questions import Question, generate_questions
+from uhr.synth.questions import OptionOrder, Question, Referents, generate_questions
 from uhr.synth.scene import Compression, write_scene
 
 logger = logging.getLogger(__name__)
@@ -105,12 +105,15 @@ def write_archive(
     storage: StorageConfig | None = None,
     questions_per_scene: int = 12,
     open_fraction: float = 0.25,
+    referents: Referents | str = Referents.REGION,
+    option_order: OptionOrder | str = OptionOrder.SHUFFLED,
     compress: Compression | str = Compression.DEFLATE,
 ) -> ArchiveIndex:
     """Write a synthetic archive of `scenes` square scenes of `size` px under `out_uri`.
 
     Deterministic from its arguments. `split` "train" also writes `train.jsonl`; its scenes never
-    coincide with the "test" scenes of the same seed. Scenes are written one at a time (each in
+    coincide with the "test" scenes of the same seed. `referents` and `option_order` shape the
+    questions (`uhr.synth.questions`). Scenes are written one at a time (each in
     bounded memory); the tables are written once all scenes are done.
     """
     if split not in SPLITS:
@@ -132,7 +135,9 @@ def write_archive(
         truth = write_scene(
             uri, size, scene_seed(seed, split, index), dtype=dtype, bands=bands, storage=storage, compress=compress
         )
-        asked = generate_questions(truth, relative, questions_per_scene, open_fraction=open_fraction)
+        asked = generate_questions(
+            truth, relative, questions_per_scene, open_fraction=open_fraction, referents=referents, option_order=option_order
+        )
         questions.extend(asked)
         truths[relative] = truth.to_dict()
         scene_uris.append(uri)

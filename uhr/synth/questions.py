@@ -9,6 +9,11 @@ XLRS-Bench and LRS-VQA write boxes.
 Every region is settled before it is asked about: it grows until no object straddles its border,
 so "how many ... in the region" has one answer whichever rule (centre, overlap, containment) a
 reader has in mind.
+
+Objects are referred to in one of two ways (`Referents`): by a region's box, as the benchmarks do,
+or by what the scene itself makes unique ("the plane in the image" when there is one plane, "the
+red object" when one object is red). The second asks the same things without coordinates to read,
+which is what a small model trained from scratch can learn in an hour (the demo model).
 """
 
 from __future__ import annotations
@@ -38,6 +43,25 @@ class Category(str, Enum):
     PRESENCE = "Object presence/Object presence"
 
 
+class Referents(str, Enum):
+    """How a question names what it asks about: a region's box, or a description unique in the scene."""
+
+    REGION = "region"
+    SCENE = "scene"
+
+
+class OptionOrder(str, Enum):
+    """Multiple-choice options shuffled (XLRS style), or in one fixed order per category.
+
+    Fixed: a category's labels (colours, classes, land covers, yes/no, directions) are offered in
+    their canonical order, all of them up to five (the letters A-E), so a letter names the same
+    label in every question of the category; counts are offered in ascending order.
+    """
+
+    SHUFFLED = "shuffled"
+    FIXED = "fixed"
+
+
 class Form(str, Enum):
     """Multiple choice (answer: a letter) or open (answer: a word or phrase)."""
 
@@ -55,10 +79,22 @@ CATEGORY_WEIGHTS: dict[Category, float] = {
     Category.SPATIAL_RELATION: 2.0,
     Category.PRESENCE: 2.0,
 }
+# Scene-referent questions: more weight where small objects decide the answer.
+SCENE_CATEGORY_WEIGHTS: dict[Category, float] = {
+    Category.OVERALL_COUNTING: 1.0,
+    Category.OBJECT_COLOUR: 3.0,
+    Category.OBJECT_CLASS: 3.0,
+    Category.REGIONAL_LAND_USE: 1.5,
+    Category.SPATIAL_RELATION: 1.5,
+    Category.PRESENCE: 3.0,
+}
+# A scene's dominant land cover is asked about only when it leads the runner-up by this share.
+DOMINANT_MARGIN = 0.05
 # Objects below this size (px) count as small, as in LRS-VQA's size bins.
 SMALL_OBJECT_PX = 32.0
-LETTERS = "ABCD"
+LETTERS = "ABCDE"
 DIRECTIONS = ("left", "right", "above", "below")
+YES_NO = ("yes", "no")
 # Tries per question before a category is given up for the scene.
 TRIES = 24
 _QUESTION_STREAM = 3
@@ -104,6 +140,8 @@ class _Item:
     options: tuple[str, ...]
     bbox: tuple[float, float, float, float] | None
     object_size_px: float | None
+    # The category's labels in their canonical order (none for counts).
+    labels: tuple[str, ...] = ()
 
 
 class _SceneIndex:
@@ -212,7 +250,7 @@ def _object_colour(index: _SceneIndex, rng: np.random.Generator) -> _Item | None
     obj = index.objects[i]
     box = index.alone(i, rng)
     question = f"What is the color of the {obj.cls.value} in the region {_box_text(box)}?"
-    return _Item(Category.OBJECT_COLOUR, question, _other_options(obj.colour, COLOURS, rng), box, obj.size_px)
+    return _Item(Category.OBJECT_COLOUR, question, _other_options(obj.colour, COLOURS, rng), box, obj.size_px, COLOURS)
 
 
 def _object_class(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
@@ -223,7 +261,7 @@ def _object_class(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
     box = index.alone(i, rng)
     names = tuple(cls.value for cls in OBJECT_CLASSES)
     question = f"What is the category of the object in the region {_box_text(box)}?"
-    return _Item(Category.OBJECT_CLASS, question, _other_options(obj.cls.value, names, rng), box, obj.size_px)
+    return _Item(Category.OBJECT_CLASS, question, _other_options(obj.cls.value, names, rng), box, obj.size_px, names)
 
 
 def _regional_land_use(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
@@ -241,7 +279,7 @@ def _regional_land_use(index: _SceneIndex, rng: np.random.Generator) -> _Item | 
             box = (x0, y0, x0 + width, y0 + height)
             question = f"What is the land use type of the region {_box_text(box)}?"
             names = tuple(c.value for c in LAND_COVERS)
-            return _Item(Category.REGIONAL_LAND_USE, question, _other_options(cover, names, rng), box, None)
+            return _Item(Category.REGIONAL_LAND_USE, question, _other_options(cover, names, rng), box, None, names)
     return None
 
 
@@ -282,7 +320,7 @@ def _spatial_relation(index: _SceneIndex, rng: np.random.Generator) -> _Item | N
         )
         union = (min(a.bbox[0], b.bbox[0]), min(a.bbox[1], b.bbox[1]), max(a.bbox[2], b.bbox[2]), max(a.bbox[3], b.bbox[3]))
         options = (relation, *(d for d in DIRECTIONS if d != relation))
-        return _Item(Category.SPATIAL_RELATION, question, options, union, min(a.size_px, b.size_px))
+        return _Item(Category.SPATIAL_RELATION, question, options, union, min(a.size_px, b.size_px), DIRECTIONS)
     return None
 
 
@@ -296,7 +334,7 @@ def _presence(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
         box = index.region_around(anchor.bbox, rng, min(300.0, min(truth.width, truth.height) / 4))
         members = [index.objects[i] for i in np.flatnonzero(index.inside(box) & (index.classes == code))]
         question = f"Is there a {cls.value} in the region {_box_text(box)}?"
-        return _Item(Category.PRESENCE, question, ("yes", "no"), box, _smallest(members))
+        return _Item(Category.PRESENCE, question, ("yes", "no"), box, _smallest(members), YES_NO)
     longest = min(768, truth.width // 2, truth.height // 2)
     for _ in range(TRIES):
         # Half of the "no" regions sit on an object of another class, so they are not empty land.
@@ -310,8 +348,92 @@ def _presence(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
             box = index.settle((x0, y0, x0 + width, y0 + height))
         if not (index.inside(box) & (index.classes == code)).any():
             question = f"Is there a {cls.value} in the region {_box_text(box)}?"
-            return _Item(Category.PRESENCE, question, ("no", "yes"), box, None)
+            return _Item(Category.PRESENCE, question, ("no", "yes"), box, None, YES_NO)
     return None
+
+
+def _scene_colour(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+    """The colour of a class that has one object in the scene, or whose objects share one colour."""
+    if index.truth.bands < 3:
+        return None
+    classes = [cls for cls in OBJECT_CLASSES if len({obj.colour for obj in index.objects if obj.cls is cls}) == 1]
+    if not classes:
+        return None
+    cls = classes[int(rng.integers(len(classes)))]
+    members = [obj for obj in index.objects if obj.cls is cls]
+    subject = f"the {cls.value}" if len(members) == 1 else f"the {_plural(cls)}"
+    question = f"What is the color of {subject} in the image?"
+    options = _other_options(members[0].colour, COLOURS, rng)
+    return _Item(Category.OBJECT_COLOUR, question, options, _union(members), _smallest(members), COLOURS)
+
+
+def _scene_class(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+    """The class of the one object of its colour."""
+    if index.truth.bands < 3:
+        return None
+    colours = [obj.colour for obj in index.objects]
+    alone = [obj for obj in index.objects if colours.count(obj.colour) == 1]
+    if not alone:
+        return None
+    obj = alone[int(rng.integers(len(alone)))]
+    names = tuple(cls.value for cls in OBJECT_CLASSES)
+    question = f"What is the category of the {obj.colour} object in the image?"
+    return _Item(Category.OBJECT_CLASS, question, _other_options(obj.cls.value, names, rng), obj.bbox, obj.size_px, names)
+
+
+def _scene_presence(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+    """Whether an object of a colour and class is in the scene: half the time one is."""
+    if index.truth.bands < 3:
+        return None
+    kinds = {(obj.colour, obj.cls) for obj in index.objects}
+    if rng.uniform() < 0.5 and kinds:
+        colour, cls = sorted(kinds)[int(rng.integers(len(kinds)))]
+        members = [obj for obj in index.objects if obj.colour == colour and obj.cls is cls]
+        question = f"Is there a {colour} {cls.value} in the image?"
+        return _Item(Category.PRESENCE, question, ("yes", "no"), _union(members), _smallest(members), YES_NO)
+    absent = [(colour, cls) for colour in COLOURS for cls in OBJECT_CLASSES if (colour, cls) not in kinds]
+    if not absent:
+        return None
+    colour, cls = absent[int(rng.integers(len(absent)))]
+    return _Item(Category.PRESENCE, f"Is there a {colour} {cls.value} in the image?", ("no", "yes"), None, None, YES_NO)
+
+
+def _scene_land_use(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+    """The land cover that clearly covers most of the scene."""
+    truth = index.truth
+    labels = truth.landcover.labels(0, 0, truth.width, truth.height)
+    shares = np.sort(np.bincount(labels.ravel(), minlength=len(LAND_COVERS)) / labels.size)
+    if shares[-1] - shares[-2] < DOMINANT_MARGIN:
+        return None
+    cover = LAND_COVERS[int(np.bincount(labels.ravel(), minlength=len(LAND_COVERS)).argmax())].value
+    names = tuple(c.value for c in LAND_COVERS)
+    question = "What is the dominant land use type in the image?"
+    return _Item(Category.REGIONAL_LAND_USE, question, _other_options(cover, names, rng), None, None, names)
+
+
+def _scene_relation(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+    """Where one object is relative to another, each the only one of its colour and class."""
+    if index.truth.bands < 3:
+        return None
+    kinds = [(obj.colour, obj.cls) for obj in index.objects]
+    unique = [obj for obj, kind in zip(index.objects, kinds) if kinds.count(kind) == 1]
+    for _ in range(TRIES):
+        if len(unique) < 2:
+            return None
+        i, j = rng.choice(len(unique), size=2, replace=False)
+        a, b = unique[int(i)], unique[int(j)]
+        relation = _relation(a, b)
+        if relation is None:
+            continue
+        question = f"Where is the {_describe(a, True)} relative to the {_describe(b, True)} in the image?"
+        options = (relation, *(d for d in DIRECTIONS if d != relation))
+        return _Item(Category.SPATIAL_RELATION, question, options, _union([a, b]), min(a.size_px, b.size_px), DIRECTIONS)
+    return None
+
+
+def _union(objects: list[SceneObject]) -> tuple[int, int, int, int]:
+    boxes = np.asarray([obj.bbox for obj in objects])
+    return int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max())
 
 
 _GENERATORS: dict[Category, Callable[[_SceneIndex, np.random.Generator], _Item | None]] = {
@@ -323,16 +445,33 @@ _GENERATORS: dict[Category, Callable[[_SceneIndex, np.random.Generator], _Item |
     Category.SPATIAL_RELATION: _spatial_relation,
     Category.PRESENCE: _presence,
 }
+_SCENE_GENERATORS: dict[Category, Callable[[_SceneIndex, np.random.Generator], _Item | None]] = {
+    Category.OVERALL_COUNTING: _overall_counting,
+    Category.OBJECT_COLOUR: _scene_colour,
+    Category.OBJECT_CLASS: _scene_class,
+    Category.REGIONAL_LAND_USE: _scene_land_use,
+    Category.SPATIAL_RELATION: _scene_relation,
+    Category.PRESENCE: _scene_presence,
+}
 
 
 def generate_questions(
-    truth: SceneTruth, scene: str, count: int, *, open_fraction: float = 0.25, id_prefix: str | None = None
+    truth: SceneTruth,
+    scene: str,
+    count: int,
+    *,
+    open_fraction: float = 0.25,
+    id_prefix: str | None = None,
+    referents: Referents | str = Referents.REGION,
+    option_order: OptionOrder | str = OptionOrder.SHUFFLED,
 ) -> list[Question]:
     """`count` distinct questions about one scene, deterministic from its truth.
 
     `scene` is the scene's path as the questions table records it (relative to the archive root).
-    Categories are drawn by CATEGORY_WEIGHTS; one that cannot be asked of this scene (no objects,
-    no colour in a one-band scene) gives way to another. A share `open_fraction` of the questions
+    `referents` says how objects are named (module docstring), `option_order` how multiple-choice
+    options are laid out. Categories are drawn by
+    CATEGORY_WEIGHTS (SCENE_CATEGORY_WEIGHTS for scene referents); one that cannot be asked of this
+    scene (no objects, no colour in a one-band scene) gives way to another. A share `open_fraction` of the questions
     is open, the rest multiple choice with options shuffled. Fewer than `count` come back only
     when the scene cannot support more distinct questions.
     """
@@ -340,31 +479,49 @@ def generate_questions(
         raise ValueError(f"question count must be >= 0, got {count}")
     if not 0.0 <= open_fraction <= 1.0:
         raise ValueError(f"open_fraction must be in [0, 1], got {open_fraction}")
+    referents, option_order = Referents(referents), OptionOrder(option_order)
+    generators, table = (
+        (_GENERATORS, CATEGORY_WEIGHTS) if referents is Referents.REGION else (_SCENE_GENERATORS, SCENE_CATEGORY_WEIGHTS)
+    )
     prefix = id_prefix if id_prefix is not None else scene.rsplit("/", 1)[-1].rsplit(".", 1)[0]
     rng = np.random.default_rng(np.random.SeedSequence([truth.seed, _QUESTION_STREAM]))
     index = _SceneIndex(truth)
-    categories = list(CATEGORY_WEIGHTS)
-    weights = np.asarray([CATEGORY_WEIGHTS[c] for c in categories])
+    categories = list(table)
+    weights = np.asarray([table[c] for c in categories])
     questions: list[Question] = []
     asked: set[str] = set()
     for _ in range(count * TRIES):
         if len(questions) == count:
             break
         category = categories[int(rng.choice(len(categories), p=weights / weights.sum()))]
-        item = _GENERATORS[category](index, rng)
+        item = generators[category](index, rng)
         if item is None or item.question in asked:
             continue
         asked.add(item.question)
         form = Form.OPEN if rng.uniform() < open_fraction else Form.MC
-        questions.append(_finish(item, form, f"{prefix}_q{len(questions):03d}", scene, truth.seed, rng))
+        questions.append(_finish(item, form, option_order, f"{prefix}_q{len(questions):03d}", scene, truth.seed, rng))
     return questions
 
 
-def _finish(item: _Item, form: Form, question_id: str, scene: str, seed: int, rng: np.random.Generator) -> Question:
+def _fixed_options(item: _Item, rng: np.random.Generator) -> list[str]:
+    """`OptionOrder.FIXED`: the category's labels in order (a random few left out past five), or ascending counts."""
+    correct = item.options[0]
+    if not item.labels:
+        return sorted(item.options, key=int)
+    others = [label for label in item.labels if label != correct]
+    kept = {correct, *(str(label) for label in rng.choice(others, size=min(len(others), len(LETTERS) - 1), replace=False))}
+    return [label for label in item.labels if label in kept]
+
+
+def _finish(
+    item: _Item, form: Form, order: OptionOrder, question_id: str, scene: str, seed: int, rng: np.random.Generator
+) -> Question:
     correct = item.options[0]
     if form is Form.MC:
-        order = rng.permutation(len(item.options))
-        options = [item.options[k] for k in order]
+        if order is OptionOrder.FIXED:
+            options = _fixed_options(item, rng)
+        else:
+            options = [item.options[k] for k in rng.permutation(len(item.options))]
         choices = [f"({LETTERS[k]}) {text}" for k, text in enumerate(options)]
         answer = LETTERS[options.index(correct)]
     else:
