@@ -111,6 +111,21 @@ def test_answer_batched_equals_one_by_one(tiny_model, tokens_factory):
         model.answer(visual[:2], questions[:1])
 
 
+def test_questions_sharing_visual_tokens_answer_as_one_by_one(tiny_model, tokens_factory):
+    """One prefill of the shared image prefix, copied per question (and a question with other tokens
+    batched beside them), gives each question the answer it gets alone."""
+    model, _ = tiny_model
+    scene, other = tokens_factory(40, 64, seed=3), tokens_factory(12, 64, seed=4)
+    # The same tokens as another object, as the split stages rebuild them from a payload.
+    copy = type(scene)(**{name: value.clone() if torch.is_tensor(value) else value for name, value in vars(scene).items()})
+    questions = ["How many ships?", "Is there a bridge over the river?", "What is in the box?", "Which road is flooded?", "Any planes?"]
+    visual = [scene, scene, other, copy, scene]
+    together = model.answer(visual, questions, max_new_tokens=8)
+    single = [model.answer([v], [q], max_new_tokens=8)[0] for v, q in zip(visual, questions)]
+    assert together == single
+    assert len(set(single)) > 1, "the questions must get different answers for this check to mean anything"
+
+
 def test_answer_needs_a_tokenizer(tiny_model, tokens_factory):
     model, _ = tiny_model
     model._tokenizer = None

@@ -315,9 +315,13 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
     # -- entry points --------------------------------------------------------------------------
 
     def answer(self, visual: list[PrunedTokens], questions: list[str], *, max_new_tokens: int = 64) -> list[str]:
-        """Greedy answers, one per (visual tokens, question) pair, generated as one left-padded batch.
+        """Greedy answers, one per (visual tokens, question) pair.
 
-        Returns only the new text, special tokens removed, stripped.
+        Questions that share their visual tokens (a query-independent strategy gives every question
+        on a scene the same ones) share one prefill of the prompt up to the end of those tokens: its
+        key/value cache is computed once and copied to each of them, so a scene's image is read by
+        the LM once, not once per question. The other questions are generated as one left-padded
+        batch. Returns only the new text, special tokens removed, stripped.
         """
         if len(visual) != len(questions):
             raise ValueError(f"got {len(visual)} visual inputs for {len(questions)} questions")
@@ -325,32 +329,68 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not questions:
             return []
-        tokenizer = self.tokenizer
         device = self.get_input_embeddings().weight.device
+        generation_config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        answers: list[str] = [""] * len(questions)
         with torch.inference_mode():
-            rows = []
+            prompts = []
             for tokens, question in zip(visual, questions):
                 self._check_visual(tokens)
                 ids, position, _ = self._prompt(question)
-                rows.append(self._splice(torch.tensor(ids, device=device), position, tokens.embeds))
-            length = max(row.shape[0] for row in rows)
-            pad = self.get_input_embeddings()(torch.tensor([tokenizer.pad_token_id], device=device))[0]
-            inputs_embeds = torch.stack([torch.cat([pad.expand(length - row.shape[0], -1), row]) for row in rows])
-            attention_mask = torch.zeros(len(rows), length, dtype=torch.long, device=device)
-            for i, row in enumerate(rows):
-                attention_mask[i, length - row.shape[0] :] = 1
-            generation_config = GenerationConfig(
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            # With inputs_embeds only, generate returns just the new tokens.
-            generated = self.language_model.generate(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=generation_config
-            )
-        return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+                prompts.append((torch.tensor(ids, device=device), position))
+            alone: list[int] = []
+            for group in _shared_prefix_groups(visual, prompts):
+                if len(group) == 1:
+                    alone.extend(group)
+                    continue
+                ids, position = prompts[group[0]]
+                prefix = self._splice(ids[: position + 1], position, visual[group[0]].embeds)  # (P, D)
+                cache = self.language_model(inputs_embeds=prefix[None], use_cache=True, logits_to_keep=1).past_key_values
+                cache.batch_repeat_interleave(len(group))
+                suffixes = [self._embed_text(prompts[i][0][prompts[i][1] + 1 :]) for i in group]
+                texts = self._generate([prefix] * len(group), suffixes, generation_config, cache)
+                for i, text in zip(group, texts):
+                    answers[i] = text
+            if alone:
+                rows = [self._splice(prompts[i][0], prompts[i][1], visual[i].embeds) for i in alone]
+                empty = rows[0][:0]
+                for i, text in zip(alone, self._generate([empty] * len(rows), rows, generation_config, None)):
+                    answers[i] = text
+        return answers
+
+    def _generate(
+        self,
+        prefixes: list[torch.Tensor],
+        suffixes: list[torch.Tensor],
+        generation_config: GenerationConfig,
+        cache: Cache | None,
+    ) -> list[str]:
+        """Greedy generation for rows `prefix + suffix` of LM input embeddings, the suffixes left-padded.
+
+        Prefixes are all one length; `cache`, when given, holds their keys and values, so only the
+        suffixes are prefilled. Padding sits between prefix and suffix, masked out: the position ids
+        that `generate` derives from the attention mask skip it.
+        """
+        device = suffixes[0].device
+        length = max(suffix.shape[0] for suffix in suffixes)
+        pad = self.get_input_embeddings()(torch.tensor([self.tokenizer.pad_token_id], device=device))[0]
+        inputs_embeds = torch.stack(
+            [torch.cat([prefix, pad.expand(length - suffix.shape[0], -1), suffix]) for prefix, suffix in zip(prefixes, suffixes)]
+        )
+        attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=device)
+        for row, (prefix, suffix) in enumerate(zip(prefixes, suffixes)):
+            attention_mask[row, prefix.shape[0] : prefix.shape[0] + length - suffix.shape[0]] = 0
+        # With inputs_embeds only, generate returns just the new tokens.
+        generated = self.language_model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=cache, generation_config=generation_config
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
     def forward(
         self,
@@ -461,6 +501,24 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
             keys = torch.arange(position, position + count, device=device)
             weights = decoder_attention(self.language_model, inputs_embeds, layer, queries, keys)  # (Q, N)
         return weights.mean(dim=0) if query == "mean" else weights[0]
+
+
+def _shared_prefix_groups(visual: list[PrunedTokens], prompts: list[tuple[torch.Tensor, int]]) -> list[list[int]]:
+    """Indices of the questions grouped by identical prompt head and visual tokens, in first-seen order."""
+    groups: list[list[int]] = []
+    for i, (tokens, (ids, position)) in enumerate(zip(visual, prompts)):
+        for group in groups:
+            other, (other_ids, other_position) = visual[group[0]], prompts[group[0]]
+            if (
+                position == other_position
+                and torch.equal(ids[:position], other_ids[:position])
+                and (tokens is other or (tokens.embeds.shape == other.embeds.shape and torch.equal(tokens.embeds, other.embeds)))
+            ):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
 
 
 __all__ = [
