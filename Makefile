@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 WORDNET := /usr/share/wordnet/index.sense
 
-.PHONY: run test install clean
+.PHONY: run test install clean demo-model
 
 install: $(STAMP)
 
@@ -32,6 +32,14 @@ run: $(STAMP)
 
 test: $(STAMP) $(WORDNET)
 	$(BIN)/python -m pytest
+
+# The shipped demo model, from scratch (about 30 min on 2 cores): data and untrained model, the
+# fine-tuning run of configs/train/demo.yaml, then its export copied into the package.
+demo-model: $(STAMP)
+	$(BIN)/python -m uhr.demo
+	$(BIN)/python -m jobs.finetune --config configs/train/demo.yaml
+	rm -rf uhr/assets/demo-model
+	cp -r outputs/demo/export uhr/assets/demo-model
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -13,8 +13,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+import yaml
 
-from uhr.demo import DEMO_PRUNING_DEFAULTS, TEST, TRAIN
+from uhr.demo import DEMO_PRUNING_DEFAULTS, TEST, TRAIN, blind_baselines
 from uhr.model import load_model, load_model_config
 from uhr.model.modeling import UhrForConditionalGeneration
 from uhr.model.pruning.config import PruningConfig
@@ -28,6 +29,7 @@ from uhr.synth import write_archive
 from uhr.synth.questions import LETTERS
 
 MAX_WEIGHT_BYTES = 25 * 2**20
+TRAINING_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train" / "demo.yaml"
 # A seed neither the demo's training split nor its benchmark uses.
 FRESH_SEED = 303
 
@@ -75,10 +77,11 @@ def test_loads_through_load_model() -> None:
     assert model.config.text_config.vocab_size == len(tokenizer)
     assert tokenizer.convert_tokens_to_ids(model.config.image_token) == model.config.image_token_id
     assert model.tile_size == 32
-    # It carries the pruning settings it was trained with (the demo's), valid for every strategy.
+    # It carries the pruning settings it was trained with: the demo's, under its training config's.
+    training = yaml.safe_load(TRAINING_CONFIG.read_text())["pruning"]
     trained = resolve_pruning(PruningConfig(), model.config)
     assert trained.model_dump(mode="json", include=set(DEMO_PRUNING_DEFAULTS)) == PruningConfig(
-        **DEMO_PRUNING_DEFAULTS
+        **{**DEMO_PRUNING_DEFAULTS, **training}
     ).model_dump(mode="json", include=set(DEMO_PRUNING_DEFAULTS))
     for strategy in ("downsample", "geollava", "uhr-bat", "c2f"):
         assert resolve_pruning(PruningConfig(strategy=strategy), model.config).strategy.value == strategy
@@ -110,3 +113,17 @@ def test_answers_fresh_scenes_with_a_choice(tmp_path: Path, strategy: str) -> No
     for row in rows:
         letters = LETTERS[: len(row["choices"])]
         assert row["choice"] is not None and row["choice"] in letters, f"{row['question_id']}: {row['answer']!r}"
+
+
+def test_blind_baselines_by_hand() -> None:
+    def question(category: str, answer: str, options: int, small: bool = False) -> dict:
+        return {"category": category, "answer": answer, "choices": [f"({c}) x" for c in "ABCDE"[:options]], "small": small}
+
+    train = [question("presence", "B", 2), question("presence", "B", 2), question("presence", "A", 2), question("colour", "C", 4)]
+    train.append({"category": "colour", "answer": "red", "choices": [], "small": False})  # open: no letter to learn
+    test = [question("presence", "B", 2, small=True), question("presence", "A", 2), question("colour", "C", 4, small=True),
+            question("colour", "D", 4), question("counting", "A", 4)]  # fmt: skip
+    report = blind_baselines(train, test)
+    # prior letters: presence B, colour C, counting none (never asked in training).
+    assert report["overall"] == {"questions": 5, "chance": pytest.approx((0.5 + 0.5 + 0.25 * 3) / 5), "prior": 2 / 5}
+    assert report["small"] == {"questions": 2, "chance": pytest.approx(0.375), "prior": 1.0}

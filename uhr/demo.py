@@ -7,6 +7,9 @@
     init/       the untrained model: a byte-level BPE tokenizer trained on the training prompts and
                 answers, a small CLIP tower and a small Qwen2 LM (`DEMO_VISION`, `DEMO_TEXT`)
 
+and prints the benchmark's image-blind baselines (`blind_baselines`), what a model must beat to
+show that it reads the pixels.
+
 Then `python -m jobs.finetune --config configs/train/demo.yaml` trains `init/` on `train/` and
 exports the result; the shipped copy lives in `uhr/assets/demo-model/`
 (`uhr.pipeline.defaults.DEMO_MODEL_DIR`, the default model of the jobs).
@@ -19,6 +22,7 @@ import argparse
 import json
 import logging
 import sys
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -147,13 +151,46 @@ def prepare(root: Path) -> dict[str, str]:
     return {"train": str(Path(train.train_jsonl)), "test": test.root, "init": str(init)}
 
 
+def blind_baselines(train: list[dict], test: list[dict]) -> dict[str, dict[str, float]]:
+    """What answering without the image scores on `test`'s multiple-choice questions, overall and on small objects.
+
+    `chance`: the expected accuracy of a uniform guess (1 / options). `prior`: always the letter the
+    training questions of the same category most often have, the best an image-blind model can
+    learn from `train`. Questions are rows of an archive's `questions.jsonl`.
+    """
+    letters: dict[str, Counter] = defaultdict(Counter)
+    for question in train:
+        if question["choices"]:
+            letters[question["category"]][question["answer"]] += 1
+    asked = [q for q in test if q["choices"]]
+    report = {}
+    for subset, rows in (("overall", asked), ("small", [q for q in asked if q["small"]])):
+        if not rows:
+            continue
+        prior = [letters[q["category"]].most_common(1)[0][0] if letters[q["category"]] else None for q in rows]
+        report[subset] = {
+            "questions": len(rows),
+            "chance": sum(1 / len(q["choices"]) for q in rows) / len(rows),
+            "prior": sum(q["answer"] == guess for q, guess in zip(rows, prior)) / len(rows),
+        }
+    return report
+
+
+def _questions(root: Path) -> list[dict]:
+    with open(root / "questions.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: prepare the demo's data and untrained model, print where they are (JSON)."""
+    """Command line: prepare the demo's data and untrained model; print where they are and the benchmark's blind baselines (JSON)."""
     parser = argparse.ArgumentParser(prog="python -m uhr.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="outputs/demo", help="directory for train/, test/ and init/ (default outputs/demo)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    print(json.dumps(prepare(Path(args.root)), indent=2))
+    root = Path(args.root)
+    paths = prepare(root)
+    baselines = blind_baselines(_questions(root / "train"), _questions(root / "test"))
+    print(json.dumps({**paths, "blind_baselines": baselines}, indent=2))
     return 0
 
 

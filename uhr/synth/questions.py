@@ -381,6 +381,11 @@ def _scene_class(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
     return _Item(Category.OBJECT_CLASS, question, _other_options(obj.cls.value, names, rng), obj.bbox, obj.size_px, names)
 
 
+def _indefinite(word: str) -> str:
+    """`word` with its indefinite article ("a red", "an orange")."""
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
 def _scene_presence(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
     """Whether an object of a colour and class is in the scene: half the time one is."""
     if index.truth.bands < 3:
@@ -389,13 +394,13 @@ def _scene_presence(index: _SceneIndex, rng: np.random.Generator) -> _Item | Non
     if rng.uniform() < 0.5 and kinds:
         colour, cls = sorted(kinds)[int(rng.integers(len(kinds)))]
         members = [obj for obj in index.objects if obj.colour == colour and obj.cls is cls]
-        question = f"Is there a {colour} {cls.value} in the image?"
+        question = f"Is there {_indefinite(colour)} {cls.value} in the image?"
         return _Item(Category.PRESENCE, question, ("yes", "no"), _union(members), _smallest(members), YES_NO)
     absent = [(colour, cls) for colour in COLOURS for cls in OBJECT_CLASSES if (colour, cls) not in kinds]
     if not absent:
         return None
     colour, cls = absent[int(rng.integers(len(absent)))]
-    return _Item(Category.PRESENCE, f"Is there a {colour} {cls.value} in the image?", ("no", "yes"), None, None, YES_NO)
+    return _Item(Category.PRESENCE, f"Is there {_indefinite(colour)} {cls.value} in the image?", ("no", "yes"), None, None, YES_NO)
 
 
 def _scene_land_use(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
