@@ -76,6 +76,8 @@ class CheckpointError(UhrError, ValueError):
 # ----------------------------------------------------------------------------------------------
 
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
+# What `load_tokenizer` leaves in object storage.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
@@ -288,6 +290,15 @@ def _load_tokenizer(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def _checkpoint_tokenizer(directory: Path, location: str, model_type: str | None, config: UhrConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of a checkpoint directory whose format is `model_type` and model config `config`."""
+    if model_type in _LONGVA_TEXT_TYPES:
+        # LongVA / GeoLLaVA-8K: no transformers model type; the tokenizer reads the LM's config.
+        fallback = CHATML_TEMPLATE if model_type == "llava_qwen" else None
+        return _load_tokenizer(directory, location, config.text_config, fallback_template=fallback)
+    return _load_tokenizer(directory, location, config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,6 +558,28 @@ def load_model_config(path_or_uri: str | os.PathLike[str], *, storage: StorageCo
     )
 
 
+def load_tokenizer(path_or_uri: str | os.PathLike[str], *, storage: StorageConfig | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model(path_or_uri)` attaches, read without the weights.
+
+    Only the directory's top-level files other than weights are fetched (a 7B checkpoint in object
+    storage stays there), so CPU workers tokenise exactly as the model's prompts do.
+    """
+    location = os.fspath(path_or_uri)
+    config = load_model_config(location, storage=storage)
+    fs = (storage or StorageConfig()).filesystem(location)
+    root = location.rstrip("/")
+    model_type = json.loads(fs.cat_file(f"{root}/config.json")).get("model_type")
+    if not is_remote(location):
+        return _checkpoint_tokenizer(Path(location), location, model_type, config)
+    with tempfile.TemporaryDirectory(prefix="uhr-tokenizer-") as local:
+        stripped = split_protocol(root)[1]
+        for path in fs.find(root):
+            relative = posixpath.relpath(path, stripped)
+            if "/" not in relative and not relative.endswith(_WEIGHT_SUFFIXES):
+                fs.get_file(path, os.path.join(local, relative))
+        return _checkpoint_tokenizer(Path(local), location, model_type, config)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
@@ -604,12 +637,10 @@ def load_model(
             if model_type == "llava_next":
                 config = _llava_next_config(raw, location)
                 table, optional = LLAVA_NEXT_KEY_MAP, [*_OURS_ONLY, r"^reghead\."]
-                tokenizer = _load_tokenizer(directory, location, config)
             else:
                 config = _longva_config(raw, tensors, location)
                 table, optional = LONGVA_KEY_MAP, _longva_optional(raw)
-                fallback = CHATML_TEMPLATE if model_type == "llava_qwen" else None
-                tokenizer = _load_tokenizer(directory, location, config.text_config, fallback_template=fallback)
+            tokenizer = _checkpoint_tokenizer(directory, location, model_type, config)
             config.image_token_id = None  # set from the tokenizer below
             model = _empty_model(config, dtype)
             _copy_mapped(model, tensors, table, optional, location)

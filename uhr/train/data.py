@@ -17,10 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import posixpath
-import tempfile
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from uhr.config import ConfigError
 from uhr.model import IGNORE_INDEX, load_model_config, tokenize_conversation
-from uhr.model.checkpoints import _load_tokenizer
+from uhr.model import load_tokenizer as checkpoint_tokenizer
 from uhr.model.config import UhrConfig
 from uhr.model.pruning import build_strategy
 from uhr.model.pruning.config import PruningConfig
@@ -44,9 +41,6 @@ from uhr.storage import StorageConfig, is_remote, join_uri, redact, uri_protocol
 logger = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".json", ".jsonl")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
-# LongVA / GeoLLaVA-8K directories: the tokenizer reads the LM's config (no transformers model type).
-_LONGVA_TYPES = ("llava_qwen", "llava_llama")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,33 +49,10 @@ _LONGVA_TYPES = ("llava_qwen", "llava_llama")
 
 
 def load_tokenizer(model_uri: str, storage: StorageConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer `uhr.model.load_model(model_uri)` attaches, read without the weights.
-
-    Only the directory's small files are fetched (a 7B checkpoint in object storage stays there);
-    they go through the loader's own tokenizer path, so the CPU stage tokenises exactly as the
-    model's prompts do.
-    """
-    from uhr.model.tokenizer import CHATML_TEMPLATE
-
+    """The tokenizer `uhr.model.load_model(model_uri)` attaches (`uhr.model.load_tokenizer`), checked
+    against the model's image token: the CPU stage tokenises exactly as the model's prompts do."""
     model_config = load_model_config(model_uri, storage=storage)
-    fs = storage.filesystem(model_uri)
-    root = model_uri.rstrip("/")
-    raw = json.loads(fs.cat_file(f"{root}/config.json"))
-    with tempfile.TemporaryDirectory(prefix="uhr-tokenizer-") as local:
-        if is_remote(model_uri):
-            stripped = split_protocol(root)[1]
-            for path in fs.find(root):
-                relative = posixpath.relpath(path, stripped)
-                if "/" not in relative and not relative.endswith(_WEIGHT_SUFFIXES):
-                    fs.get_file(path, os.path.join(local, relative))
-            directory = Path(local)
-        else:
-            directory = Path(model_uri)
-        if raw.get("model_type") in _LONGVA_TYPES:
-            fallback = CHATML_TEMPLATE if raw["model_type"] == "llava_qwen" else None
-            tokenizer = _load_tokenizer(directory, model_uri, model_config.text_config, fallback_template=fallback)
-        else:
-            tokenizer = _load_tokenizer(directory, model_uri, model_config)
+    tokenizer = checkpoint_tokenizer(model_uri, storage=storage)
     image_id = tokenizer.convert_tokens_to_ids(model_config.image_token)
     if model_config.image_token_id is not None and image_id != model_config.image_token_id:
         raise ConfigError(
