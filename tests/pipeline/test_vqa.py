@@ -16,7 +16,7 @@ import shapely
 
 from jobs.vqa import main
 from uhr.pipeline import MANIFEST_NAME, OUTPUT_SCHEMA, run_vqa
-from uhr.pipeline.plan import question_id
+from uhr.pipeline.plan import InputError, question_id
 from uhr.synth import write_scene
 
 from .helpers import config, read_manifest, read_rows
@@ -87,6 +87,10 @@ def test_ask_every_scene_with_stable_ids_and_resume_skips_done(ray_local, archiv
     assert read_rows(str(tmp_path / "out")).num_rows == len(expected)
     manifest = read_manifest(str(tmp_path / "out"))
     assert manifest["counts"]["runs"] == 2 and manifest["status"] == "complete"
+    # Other answer settings on the same output would mix two kinds of answers: refused before any work.
+    with pytest.raises(InputError, match=r"other settings \(max_new_tokens changed\).*--overwrite"):
+        run_vqa(run.model_copy(update={"max_new_tokens": 3}))
+    assert read_manifest(str(tmp_path / "out"))["counts"]["runs"] == 2
     # --overwrite starts afresh.
     third = run_vqa(run.model_copy(update={"overwrite": True}))
     assert third.rows == len(expected) and read_manifest(str(tmp_path / "out"))["counts"]["runs"] == 1

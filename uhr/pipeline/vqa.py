@@ -7,6 +7,8 @@ run on the same output left undone.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -269,6 +271,35 @@ def connect_ray(min_cpus: float = 0) -> None:
     ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
 
 
+def answer_settings(config: VqaConfig, model_config: UhrConfig) -> dict[str, Any]:
+    """What decides a run's answers: the model's config (by hash), pruning, normalisation, precision,
+    answer length. Rows written under other settings must not be mixed into one dataset.
+
+    The model is identified by its config, not its URI (a moved checkpoint is the same model); two
+    checkpoints of one architecture with different weights are not told apart.
+    """
+    model_json = json.dumps(model_config.to_dict(), sort_keys=True, default=str)
+    return {
+        "model_config_sha256": hashlib.sha256(model_json.encode()).hexdigest(),
+        "pruning": config.pruning.model_dump(mode="json"),
+        "normalize": config.normalize.model_dump(mode="json"),
+        "precision": config.precision.value,
+        "max_new_tokens": config.max_new_tokens,
+    }
+
+
+def _check_resumable(output: str, earlier: dict[str, Any] | None, settings: dict[str, Any]) -> None:
+    """Refuse to resume `output` when its rows were answered under other settings (an older manifest
+    without settings is trusted)."""
+    if earlier is None or earlier == settings:
+        return
+    changed = sorted(key for key in settings.keys() | earlier.keys() if settings.get(key) != earlier.get(key))
+    raise InputError(
+        f"output {redact(output)} holds answers made with other settings ({', '.join(changed)} changed); "
+        "resuming would mix them into one dataset: pass --overwrite to start afresh, or choose another --output"
+    )
+
+
 def run_vqa(config: VqaConfig) -> RunSummary:
     """Answer every pending question of the run's inputs and write them under `config.output`.
 
@@ -287,6 +318,10 @@ def run_vqa(config: VqaConfig) -> RunSummary:
     plan: Plan = make_plan(questions, scenes_prefix, set(done["question_id"].to_pylist()))
 
     manifest = RunManifest.load(config.output, storage)
+    settings = answer_settings(config, model_config)
+    if done.num_rows:
+        _check_resumable(config.output, manifest.data.get("answer_settings"), settings)
+    manifest.data["answer_settings"] = settings
     for earlier in manifest.data["runs"]:
         if earlier.get("status") == "running":
             earlier["status"] = "interrupted"
