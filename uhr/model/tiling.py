@@ -148,14 +148,15 @@ def pad_to_tiles(view: np.ndarray, tile: int) -> np.ndarray:
 
 
 def cut_tiles(canvas: np.ndarray, tile: int) -> np.ndarray:
-    """(rows * tile, cols * tile, 3) -> (rows * cols, tile, tile, 3) in raster order."""
+    """(rows * tile, cols * tile, 3) -> (rows * cols, tile, tile, 3) in raster order, C-contiguous and
+    writable (a read-only decoded view is copied), as `torch.from_numpy` wants it."""
     height, width = canvas.shape[:2]
     if height % tile or width % tile:
         raise ValueError(f"canvas {height}x{width} is not a whole number of {tile}-px tiles")
     rows, cols = height // tile, width // tile
     # (rows, tile, cols, tile, 3) -> (rows, cols, tile, tile, 3)
     tiles = canvas.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4)
-    return np.ascontiguousarray(tiles.reshape(rows * cols, tile, tile, 3))
+    return np.require(tiles.reshape(rows * cols, tile, tile, 3), requirements=("C", "W"))
 
 
 def valid_patches(height: int, width: int, rows: int, cols: int, patch_grid: int, patch: int) -> np.ndarray:
