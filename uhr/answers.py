@@ -74,6 +74,12 @@ def extract_choice(reply: str) -> str:
     return "".join(sorted({letter.upper() for letter in letters}))
 
 
+def same_choice(choice: str, answer: str) -> bool:
+    """XLRS-Bench's verdict on the letters `extract_choice` took from a reply: the same set as the
+    answer's letters ("AC" is right for "CA")."""
+    return set(choice) == set(answer)
+
+
 def extract_mme_choice(reply: str, choices: list[str] | tuple[str, ...]) -> str:
     """The one option letter a reply names, by the MME-RealWorld rule, or "".
 

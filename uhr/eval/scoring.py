@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
-from uhr.answers import extract_choice, extract_mme_choice
+from uhr.answers import extract_choice, extract_mme_choice, same_choice
 from uhr.eval.benchmarks import XLRS_SUBTASKS, Benchmark
 from uhr.eval.wordnet import are_synonyms, load_wordnet
 
@@ -63,7 +63,7 @@ def _mean(values: list[float]) -> float | None:
 
 def xlrs_correct(reply: str, answer: str) -> bool:
     """XLRS-Bench: the reply's letter set equals the answer's character set ("AC" == "CA")."""
-    return set(extract_choice(reply)) == set(answer)
+    return same_choice(extract_choice(reply), answer)
 
 
 def mme_correct(reply: str, answer: str, choices: list[str]) -> bool:
@@ -100,7 +100,7 @@ def judge(table: pa.Table, wordnet: WordNetCorpusReader | None = None) -> pa.Tab
             correct.append(predictions[-1] == answer)
         elif form == "mc":
             predictions.append(extract_choice(reply))
-            correct.append(set(predictions[-1]) == set(answer))
+            correct.append(same_choice(predictions[-1], answer))
         else:
             if wordnet is None:
                 wordnet = load_wordnet()

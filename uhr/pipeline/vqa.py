@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import ray
 
 from uhr.model import load_model_config
+from uhr.answers import same_choice
 from uhr.config import merge_trees
 from uhr.model.config import UhrConfig
 from uhr.model.pruning.config import PruningConfig
@@ -197,8 +198,7 @@ class _Progress:
             reference = self.references.get(qid)
             if reference is not None:
                 self.scored += 1
-                # XLRS's rule on the letters `extract_choice` already took from the answer: same set.
-                self.correct += choice is not None and set(choice) == set(reference)
+                self.correct += choice is not None and same_choice(choice, reference)
 
     def line(self) -> str:
         elapsed = time.monotonic() - self._start
