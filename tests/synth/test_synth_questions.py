@@ -37,6 +37,17 @@ def plural_class(text: str) -> ObjectClass:
     return ObjectClass(name)
 
 
+
+def _apart(a, b) -> dict[str, bool]:
+    """Direction word -> whether object `a`'s box lies wholly on that side of `b`'s."""
+    return {
+        "left": a.bbox[2] <= b.bbox[0],
+        "right": a.bbox[0] >= b.bbox[2],
+        "above": a.bbox[3] <= b.bbox[1],
+        "below": a.bbox[1] >= b.bbox[3],
+    }
+
+
 def check_question(q: Question, truth: SceneTruth) -> None:
     """Every claim a question makes, re-derived from the truth."""
     # Form: lettered, unique options; the letter points at the answer text.
@@ -86,13 +97,7 @@ def check_question(q: Question, truth: SceneTruth) -> None:
         first, second = regions
         (a,) = [o for o in objects if tuple(o.bbox) == first]
         (b,) = [o for o in objects if tuple(o.bbox) == second]
-        apart = {
-            "left": a.bbox[2] <= b.bbox[0],
-            "right": a.bbox[0] >= b.bbox[2],
-            "above": a.bbox[3] <= b.bbox[1],
-            "below": a.bbox[1] >= b.bbox[3],
-        }
-        assert apart[q.answer_text]
+        assert _apart(a, b)[q.answer_text]
         # Not ambiguous: the boxes are not also apart along the other axis' direction pair.
         horizontal = q.answer_text in ("left", "right")
         dx = abs(a.bbox[0] + a.bbox[2] - b.bbox[0] - b.bbox[2])
@@ -223,13 +228,7 @@ def check_scene_question(q: Question, truth: SceneTruth) -> None:
     else:
         assert category is Category.SPATIAL_RELATION
         (a,), (b,) = ([o for o in objects if (o.colour, o.cls.value) == kind] for kind in described)
-        apart = {
-            "left": a.bbox[2] <= b.bbox[0],
-            "right": a.bbox[0] >= b.bbox[2],
-            "above": a.bbox[3] <= b.bbox[1],
-            "below": a.bbox[1] >= b.bbox[3],
-        }
-        assert apart[q.answer_text]
+        assert _apart(a, b)[q.answer_text]
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
