@@ -418,16 +418,36 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         if visual is None:
             if counts.any():
                 raise ValueError(f"Image features and image tokens do not match: tokens: {int(counts.sum())}, features: 0")
-            out = self.language_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-            return UhrCausalLMOutput(
-                loss=out.loss,
-                logits=out.logits,
-                past_key_values=out.past_key_values,
-                hidden_states=out.hidden_states,
-                attentions=out.attentions,
-                attention_mask=attention_mask,
-                labels=labels,
-            )
+            inputs: dict[str, Any] = {"input_ids": input_ids}
+            mask, expanded_labels = attention_mask, labels
+        else:
+            inputs_embeds, mask, expanded_labels = self._expand(input_ids, attention_mask, labels, visual, counts)
+            inputs = {"inputs_embeds": inputs_embeds}
+        out = self.language_model(**inputs, attention_mask=mask, labels=expanded_labels, **kwargs)
+        return UhrCausalLMOutput(
+            loss=out.loss,
+            logits=out.logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            attention_mask=mask,
+            labels=expanded_labels,
+        )
+
+    def _expand(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None,
+        visual: list[PrunedTokens],
+        counts: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Each row's image token replaced by its visual tokens, padding dropped, rows re-padded on the right.
+
+        Returns (B, L', D) inputs_embeds, (B, L') attention mask and (B, L') labels (-100 on visual
+        positions and padding), or None without labels.
+        """
+        image_id = self.config.image_token_id
         if len(visual) != input_ids.shape[0] or bool((counts != 1).any()):
             raise ValueError(
                 "Image features and image tokens do not match: "
@@ -455,16 +475,7 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         expanded_labels = None
         if labels is not None:
             expanded_labels = torch.stack([F.pad(lab, (0, length - lab.shape[0]), value=IGNORE_INDEX) for lab in row_labels])
-        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, labels=expanded_labels, **kwargs)
-        return UhrCausalLMOutput(
-            loss=out.loss,
-            logits=out.logits,
-            past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-            attention_mask=mask,
-            labels=expanded_labels,
-        )
+        return inputs_embeds, mask, expanded_labels
 
     def visual_importance(
         self,
