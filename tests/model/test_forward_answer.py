@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from uhr.model import IGNORE_INDEX, tokenize_conversation
-from uhr.model.pruning import build_strategy
+from uhr.model.modeling import _shared_prefix_groups
+from uhr.model.pruning import PrunedTokens, build_strategy
 from uhr.model.pruning.config import PruningConfig
 from uhr.model.pruning.none import NoneStrategy
 from uhr.scenes.source import ArraySource
@@ -120,6 +121,22 @@ def test_questions_sharing_visual_tokens_answer_as_one_by_one(tiny_model, tokens
     copy = type(scene)(**{name: value.clone() if torch.is_tensor(value) else value for name, value in vars(scene).items()})
     questions = ["How many ships?", "Is there a bridge over the river?", "What is in the box?", "Which road is flooded?", "Any planes?"]
     visual = [scene, scene, other, copy, scene]
+    together = model.answer(visual, questions, max_new_tokens=8)
+    single = [model.answer([v], [q], max_new_tokens=8)[0] for v, q in zip(visual, questions)]
+    assert together == single
+    assert len(set(single)) > 1, "the questions must get different answers for this check to mean anything"
+
+
+def test_questions_sharing_leading_visual_tokens_answer_as_one_by_one(tiny_model, tokens_factory):
+    """c2f's layout: one scene thumbnail, then each question's own fine tokens (or none). The
+    thumbnail is prefilled once for all of them, and each answer is the one it gets alone."""
+    model, _ = tiny_model
+    thumbnail = tokens_factory(8, 64, seed=1)
+    tails = [tokens_factory(count, 64, seed=seed) for count, seed in ((10, 2), (16, 3), (10, 4))]
+    visual = [PrunedTokens.concat([thumbnail, tail], dense=100) for tail in tails] + [thumbnail]
+    questions = ["How many ships?", "Is there a bridge over the river?", "What is in the box?", "Any planes?"]
+    ids = [model._prompt(q) for q in questions]
+    assert _shared_prefix_groups(visual, [(torch.tensor(i), p) for i, p, _ in ids]) == [([0, 1, 2, 3], 8)]
     together = model.answer(visual, questions, max_new_tokens=8)
     single = [model.answer([v], [q], max_new_tokens=8)[0] for v, q in zip(visual, questions)]
     assert together == single

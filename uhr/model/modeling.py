@@ -317,11 +317,13 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
     def answer(self, visual: list[PrunedTokens], questions: list[str], *, max_new_tokens: int = 64) -> list[str]:
         """Greedy answers, one per (visual tokens, question) pair.
 
-        Questions that share their visual tokens (a query-independent strategy gives every question
-        on a scene the same ones) share one prefill of the prompt up to the end of those tokens: its
-        key/value cache is computed once and copied to each of them, so a scene's image is read by
-        the LM once, not once per question. The other questions are generated as one left-padded
-        batch. Returns only the new text, special tokens removed, stripped.
+        Questions whose visual tokens begin alike share one prefill of the prompt up to the end of
+        the common part: its key/value cache is computed once and copied to each of them. A
+        query-independent strategy gives every question on a scene the same tokens, so the scene's
+        image is read by the LM once, not once per question; `c2f` puts the scene's thumbnail before
+        each question's own fine tokens, so the thumbnail is. The rest of each prompt is prefilled
+        per question, left-padded in one batch, as are the questions that share nothing. Returns
+        only the new text, special tokens removed, stripped.
         """
         if len(visual) != len(questions):
             raise ValueError(f"got {len(visual)} visual inputs for {len(questions)} questions")
@@ -345,15 +347,16 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
                 ids, position, _ = self._prompt(question)
                 prompts.append((torch.tensor(ids, device=device), position))
             alone: list[int] = []
-            for group in _shared_prefix_groups(visual, prompts):
+            for group, shared in _shared_prefix_groups(visual, prompts):
                 if len(group) == 1:
                     alone.extend(group)
                     continue
                 ids, position = prompts[group[0]]
-                prefix = self._splice(ids[: position + 1], position, visual[group[0]].embeds)  # (P, D)
+                prefix = self._splice(ids[: position + 1], position, visual[group[0]].embeds[:shared])  # (P, D)
                 cache = self.language_model(inputs_embeds=prefix[None], use_cache=True, logits_to_keep=1).past_key_values
                 cache.batch_repeat_interleave(len(group))
-                suffixes = [self._embed_text(prompts[i][0][prompts[i][1] + 1 :]) for i in group]
+                # Each suffix: the question's own visual tokens, then its text after the image token.
+                suffixes = [self._splice(prompts[i][0][position:], 0, visual[i].embeds[shared:]) for i in group]
                 texts = self._generate([prefix] * len(group), suffixes, generation_config, cache)
                 for i, text in zip(group, texts):
                     answers[i] = text
@@ -514,22 +517,36 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         return weights.mean(dim=0) if query == "mean" else weights[0]
 
 
-def _shared_prefix_groups(visual: list[PrunedTokens], prompts: list[tuple[torch.Tensor, int]]) -> list[list[int]]:
-    """Indices of the questions grouped by identical prompt head and visual tokens, in first-seen order."""
-    groups: list[list[int]] = []
+def _shared_prefix_groups(
+    visual: list[PrunedTokens], prompts: list[tuple[torch.Tensor, int]]
+) -> list[tuple[list[int], int]]:
+    """Questions grouped by identical prompt head and leading visual tokens, in first-seen order.
+
+    Each group comes with how many leading visual tokens all its members share (at least one for a
+    group of several; a lone question's count is its own length).
+    """
+    groups: list[tuple[list[int], int]] = []
     for i, (tokens, (ids, position)) in enumerate(zip(visual, prompts)):
-        for group in groups:
+        for g, (group, shared) in enumerate(groups):
             other, (other_ids, other_position) = visual[group[0]], prompts[group[0]]
-            if (
-                position == other_position
-                and torch.equal(ids[:position], other_ids[:position])
-                and (tokens is other or (tokens.embeds.shape == other.embeds.shape and torch.equal(tokens.embeds, other.embeds)))
-            ):
-                group.append(i)
+            if position != other_position or not torch.equal(ids[:position], other_ids[:position]):
+                continue
+            common = _common_rows(tokens.embeds, other.embeds, shared)
+            if common:
+                groups[g] = (group + [i], common)
                 break
         else:
-            groups.append([i])
+            groups.append(([i], len(tokens)))
     return groups
+
+
+def _common_rows(a: torch.Tensor, b: torch.Tensor, limit: int) -> int:
+    """How many leading rows (N, D) `a` and `b` have in common, at most `limit`."""
+    n = min(limit, a.shape[0], b.shape[0])
+    if a is b:
+        return n
+    same = (a[:n] == b[:n]).all(dim=1)  # (n,)
+    return n if bool(same.all()) else int(same.to(torch.uint8).argmin())
 
 
 __all__ = [
