@@ -97,11 +97,14 @@ def test_batching_decode_and_sharing_the_visual_prefix_save_time_not_work():
     def cost(**options):
         return price(workload, config, H100, utilisation, prompt_tokens=100, answer_tokens=8, **options)
 
-    alone, batched, shared = cost(), cost(answer_batch=8), cost(answer_batch=8, shared_prefix=True)
+    alone, batched = cost(), cost(answer_batch=8)
+    shared, thumbnail = cost(answer_batch=8, shared_visual=2000), cost(answer_batch=8, shared_visual=576)
     assert batched.flops == alone.flops and batched.decode_s < alone.decode_s / 4
     # The 2,000 visual positions are prefilled once instead of eight times.
     assert shared.prefill < batched.prefill / 4 and shared.decode == batched.decode
-    with pytest.raises(ValueError, match="same visual tokens"):
+    # A shared thumbnail saves its own positions' prefill, not the questions' own tokens'.
+    assert shared.prefill < thumbnail.prefill < batched.prefill and thumbnail.decode == batched.decode
+    with pytest.raises(ValueError, match="fewest any answer has"):
         price(
-            Workload(answers=[10, 20]), config, H100, utilisation, prompt_tokens=1, answer_tokens=1, shared_prefix=True
+            Workload(answers=[10, 20]), config, H100, utilisation, prompt_tokens=1, answer_tokens=1, shared_visual=11
         )

@@ -250,18 +250,19 @@ def price(
     answer_tokens: int,
     answer_batch: int = 1,
     importance_layer: int | None = None,
-    shared_prefix: bool = False,
+    shared_visual: int = 0,
 ) -> Cost:
     """FLOPs and GPU seconds of `workload` on the model `config` describes.
 
     `prompt_tokens` text positions (chat template and question) join every importance pass and
     every answer's visual tokens; each answer generates `answer_tokens` tokens, decoded in batches of
     `answer_batch` answers (a decode step reads the weights once for the whole batch).
-    `shared_prefix`: the answers share one visual prefix (the same visual tokens), prefilled once.
+    `shared_visual`: the answers' first `shared_visual` visual tokens are the same (all of them for a
+    query-independent strategy, the scene thumbnail for `c2f`), prefilled once as `answer` does.
     """
-    if shared_prefix and len(set(workload.answers)) > 1:
+    if workload.answers and not 0 <= shared_visual <= min(workload.answers):
         raise ValueError(
-            f"a shared visual prefix needs the same visual tokens for every answer, got {sorted(set(workload.answers))}"
+            f"shared visual tokens must be in [0, {min(workload.answers)}] (the fewest any answer has), got {shared_visual}"
         )
     if answer_batch < 1:
         raise ValueError(f"answer_batch must be >= 1, got {answer_batch}")
@@ -271,10 +272,10 @@ def price(
         importance_flops(config, visual + prompt_tokens, importance_layer) for visual in workload.importance
     )
     prefill = decode = 0
-    if shared_prefix and workload.answers:
-        prefill += lm_prefill_flops(config.text_config, workload.answers[0])
+    if shared_visual and workload.answers:
+        prefill += lm_prefill_flops(config.text_config, shared_visual)
     for visual in workload.answers:
-        first, rest = answer_flops(config, visual + prompt_tokens, answer_tokens, cached=visual if shared_prefix else 0)
+        first, rest = answer_flops(config, visual + prompt_tokens, answer_tokens, cached=shared_visual)
         prefill += first
         decode += rest
     rate = gpu.peak_tflops * 1e12 * utilisation.mfu

@@ -24,7 +24,7 @@ from uhr.bench.counters import WorkCounter
 from uhr.bench.flops import A100, H100, Cost, GpuSpec, Utilisation, Workload, lm_prefill_flops, price, real_model_config
 from uhr.bench.inputs import bench_cache_dir, build_bench_model, cached_scene, scene_questions, strategy_config
 from uhr.model import UhrForConditionalGeneration
-from uhr.model.pruning import STRATEGIES, PrunedTokens, PruningConfig, StrategyName, build_strategy
+from uhr.model.pruning import PrunedTokens, PruningConfig, StrategyName, build_strategy
 from uhr.scenes import open_scene
 
 # Target from the issue: `questions` questions on one scene cost at most this many times one question.
@@ -75,6 +75,9 @@ class StrategyResult:
     dense: int
     kept: float
     """Mean visual tokens handed to the LM per question."""
+    shared: int
+    """Leading visual tokens every question of the many-questions run has in common (`answer`
+    prefills them once): all of them for the query-independent strategies, c2f's thumbnail."""
     encode_s: float
     select_s: float
     """Per question, mean over the many-questions run."""
@@ -181,6 +184,7 @@ def run_model_benchmark(config: ModelBenchConfig) -> list[StrategyResult]:
                 budget=pruning.budget,
                 dense=first.tokens[0].dense,
                 kept=statistics.mean(len(t) for t in first.tokens),
+                shared=min(t.shared_prefix(first.tokens[0]) for t in first.tokens),
                 encode_s=statistics.median(r.encode_s for r in ones + manys),
                 select_s=statistics.median(r.select_s for r in manys) / len(prompts),
                 answer_one_s=statistics.median(r.answer_s for r in ones),
@@ -232,16 +236,18 @@ def real_costs(result: StrategyResult, gpu: GpuSpec, config: ModelBenchConfig) -
 
 
 def estimated_seconds(
-    result: StrategyResult, gpu: GpuSpec, config: ModelBenchConfig, questions: int, shared_prefix: bool = False
+    result: StrategyResult, gpu: GpuSpec, config: ModelBenchConfig, questions: int, share: bool = False
 ) -> float:
     """Seconds of `questions` questions on one scene at real sizes: encode once, mean select per
-    question, answers over the mean kept tokens (their visual prefix prefilled once with `shared_prefix`)."""
+    question, answers over the mean kept tokens (with `share`, the measured shared leading visual
+    tokens prefilled once, as `answer` runs them)."""
     costs = real_costs(result, gpu, config)
-    answers = _price(Workload(answers=[round(result.kept)] * questions), gpu, config, shared_prefix=shared_prefix)
+    shared = min(result.shared, round(result.kept)) if share and questions > 1 else 0
+    answers = _price(Workload(answers=[round(result.kept)] * questions), gpu, config, shared_visual=shared)
     return costs.encode.seconds + questions * costs.select.seconds + answers.seconds
 
 
-def _price(workload: Workload, gpu: GpuSpec, config: ModelBenchConfig, shared_prefix: bool = False) -> Cost:
+def _price(workload: Workload, gpu: GpuSpec, config: ModelBenchConfig, shared_visual: int = 0) -> Cost:
     return price(
         workload,
         real_model_config(),
@@ -250,7 +256,7 @@ def _price(workload: Workload, gpu: GpuSpec, config: ModelBenchConfig, shared_pr
         prompt_tokens=config.prompt_tokens,
         answer_tokens=config.max_new_tokens,
         answer_batch=config.answer_batch,
-        shared_prefix=shared_prefix,
+        shared_visual=shared_visual,
     )
 
 
@@ -270,16 +276,16 @@ def format_report(results: list[StrategyResult], config: ModelBenchConfig) -> st
         f"{config.repeats} run(s). Times are wall times; the last column uses this process's CPU time, which other "
         "work on the machine disturbs less.",
         "",
-        "| strategy | budget | dense tokens | kept tokens | tiles / scene | tiles / question | encode ms | select "
+        "| strategy | budget | dense tokens | kept tokens | shared tokens | tiles / scene | tiles / question | encode ms | select "
         f"ms / q | answer ms (1 q) | answer ms / q ({n} q) | 1 question s | {n} questions s | {n} q / 1 q | {n} q / "
         "1 q, CPU time |",
-        "|" + "---|" * 14,
+        "|" + "---|" * 15,
     ]
     for r in results:
         encode_tiles = r.workload.get("encode", Workload()).tiles
         select_tiles = r.workload.get("select", Workload()).tiles / r.questions
         lines.append(
-            f"| {r.strategy} | {r.budget} | {r.dense:,} | {r.kept:,.0f} | {encode_tiles} | {select_tiles:.1f} | "
+            f"| {r.strategy} | {r.budget} | {r.dense:,} | {r.kept:,.0f} | {r.shared:,} | {encode_tiles} | {select_tiles:.1f} | "
             f"{r.encode_s * 1e3:,.0f} | {r.select_s * 1e3:,.0f} | {r.answer_one_s * 1e3:,.0f} | "
             f"{r.answer_each_s * 1e3:,.0f} | {r.one_question_s:.2f} | {r.many_questions_s:.2f} | "
             f"{r.many_over_one:.2f} | {r.many_over_one_cpu:.2f} |"
@@ -304,9 +310,10 @@ def format_report(results: list[StrategyResult], config: ModelBenchConfig) -> st
         f"importance passes to the middle layer) and answer ({config.prompt_tokens} text tokens + kept visual tokens "
         f"prefilled, {config.max_new_tokens} tokens decoded, batches of {config.answer_batch}). GPU time at "
         f"{utilisation.mfu:.0%} of peak bf16 FLOP/s for compute, decode steps at {utilisation.mbu:.0%} of HBM "
-        f"bandwidth. {n} q / 1 q estimated on {fastest.name} as `answer` runs them: when the kept tokens do not "
-        "depend on the question, the scene's visual prefix is prefilled once and shared by its questions; the last "
-        "column prices every question with its own visual prefill.",
+        f"bandwidth. {n} q / 1 q estimated on {fastest.name} as `answer` runs them: the visual tokens a scene's "
+        "questions have in common at the start (all of them when the kept tokens do not depend on the question, "
+        "c2f's thumbnail) are prefilled once and shared; the last column prices every question with its own visual "
+        "prefill.",
         "",
         "FLOPs (2 per multiply-add, matrix products only, attention counted in full): a tile of g^2 patches, T = "
         "g^2 + 1 tokens, through n tower layers of width d, MLP f: 2 * 3p^2 d g^2 + n (2 (4d^2 + 2df) T + 4 T^2 d); "
@@ -325,9 +332,7 @@ def format_report(results: list[StrategyResult], config: ModelBenchConfig) -> st
             f"{x.encode.seconds * 1e3:,.0f} / {(x.select.seconds + x.answer.seconds) * 1e3:,.0f}" for x in costs
         )
         unshared = estimated_seconds(r, fastest, config, n) / estimated_seconds(r, fastest, config, 1)
-        ratio = unshared
-        if not STRATEGIES[StrategyName(r.strategy)].query_guided:
-            ratio = estimated_seconds(r, fastest, config, n, True) / estimated_seconds(r, fastest, config, 1, True)
+        ratio = estimated_seconds(r, fastest, config, n, share=True) / estimated_seconds(r, fastest, config, 1)
         lines.append(
             f"| {r.strategy} | {_tflops(c.encode.flops)} | {_tflops(c.select.flops)} | {_tflops(c.answer.flops)} | "
             f"{_tflops(c.encode.flops + c.select.flops + c.answer.flops)} | {times} | {ratio:.2f} | {unshared:.2f} |"

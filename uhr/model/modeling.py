@@ -531,22 +531,13 @@ def _shared_prefix_groups(
             other, (other_ids, other_position) = visual[group[0]], prompts[group[0]]
             if position != other_position or not torch.equal(ids[:position], other_ids[:position]):
                 continue
-            common = _common_rows(tokens.embeds, other.embeds, shared)
+            common = min(shared, tokens.shared_prefix(other))
             if common:
                 groups[g] = (group + [i], common)
                 break
         else:
             groups.append(([i], len(tokens)))
     return groups
-
-
-def _common_rows(a: torch.Tensor, b: torch.Tensor, limit: int) -> int:
-    """How many leading rows (N, D) `a` and `b` have in common, at most `limit`."""
-    n = min(limit, a.shape[0], b.shape[0])
-    if a is b:
-        return n
-    same = (a[:n] == b[:n]).all(dim=1)  # (n,)
-    return n if bool(same.all()) else int(same.to(torch.uint8).argmin())
 
 
 __all__ = [

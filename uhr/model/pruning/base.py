@@ -101,6 +101,18 @@ class PrunedTokens:
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
+    def shared_prefix(self, other: PrunedTokens) -> int:
+        """How many leading tokens this selection and `other` have in common (equal embeddings).
+
+        All of them for a query-independent strategy's selections of one scene; `c2f`'s share the
+        scene thumbnail that precedes each question's own tokens. `answer` prefills them once.
+        """
+        n = min(len(self), len(other))
+        if self.embeds is other.embeds:
+            return n
+        same = (self.embeds[:n] == other.embeds[:n]).all(dim=1)  # (n,)
+        return n if bool(same.all()) else int(same.to(torch.uint8).argmin())
+
     def per_scale(self) -> dict[int, int]:
         """Kept tokens per scale index."""
         scales, counts = torch.unique(self.scale, return_counts=True)
