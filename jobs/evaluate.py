@@ -16,7 +16,8 @@ Examples:
 Model, storage, pruning, actor pools and generation are the VQA job's settings (`uhr.pipeline.config.VqaConfig`):
 a `--config` YAML (the `configs/vqa/*.yaml` presets work as they are) and `key=value` overrides. The
 evaluation sets each run's questions and output itself. `--sweep` takes strategy=... and budget=...
-(comma-separated); put other overrides before it. Re-running the same command resumes every run;
+(comma-separated); put other overrides before it. `--swap-control` adds an image-blind control: the
+first combination again with every item asked about another scene's image. Re-running the same command resumes every run;
 `--overwrite` starts afresh.
 """
 
@@ -46,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="evaluation output URI (default outputs/eval)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N items")
     parser.add_argument("--overwrite", action="store_true", default=None, help="delete the output and start afresh")
+    parser.add_argument(
+        "--swap-control",
+        action="store_true",
+        default=None,
+        help="also ask every item with another scene's image (first sweep combination): does the model read the pixels?",
+    )
     parser.add_argument("--config", help="YAML file with VqaConfig fields (model, pruning, pools, ...)")
     parser.add_argument("--model", help="model directory or URI (default: the bundled default model)")
     parser.add_argument("--sweep", nargs="+", default=[], metavar="AXIS=V1,V2", help="strategy=a,b and/or budget=n1,n2")
@@ -68,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             output=args.output,
             limit=args.limit,
             overwrite=args.overwrite,
+            swap_control=args.swap_control,
             vqa=vqa,
             **parse_sweep(args.sweep),
         )

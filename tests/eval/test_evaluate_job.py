@@ -16,7 +16,15 @@ from benchmark_layouts import write_lrs_vqa, write_mme, write_xlrs_save_to_disk
 from jobs.evaluate import main
 from uhr.eval.benchmarks import BenchmarkSpec, load_benchmark
 from uhr.eval.report import REPORT_JSON, REPORT_MD, REPORT_PLOT
-from uhr.eval.run import ITEMS_NAME, QUESTIONS_NAME, EvaluateConfig, parse_sweep, plan_runs
+from uhr.eval.run import (
+    ITEMS_NAME,
+    QUESTIONS_NAME,
+    SWAPPED_QUESTIONS_NAME,
+    EvaluateConfig,
+    parse_sweep,
+    plan_runs,
+    swapped_scenes,
+)
 from uhr.config import ConfigError
 from uhr.model import load_model_config
 from uhr.pipeline.output import MANIFEST_NAME
@@ -154,6 +162,37 @@ def test_synthetic_sweep_resumes_and_guards_its_settings(ray_local, model_dir, a
     limited = _read_json(fs, f"{output}/{REPORT_JSON}")
     assert (limited["evaluation"]["items"], limited["evaluation"]["items_published"]) == (2, archive.n_questions)
     assert {run["items"] for run in limited["runs"]} == {2}
+
+
+def test_swap_control_asks_every_item_about_another_scene(ray_local, model_dir, archive, tmp_path, capsys) -> None:
+    output = str(tmp_path / "eval")
+    command = ["--benchmark", "synthetic", "--data", archive.root, "--output", output, "--model", str(model_dir), *FAST]
+    assert main([*command, "--swap-control", "--sweep", "strategy=downsample,c2f", "budget=64"]) == 0
+    fs = StorageConfig().filesystem(output)
+    runs = ["downsample-b64", "c2f-b64", "downsample+swapped-b64"]
+    report = _check_report(fs, output, "synthetic", archive.n_questions, runs)
+    own = pq.read_table(f"{output}/{QUESTIONS_NAME}").to_pylist()
+    swapped = pq.read_table(f"{output}/{SWAPPED_QUESTIONS_NAME}").to_pylist()
+    # Same questions, each on the other of the archive's two scenes.
+    assert [(r["question_id"], r["prompt"]) for r in own] == [(r["question_id"], r["prompt"]) for r in swapped]
+    assert all(a["scene"] != b["scene"] and {a["scene"], b["scene"]} == {r["scene"] for r in own} for a, b in zip(own, swapped))
+    answered = _read_parquet(fs, f"{output}/runs/downsample+swapped-b64")
+    assert sorted(answered["question_id"].to_pylist()) == sorted(r["question_id"] for r in own)
+    # The control's figures are what the per-item rows say.
+    judged = _read_parquet(fs, f"{output}/{ITEMS_NAME}").to_pylist()
+    predictions = {(r["strategy"], r["question_id"]): r["prediction"] for r in judged}
+    changed = [predictions[("downsample", q)] != predictions[("downsample+swapped", q)] for q in (r["question_id"] for r in own)]
+    control = report["evaluation"]["swap_control"]
+    assert (control["run"], control["compared_with"], control["items"]) == ("downsample+swapped-b64", "downsample-b64", len(own))
+    assert control["changed"] == pytest.approx(sum(changed) / len(changed))
+    assert "## Swap control" in fs.cat(f"{output}/{REPORT_MD}").decode()
+    assert "swap control downsample+swapped-b64" in capsys.readouterr().out
+
+
+def test_swapped_scenes_never_keep_a_scene() -> None:
+    assert swapped_scenes(["b", "a", "c", "a"]) == {"a": "b", "b": "c", "c": "a"}
+    with pytest.raises(ConfigError, match="at least two scenes"):
+        swapped_scenes(["a", "a"])
 
 
 @pytest.mark.parametrize(

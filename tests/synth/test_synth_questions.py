@@ -218,8 +218,10 @@ def check_scene_question(q: Question, truth: SceneTruth) -> None:
     elif category is Category.PRESENCE:
         ((colour, name),) = described
         members = [o for o in objects if o.colour == colour and o.cls.value == name]
+        of_class = [o for o in objects if o.cls.value == name]
         assert q.answer_text == ("yes" if members else "no")
-        assert q.object_size_px == (min(o.size_px for o in members) if members else None)
+        # The class is always in the scene; a "no" needs every object of it looked at.
+        assert of_class and q.object_size_px == min(o.size_px for o in (members or of_class))
     elif category is Category.REGIONAL_LAND_USE:
         labels = truth.landcover.labels(0, 0, truth.width, truth.height)
         shares = np.sort(np.bincount(labels.ravel(), minlength=len(LAND_COVERS)) / labels.size)
@@ -259,3 +261,22 @@ def test_fixed_options_give_each_label_one_letter_and_leave_regions_unchanged() 
     assert generate_questions(truth, "scenes/a.tif", 12) == generate_questions(
         truth, "scenes/a.tif", 12, referents="region", option_order="shuffled"
     )
+
+
+def test_presence_words_do_not_tell_the_answer() -> None:
+    """Across scenes, "yes" is about as frequent whichever colour or class a presence question names."""
+    asked = [
+        q
+        for seed in range(48)
+        for q in generate_questions(plan_scene(1024, seed), f"scenes/s{seed}.tif", 16, open_fraction=0.0, referents="scene", option_order="fixed")
+        if q.category == Category.PRESENCE.value
+    ]
+    words = re.compile(rf"(red|blue|white|yellow|green|orange) ({'|'.join(c.value for c in OBJECT_CLASSES)})\b")
+    by_word: dict[str, list[bool]] = {}
+    for q in asked:
+        colour, name = words.search(q.question).groups()  # type: ignore[union-attr]
+        for word in (colour, name):
+            by_word.setdefault(word, []).append(q.answer_text == "yes")
+    assert len(asked) >= 100
+    rates = {word: sum(yes) / len(yes) for word, yes in by_word.items() if len(yes) >= 15}
+    assert len(rates) >= 8 and all(0.25 <= rate <= 0.75 for rate in rates.values()), rates

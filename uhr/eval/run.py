@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from itertools import product
 from typing import Any
@@ -60,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 SETTINGS_NAME = "_evaluation.json"
 QUESTIONS_NAME = "questions.parquet"
+SWAPPED_QUESTIONS_NAME = "questions_swapped.parquet"
 ITEMS_NAME = "items.parquet"
 RUNS_DIR = "runs"
 
@@ -115,6 +117,12 @@ class EvaluateConfig(BaseModel):
     )
     limit: int | None = Field(None, ge=1, description="Evaluate only the first `limit` items, in the benchmark's order.")
     overwrite: bool = Field(False, description="Delete what `output` holds (runs, items, reports) and start afresh.")
+    swap_control: bool = Field(
+        False,
+        description="Also answer every item with another scene's image (the first sweep combination; each scene's "
+        "items get the next scene in sorted order): an image-blind control. The report gives its accuracy and the "
+        "share of predictions the swap changed; a model that reads the pixels changes many.",
+    )
     vqa: VqaConfig = Field(default_factory=VqaConfig, description="Model, storage, pruning, actor pools, generation.")
 
     @field_validator("benchmark", mode="before")
@@ -176,15 +184,26 @@ class EvalRun:
     budget: int
     output: str
     config: VqaConfig
+    swapped: bool = False
 
     @property
     def label(self) -> str:
-        return run_label(self.strategy, self.budget)
+        return run_label(self.strategy, self.budget, self.swapped)
+
+    @property
+    def report_strategy(self) -> str:
+        """The strategy name its answers are scored under: the swap control is a run of its own."""
+        return f"{self.strategy}{SWAPPED_SUFFIX}" if self.swapped else self.strategy
 
 
-def run_label(strategy: str, budget: int) -> str:
-    """The folder of a run under `<output>/runs/`: "<strategy>-b<budget>"."""
-    return f"{strategy}-b{budget}"
+SWAPPED_SUFFIX = "+swapped"
+"""Marks the swap control's runs: in their folder name and in the strategy they are reported under."""
+
+
+def run_label(strategy: str, budget: int, swapped: bool = False) -> str:
+    """The folder of a run under `<output>/runs/`: "<strategy>-b<budget>", "<strategy>+swapped-b<budget>" for the
+    swap control."""
+    return f"{strategy}{SWAPPED_SUFFIX if swapped else ''}-b{budget}"
 
 
 def benchmark_spec(config: EvaluateConfig) -> BenchmarkSpec:
@@ -206,13 +225,31 @@ def _absolute(uri: str) -> str:
     return os.path.abspath(uri) if uri_protocol(uri) is None else uri
 
 
-def questions_table(items: pa.Table) -> pa.Table:
-    """The VQA job's questions for `items`: scene = the first image, prompt = the benchmark's template."""
+def swapped_scenes(scenes: list[str]) -> dict[str, str]:
+    """Each distinct scene -> the next one in sorted order (the last -> the first): no scene keeps its own.
+
+    Raises `ConfigError` when there are fewer than two scenes to swap.
+    """
+    distinct = sorted(set(scenes))
+    if len(distinct) < 2:
+        raise ConfigError(f"the swap control needs items on at least two scenes, these are all on {len(distinct)}")
+    return {scene: distinct[(i + 1) % len(distinct)] for i, scene in enumerate(distinct)}
+
+
+def questions_table(items: pa.Table, swap: bool = False) -> pa.Table:
+    """The VQA job's questions for `items`: scene = the first image, prompt = the benchmark's template.
+
+    `swap`: every item is asked about another scene's image (`swapped_scenes`), its text unchanged.
+    """
     rows = items.select(["question_id", "images", "question", "choices", "prompt"]).to_pylist()
+    scenes = [_absolute(row["images"][0]) for row in rows]
+    if swap:
+        others = swapped_scenes(scenes)
+        scenes = [others[scene] for scene in scenes]
     return pa.table(
         {
             "question_id": [row["question_id"] for row in rows],
-            "scene": [_absolute(row["images"][0]) for row in rows],
+            "scene": scenes,
             "question": [row["question"] for row in rows],
             "choices": pa.array([row["choices"] or None for row in rows], pa.list_(pa.string())),
             "prompt": [row["prompt"] for row in rows],
@@ -229,12 +266,15 @@ def _vqa_tree(vqa: VqaConfig) -> dict[str, Any]:
     return {key: value for key, value in tree.items() if key not in _RUN_FIELDS}
 
 
-def plan_runs(config: EvaluateConfig, model_config: UhrConfig, questions_uri: str) -> list[EvalRun]:
+def plan_runs(
+    config: EvaluateConfig, model_config: UhrConfig, questions_uri: str, swapped_questions_uri: str | None = None
+) -> list[EvalRun]:
     """One VQA config per (strategy, budget) of the sweep, validated before any run starts.
 
     An axis that is not swept takes the VQA config's value; the model's pruning defaults apply
     under what the user set (`resolve_pruning`), so each run's folder names the strategy and budget
-    it really runs with. Raises `ConfigError` naming the combination when one is invalid (e.g.
+    it really runs with. With `config.swap_control`, a last run repeats the first combination on
+    `swapped_questions_uri`. Raises `ConfigError` naming the combination when one is invalid (e.g.
     `scale_budgets` that do not fit a swept budget).
     """
     base = _vqa_tree(config.vqa)
@@ -259,6 +299,13 @@ def plan_runs(config: EvaluateConfig, model_config: UhrConfig, questions_uri: st
     labels = [run.label for run in runs]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"sweep combinations resolve to the same run twice: {labels}")
+    if config.swap_control:
+        if swapped_questions_uri is None:
+            raise ValueError("swap_control needs the swapped questions' URI")
+        first = runs[0]
+        output = join_uri(config.output, RUNS_DIR, run_label(first.strategy, first.budget, swapped=True))
+        control = first.config.model_copy(update={"output": output, "questions": swapped_questions_uri})
+        runs.append(EvalRun(first.strategy, first.budget, output, control, swapped=True))
     return runs
 
 
@@ -323,8 +370,11 @@ def _prepare_output(config: EvaluateConfig, settings: dict[str, Any], storage: S
 # Reading the runs back.
 
 
-def read_answers(output: str, storage: StorageConfig) -> pa.Table:
-    """The answer columns `uhr.eval.report` needs, from every part of one VQA run's output."""
+def read_answers(output: str, storage: StorageConfig, strategy: str | None = None) -> pa.Table:
+    """The answer columns `uhr.eval.report` needs, from every part of one VQA run's output.
+
+    `strategy` replaces the rows' strategy (the swap control is reported as a strategy of its own).
+    """
     fs = storage.filesystem(output)
     if is_remote(output):
         fs.invalidate_cache()
@@ -335,7 +385,11 @@ def read_answers(output: str, storage: StorageConfig) -> pa.Table:
             tables.append(pq.read_table(handle, columns=columns))
     if not tables:
         raise ValueError(f"no answer rows under {redact(output)}")
-    return pa.concat_tables(tables)
+    table = pa.concat_tables(tables)
+    if strategy is not None:
+        index = table.schema.get_field_index("strategy")
+        table = table.set_column(index, "strategy", pa.array([strategy] * table.num_rows, pa.string()))
+    return table
 
 
 @dataclass(frozen=True)
@@ -370,7 +424,7 @@ def run_throughput(run: EvalRun, storage: StorageConfig) -> RunThroughput:
     """Throughput of `run` from its manifest's run history (each entry is a `RunSummary`)."""
     history = [entry for entry in RunManifest.load(run.output, storage).data["runs"] if entry.get("rows")]
     return RunThroughput(
-        strategy=run.strategy,
+        strategy=run.report_strategy,
         budget=run.budget,
         output=run.output,
         rows=sum(int(entry["rows"]) for entry in history),
@@ -394,6 +448,55 @@ def judged_items(items: pa.Table, answers: pa.Table, wordnet: WordNetCorpusReade
 
 # ---------------------------------------------------------------------------------------------
 # Writing the report.
+
+
+def swap_effect(judged: pa.Table, run: EvalRun) -> dict[str, Any]:
+    """How the swap control's predictions differ from those of the run it repeats with each item's own scene.
+
+    `judged` is `judged_items`' table. Returns the share of items whose prediction changed (overall
+    and per category) and both runs' accuracy: an image-blind model changes none.
+    """
+    rows = judged.select(["strategy", "budget", "question_id", "category", "prediction", "correct"]).to_pylist()
+    own = {r["question_id"]: r for r in rows if (r["strategy"], r["budget"]) == (run.strategy, run.budget)}
+    swapped = {r["question_id"]: r for r in rows if (r["strategy"], r["budget"]) == (run.report_strategy, run.budget)}
+    ids = sorted(own.keys() & swapped.keys())
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for qid in ids:
+        by_category[own[qid]["category"] or "—"].append(own[qid]["prediction"] != swapped[qid]["prediction"])
+    changed = [flag for flags in by_category.values() for flag in flags]
+    return {
+        "run": run.label,
+        "compared_with": run_label(run.strategy, run.budget),
+        "items": len(ids),
+        "changed": sum(changed) / len(changed) if changed else None,
+        "changed_by_category": {name: sum(flags) / len(flags) for name, flags in sorted(by_category.items())},
+        "accuracy_own_scene": sum(own[q]["correct"] for q in ids) / len(ids) if ids else None,
+        "accuracy_swapped_scene": sum(swapped[q]["correct"] for q in ids) / len(ids) if ids else None,
+    }
+
+
+def swap_markdown(effect: dict[str, Any]) -> str:
+    """The swap-control section of `report.md`."""
+    lines = [
+        "## Swap control",
+        "",
+        f"Every item asked again with another scene's image (`{effect['run']}`), against the same run with its own "
+        f"scene (`{effect['compared_with']}`), {effect['items']} items. A model that reads the pixels changes many "
+        "predictions; an image-blind one changes none, whatever its accuracy.",
+        "",
+        f"- predictions changed by the swap: {_pct(effect['changed'])}%",
+        f"- accuracy with its own scene / a swapped scene: {_pct(effect['accuracy_own_scene'])}% / "
+        f"{_pct(effect['accuracy_swapped_scene'])}%",
+        "",
+        "| category | changed % |",
+        "|---|---|",
+        *(f"| {name} | {_pct(value)} |" for name, value in effect["changed_by_category"].items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -438,13 +541,16 @@ def write_evaluation_report(
     report: Report, throughput: list[RunThroughput], header: dict[str, Any], output: str, storage: StorageConfig
 ) -> dict[str, str]:
     """`report.json`, `report.md` and `accuracy_vs_tokens.png` under `output`, with the evaluation's
-    settings and throughput beside the scores; returns their URIs."""
+    settings, throughput and (when run) the swap control beside the scores; returns their URIs."""
+    extra = [evaluation_markdown(header)]
+    if header.get("swap_control"):
+        extra.append(swap_markdown(header["swap_control"]))
     return write_report(
         report,
         output,
         storage,
         json_extra={"evaluation": header, "throughput": [run.to_dict() for run in throughput]},
-        markdown_extra=(evaluation_markdown(header), throughput_markdown(throughput)),
+        markdown_extra=(*extra, throughput_markdown(throughput)),
     )
 
 
@@ -466,6 +572,7 @@ class EvaluationResult:
     report: Report
     throughput: list[RunThroughput]
     files: dict[str, str]
+    swap_control: dict[str, Any] | None = None
 
     @property
     def status(self) -> str:
@@ -483,6 +590,12 @@ class EvaluationResult:
             )
         for run in self.throughput:
             lines.append(f"  {run_label(run.strategy, run.budget)}: {_fmt(run.questions_per_s)} questions/s")
+        control = self.swap_control
+        if control is not None:
+            lines.append(
+                f"  swap control {control['run']}: {_pct(control['changed'])}% of predictions changed with another "
+                f"scene's image (accuracy {_pct(control['accuracy_own_scene'])}% -> {_pct(control['accuracy_swapped_scene'])}%)"
+            )
         lines += [f"  {name:<24} {redact(uri)}" for name, uri in self.files.items()]
         return "\n".join(lines)
 
@@ -505,12 +618,16 @@ def run_evaluation(config: EvaluateConfig, wordnet: WordNetCorpusReader | None =
     model_uri = config.vqa.model or default_model()
     model_config = load_model_config(model_uri, storage=storage)
     questions_uri = join_uri(config.output, QUESTIONS_NAME)
+    swapped_uri = join_uri(config.output, SWAPPED_QUESTIONS_NAME)
+    swapped_questions = questions_table(items, swap=True) if config.swap_control else None
     # Every run loads the same model, the default one included.
     pinned = config.model_copy(update={"vqa": config.vqa.model_copy(update={"model": model_uri})})
-    runs = plan_runs(pinned, model_config, questions_uri)
+    runs = plan_runs(pinned, model_config, questions_uri, swapped_uri)
     settings = answer_settings(config, spec, model_uri, model_config)
     _prepare_output(config, settings, storage)
     _write_parquet(questions_table(items), questions_uri, storage)
+    if swapped_questions is not None:
+        _write_parquet(swapped_questions, swapped_uri, storage)
     logger.info(
         "evaluating %s (%d items) with %d run(s): %s",
         spec.name.value, items.num_rows, len(runs), ", ".join(run.label for run in runs),
@@ -525,10 +642,11 @@ def run_evaluation(config: EvaluateConfig, wordnet: WordNetCorpusReader | None =
 
     # Answers to items beyond `limit` (from an earlier, larger evaluation) are not scored.
     ids = items.column("question_id")
-    tables = [read_answers(run.output, storage) for run in runs]
+    tables = [read_answers(run.output, storage, run.report_strategy if run.swapped else None) for run in runs]
     answers = pa.concat_tables([table.filter(pc.is_in(table["question_id"], value_set=ids)) for table in tables])
     report = evaluate(items, answers, wordnet)
-    _write_parquet(judged_items(items, answers, wordnet), join_uri(config.output, ITEMS_NAME), storage)
+    judged = judged_items(items, answers, wordnet)
+    _write_parquet(judged, join_uri(config.output, ITEMS_NAME), storage)
     throughput = [run_throughput(run, storage) for run in runs]
     header = {
         "benchmark": spec.name.value,
@@ -541,7 +659,8 @@ def run_evaluation(config: EvaluateConfig, wordnet: WordNetCorpusReader | None =
         "prompt": spec.mme_prompt.value if spec.name == Benchmark.MME_REALWORLD_RS else f"{spec.name.value}'s own",
         "multi_image_items": sum(len(images) > 1 for images in items.column("images").to_pylist()),
         "settings": settings,
+        "swap_control": next((swap_effect(judged, run) for run in runs if run.swapped), None),
     }
     files = write_evaluation_report(report, throughput, header, config.output, storage)
     files[ITEMS_NAME] = join_uri(config.output, ITEMS_NAME)
-    return EvaluationResult(config.output, summaries, report, throughput, files)
+    return EvaluationResult(config.output, summaries, report, throughput, files, header["swap_control"])

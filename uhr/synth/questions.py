@@ -387,20 +387,31 @@ def _indefinite(word: str) -> str:
 
 
 def _scene_presence(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
-    """Whether an object of a colour and class is in the scene: half the time one is."""
+    """Whether an object of a colour and class is in the scene: half the time one is.
+
+    The class named is always one the scene has, drawn alike for both answers, and the colour is
+    one of its objects' colours or one they lack: so neither word tells the answer, only the
+    pixels do (drawing absent pairs from every unseen colour and class let a model answer from
+    which pairs a question names, without looking).
+    """
     if index.truth.bands < 3:
         return None
-    kinds = {(obj.colour, obj.cls) for obj in index.objects}
-    if rng.uniform() < 0.5 and kinds:
-        colour, cls = sorted(kinds)[int(rng.integers(len(kinds)))]
-        members = [obj for obj in index.objects if obj.colour == colour and obj.cls is cls]
-        question = f"Is there {_indefinite(colour)} {cls.value} in the image?"
-        return _Item(Category.PRESENCE, question, ("yes", "no"), _union(members), _smallest(members), YES_NO)
-    absent = [(colour, cls) for colour in COLOURS for cls in OBJECT_CLASSES if (colour, cls) not in kinds]
-    if not absent:
+    classes = sorted({obj.cls for obj in index.objects}, key=OBJECT_CLASSES.index)
+    if not classes:
         return None
-    colour, cls = absent[int(rng.integers(len(absent)))]
-    return _Item(Category.PRESENCE, f"Is there {_indefinite(colour)} {cls.value} in the image?", ("no", "yes"), None, None, YES_NO)
+    cls = classes[int(rng.integers(len(classes)))]
+    of_class = [obj for obj in index.objects if obj.cls is cls]
+    present = sorted({obj.colour for obj in of_class}, key=COLOURS.index)
+    absent = [colour for colour in COLOURS if colour not in present]
+    if rng.uniform() < 0.5 or not absent:
+        colour = present[int(rng.integers(len(present)))]
+        members = [obj for obj in of_class if obj.colour == colour]
+        options: tuple[str, ...] = ("yes", "no")
+    else:
+        # Every object of the class must be looked at to say no.
+        colour, members, options = absent[int(rng.integers(len(absent)))], of_class, ("no", "yes")
+    question = f"Is there {_indefinite(colour)} {cls.value} in the image?"
+    return _Item(Category.PRESENCE, question, options, _union(members), _smallest(members), YES_NO)
 
 
 def _scene_land_use(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
