@@ -15,7 +15,7 @@ import pytest
 import rasterio
 
 from uhr.synth import SceneTruth, cached_archive, scene_seed, write_archive
-from uhr.synth.archive import QUESTIONS_SCHEMA
+from uhr.synth.archive import GENERATOR_VERSION, QUESTIONS_SCHEMA
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -165,3 +165,13 @@ def test_cached_archive_is_written_once_and_then_read_from_its_index(tmp_path):
     again = cached_archive(root, scenes=1, size=256, seed=3, questions_per_scene=2)
     assert again == first and first.n_scenes == 1 and first.n_questions == 2
     assert {path: path.stat().st_mtime_ns for path in root.rglob("*") if path.is_file()} == written
+    # Written by another generator version (or before versions were recorded): written again.
+    index = root / "index.json"
+    index.write_text(json.dumps(first.to_dict()))
+    (root / "stale.txt").write_text("from an older generator")
+    third = cached_archive(root, scenes=1, size=256, seed=3, questions_per_scene=2)
+    assert third == first and not (root / "stale.txt").exists()
+    assert json.loads(index.read_text())["generator"] == GENERATOR_VERSION
+    # Other settings on the same root: the archive they ask for, not the cached one.
+    other = cached_archive(root, scenes=2, size=256, seed=3, questions_per_scene=2)
+    assert other.n_scenes == 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +36,9 @@ from uhr.synth.scene import Compression, write_scene
 logger = logging.getLogger(__name__)
 
 SPLITS = ("test", "train")
+# Bump when a change to `uhr.synth` changes what the same settings write: cached archives are then
+# written again (`cached_archive`). 2: presence questions whose words do not tell the answer.
+GENERATOR_VERSION = 2
 QUESTIONS_SCHEMA = pa.schema(
     [
         pa.field("question_id", pa.string(), nullable=False),
@@ -202,11 +206,23 @@ def _put_files(root: str, files: dict[str, Any], storage: StorageConfig) -> None
 
 def cached_archive(root: Path, **settings: Any) -> ArchiveIndex:
     """`write_archive(root, **settings)`, done once: later calls read the `index.json` it leaves,
-    and a call made while another process writes the archive waits for it (`uhr.cache.creating`)."""
+    and a call made while another process writes the archive waits for it (`uhr.cache.creating`).
+
+    The index records the settings and `GENERATOR_VERSION`; an archive written with others (or by
+    a version that recorded neither) is deleted and written again, so a cache never serves
+    questions an older generator made.
+    """
     index = root / "index.json"
+    stamp = {"generator": GENERATOR_VERSION, "settings": json.loads(json.dumps(settings))}
     with creating(root):
-        if not index.exists():
+        recorded = json.loads(index.read_text()) if index.exists() else None
+        if recorded is not None and {key: recorded.get(key) for key in stamp} != stamp:
+            logger.info("rewriting the synthetic archive at %s: written by other settings or generator version", root)
+            shutil.rmtree(root)
+            recorded = None
+        if recorded is None:
             logger.info("writing a synthetic archive to %s: %s", root, settings)
             archive = write_archive(str(root), **settings)
-            index.write_text(json.dumps(archive.to_dict()))
-    return ArchiveIndex(**json.loads(index.read_text()))
+            recorded = {**stamp, "archive": archive.to_dict()}
+            index.write_text(json.dumps(recorded))
+    return ArchiveIndex(**recorded["archive"])
