@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from uhr.config import ConfigError, merge_trees
 from uhr.eval.benchmarks import Benchmark, BenchmarkSpec, MmePromptStyle, load_benchmark
-from uhr.eval.report import REPORT_JSON, REPORT_MD, REPORT_PLOT, Report, evaluate, join_answers, write_report
+from uhr.eval.report import REPORT_JSON, REPORT_MD, REPORT_PLOT, Report, _pct, evaluate, join_answers, write_report
 from uhr.eval.scoring import judge
 from uhr.model import load_model_config
 from uhr.model.config import UhrConfig
@@ -493,10 +493,6 @@ def swap_markdown(effect: dict[str, Any]) -> str:
         *(f"| {name} | {_pct(value)} |" for name, value in effect["changed_by_category"].items()),
     ]
     return "\n".join(lines) + "\n"
-
-
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}"
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
