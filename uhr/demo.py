@@ -48,6 +48,7 @@ class ArchiveSettings:
     open_fraction: float
     referents: str
     option_order: str
+    evidence_window: int | None = None
 
 
 # Training and test use different seeds (and splits), so they share no scene. Objects are named by
@@ -56,9 +57,12 @@ class ArchiveSettings:
 # read coordinates nor to match an option's text to its letter (it answers one fixed letter when
 # asked XLRS's shuffled region questions). The benchmark is multiple choice, scored by the letter;
 # training also asks a share of the questions open, so the answer words are learnt as well.
+# Each question with evidence is asked a second time on a window around it (at least 64 px, the
+# side of the downsampled view, so small evidence is seen at full resolution): on the whole-scene
+# view alone a 32-px object is 2 px and the model learns to answer from the question's words.
 TRAIN = ArchiveSettings(
     scenes=192, size=1024, seed=101, split="train", questions_per_scene=20, open_fraction=0.3,
-    referents="scene", option_order="fixed",
+    referents="scene", option_order="fixed", evidence_window=64,
 )
 TEST = ArchiveSettings(
     scenes=32, size=1024, seed=202, split="test", questions_per_scene=16, open_fraction=0.0,

@@ -15,7 +15,7 @@ import pytest
 import rasterio
 
 from uhr.synth import SceneTruth, cached_archive, scene_seed, write_archive
-from uhr.synth.archive import GENERATOR_VERSION, QUESTIONS_SCHEMA
+from uhr.synth.archive import GENERATOR_VERSION, QUESTIONS_SCHEMA, window_around
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,6 +70,33 @@ def test_train_split_writes_llava_conversations(train_archive) -> None:
             assert human["value"].endswith("Answer the question using a single word or phrase.")
 
 
+def test_evidence_windows_add_a_conversation_on_a_window_around_each_evidence(tmp_path, train_archive) -> None:
+    _, plain = train_archive
+    index = write_archive(
+        str(tmp_path), scenes=2, size=512, seed=4, split="train", questions_per_scene=8, evidence_window=96
+    )
+    rows = {row["question_id"]: row for row in read_jsonl(Path(index.questions_jsonl))}
+    records = read_jsonl(Path(index.train_jsonl))
+    whole, windowed = [r for r in records if "window" not in r], [r for r in records if "window" in r]
+    assert whole == read_jsonl(Path(plain.train_jsonl))
+    assert sorted(r["id"] for r in windowed) == sorted(f"{q}@window" for q, row in rows.items() if row["bbox"])
+    assert windowed, "the archive asked nothing with evidence"
+    for record in windowed:
+        row = rows[record["id"].removesuffix("@window")]
+        assert record["conversations"] == next(r for r in whole if r["id"] == row["question_id"])["conversations"]
+        col, line, width, height = record["window"]
+        x0, y0, x1, y1 = row["bbox"]
+        assert width == height >= 96 and 0 <= col and 0 <= line and col + width <= 512 and line + height <= 512
+        assert col <= x0 and line <= y0 and x1 <= col + width and y1 <= line + height
+
+
+def test_a_window_around_evidence_is_square_inside_the_scene_and_centred_where_it_can_be() -> None:
+    assert window_around([100, 100, 120, 110], 512, 64) == [78, 73, 64, 64]
+    assert window_around([100, 100, 300, 150], 512, 64) == [75, 0, 250, 250]
+    assert window_around([0, 490, 10, 512], 512, 64) == [0, 448, 64, 64]
+    assert window_around([0, 0, 500, 510], 512, 64) == [0, 0, 512, 512]
+
+
 def test_test_split_has_no_conversations_and_other_scenes(tmp_path, train_archive) -> None:
     _, train = train_archive
     index = write_archive(str(tmp_path), scenes=1, size=512, seed=4, split="test", questions_per_scene=4)
@@ -84,6 +111,8 @@ def test_archive_arguments_are_checked(tmp_path) -> None:
         write_archive(str(tmp_path), scenes=1, size=256, seed=0, split="val")
     with pytest.raises(ValueError, match="scenes"):
         write_archive(str(tmp_path), scenes=0, size=256, seed=0)
+    with pytest.raises(ValueError, match="evidence_window needs split 'train'"):
+        write_archive(str(tmp_path), scenes=1, size=256, seed=0, split="test", evidence_window=64)
 
 
 def test_command_line_writes_an_archive_and_reports_it(tmp_path) -> None:

@@ -34,6 +34,9 @@ def bad_records(good: dict) -> list[tuple[str, str]]:
         ),
         (json.dumps({**good, "id": "no-answer", "conversations": turns[:1]}), "conversation"),
         (json.dumps({**good, "id": "bad-speaker", "conversations": [turns[0], {"from": "robot", "value": "x"}]}), "conversation"),
+        (json.dumps({**good, "id": "window-not-a-box", "window": [0, 0, 64]}), "window"),
+        (json.dumps({**good, "id": "window-of-no-size", "window": [0, 0, 0, 64]}), "window"),
+        (json.dumps({**good, "id": "window-past-the-image", "window": [0, 0, 100_000, 64]}), "window"),
     ]
 
 

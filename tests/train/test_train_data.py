@@ -15,7 +15,7 @@ from uhr.model import IGNORE_INDEX, load_model, load_model_config, tokenize_conv
 from uhr.model.pruning import build_strategy
 from uhr.model.pruning.config import PruningConfig
 from uhr.pipeline.vqa import resolve_pruning
-from uhr.scenes import NormalizeConfig, open_scene
+from uhr.scenes import Box, NormalizeConfig, WindowSource, open_scene
 from uhr.storage import StorageConfig
 from uhr.train.data import (
     PreparedSource,
@@ -77,9 +77,51 @@ def test_samples_carry_the_strategy_views_and_answer_only_labels(ray_local, mode
         with open_scene(row["image"]) as scene:
             sides = strategy.views(model_config, scene.width, scene.height)
             assert (row["width"], row["height"]) == (scene.width, scene.height)
+            assert row["window"] == [0, 0, scene.width, scene.height]
             assert [max(shape[:2]) for shape in row["view_shapes"]] == sides
             for data, shape, side in zip(row["views"], row["view_shapes"], sides):
                 np.testing.assert_array_equal(np.frombuffer(data, np.uint8).reshape(shape), scene.read_view(side))
+
+
+@pytest.fixture(scope="module")
+def windowed_manifest(train_archive, tmp_path_factory) -> tuple[str, dict[str, Box]]:
+    """Two records of the archive again, each on a window of its image (one touching the bottom-right corner)."""
+    records = [json.loads(line) for line in Path(train_archive.train_jsonl).read_text().splitlines()][:2]
+    with open_scene(str(Path(train_archive.root) / records[1]["image"])) as scene:
+        corner = Box(scene.width - 70, scene.height - 40, 70, 40)
+    boxes = {"w0": Box(10, 20, 96, 64), "w1": corner}
+    path = tmp_path_factory.mktemp("windowed") / "train.jsonl"
+    lines = [
+        json.dumps({**record, "id": key, "image": str(Path(train_archive.root) / record["image"]), "window": list(vars(box).values())})
+        for key, record, box in zip(boxes, records, boxes.values())
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path), boxes
+
+
+@pytest.mark.parametrize("strategy", ["uhr-bat", "c2f"])
+def test_a_record_with_a_window_trains_on_that_region_as_a_scene(ray_local, model_dir, windowed_manifest, strategy):
+    """The views are the window's, and the worker's source selects what the window itself would give."""
+    manifest, boxes = windowed_manifest
+    rows, skipped, pruning, model_config = _prepare(manifest, model_dir, strategy=strategy)
+    model, _ = load_model(str(model_dir))
+    selector = build_strategy(pruning)
+    assert skipped["count"] == 0 and [row["id"] for row in rows] == list(boxes)
+    for row in rows:
+        box = boxes[row["id"]]
+        assert row["window"] == [box.col_off, box.row_off, box.width, box.height]
+        assert (row["width"], row["height"]) == (box.width, box.height)
+        with open_scene(row["image"]) as scene, torch.no_grad():
+            window = WindowSource(scene, box)
+            sides = selector.views(model_config, box.width, box.height)
+            assert [max(shape[:2]) for shape in row["view_shapes"]] == sides
+            for data, shape, side in zip(row["views"], row["view_shapes"], sides):
+                np.testing.assert_array_equal(np.frombuffer(data, np.uint8).reshape(shape), window.read_view(side))
+            direct = selector.select(model, selector.encode(model, window), row["question"])
+            with PreparedSource(row, STORAGE, NORMALIZE) as source:
+                prepared = selector.select(model, selector.encode(model, source), row["question"])
+        torch.testing.assert_close(prepared.embeds, direct.embeds)
+        assert torch.equal(prepared.scale, direct.scale) and torch.equal(prepared.n_source, direct.n_source)
 
 
 def test_bad_rows_are_skipped_counted_and_named(ray_local, model_dir, manifest_with_bad_rows):
@@ -90,6 +132,8 @@ def test_bad_rows_are_skipped_counted_and_named(ray_local, model_dir, manifest_w
     assert skipped["count"] == sum(kinds.values()) and skipped["by_kind"] == kinds
     reasons = dict(skipped["examples"])
     assert "bad-speaker" in reasons and "robot" in reasons["bad-speaker"]
+    assert "[0, 0, 64]" in reasons["window-not-a-box"] and "positive size" in reasons["window-of-no-size"]
+    assert "is not inside the" in reasons["window-past-the-image"]
 
 
 def test_a_json_list_manifest_reads_like_jsonl_and_a_non_list_is_counted(ray_local, model_dir, train_archive, tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from uhr.scenes.listing import DEFAULT_SCENE_PATTERNS, list_scenes
 from uhr.scenes.normalize import NormalizeConfig, Stretch, StretchMode
 from uhr.scenes.reader import Scene, open_scene
-from uhr.scenes.source import ArraySource, PixelSource, fit_longest_side, resize_rgb
+from uhr.scenes.source import ArraySource, PixelSource, WindowSource, fit_longest_side, resize_rgb
 from uhr.scenes.windows import Box, project, random_boxes, tile_boxes
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "Scene",
     "Stretch",
     "StretchMode",
+    "WindowSource",
     "fit_longest_side",
     "list_scenes",
     "open_scene",

@@ -3,7 +3,8 @@
 A model never opens files: it asks a `PixelSource` for whole-scene views and windows, already
 normalised to RGB uint8. `uhr.scenes.Scene` is the source over a raster (local or in object
 storage); `ArraySource` is the source over an image already in memory (tests, training samples,
-small JPEG/PNG inputs).
+small JPEG/PNG inputs); `WindowSource` shows one window of another source as a scene of its own
+(training on a region of a large scene).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
+
+from uhr.scenes.windows import Box, project
 
 
 @runtime_checkable
@@ -119,3 +122,60 @@ class ArraySource:
         if out_size is not None:
             window = resize_rgb(window, out_size[1], out_size[0])
         return window
+
+
+class WindowSource:
+    """A `PixelSource` showing one window of another source as if the window were the whole scene.
+
+    Coordinates are the window's own (0, 0 at its top-left corner). Anything past the window's
+    edge is zeros, as past a scene's edge, so a strategy sees exactly the window whatever it asks
+    for. Reads go to the underlying source, at the resolution asked (its overviews serve views).
+    """
+
+    def __init__(self, source: PixelSource, window: Box):
+        bounds = Box(0, 0, source.width, source.height)
+        if window.intersection(bounds) != window:
+            raise ValueError(f"window {_box_text(window)} is not inside the {source.width}x{source.height} scene")
+        self.source, self.window = source, window
+
+    @property
+    def width(self) -> int:
+        return self.window.width
+
+    @property
+    def height(self) -> int:
+        return self.window.height
+
+    def read_view(self, max_side: int) -> np.ndarray:
+        width, height = fit_longest_side(self.width, self.height, max_side)
+        return self.read_window(0, 0, self.width, self.height, out_size=(height, width))
+
+    def read_window(
+        self,
+        col_off: int,
+        row_off: int,
+        width: int,
+        height: int,
+        out_size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        if width <= 0 or height <= 0:
+            raise ValueError(f"window size must be positive, got {width}x{height}")
+        out_height, out_width = (height, width) if out_size is None else out_size
+        request = Box(col_off, row_off, width, height)
+        inside = request.intersection(Box(0, 0, self.width, self.height))
+        target = None if inside is None else project(inside, request, out_width, out_height)
+        canvas = np.zeros((out_height, out_width, 3), dtype=np.uint8)
+        if inside is None or target is None:
+            return canvas
+        canvas[target.row_off : target.row_end, target.col_off : target.col_end] = self.source.read_window(
+            self.window.col_off + inside.col_off,
+            self.window.row_off + inside.row_off,
+            inside.width,
+            inside.height,
+            out_size=(target.height, target.width),
+        )
+        return canvas
+
+
+def _box_text(box: Box) -> str:
+    return f"(col {box.col_off}, row {box.row_off}, {box.width}x{box.height})"

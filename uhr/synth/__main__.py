@@ -28,6 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=12, help="questions per scene")
     parser.add_argument("--open-fraction", type=float, default=0.25, help="share of open-answer questions")
     parser.add_argument("--compress", choices=[c.value for c in Compression], default=Compression.DEFLATE.value)
+    parser.add_argument(
+        "--evidence-window",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="'train' only: also train each question with evidence on a window of at least PX pixels around it",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     try:
@@ -42,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             questions_per_scene=args.questions,
             open_fraction=args.open_fraction,
             compress=args.compress,
+            evidence_window=args.evidence_window,
         )
     except ValueError as error:
         parser.error(str(error))

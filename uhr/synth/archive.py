@@ -6,7 +6,9 @@ Layout under the archive root (a local directory or an s3:// prefix):
     questions.parquet           one row per question (schema: QUESTIONS_SCHEMA)
     questions.jsonl             the same rows as JSON lines
     truth.json                  {"split", "seed", ..., "scenes": {"scenes/scene_0000.tif": truth}}
-    train.jsonl                 split "train" only: LLaVA conversations, one per question
+    train.jsonl                 split "train" only: LLaVA conversations, one per question, and with
+                                `evidence_window` one more per question with evidence, on a window
+                                around it (`uhr.train.data` reads a record's `window`)
 
 Scene seeds come from (archive seed, split, scene index), so a train and a test archive made with
 the same seed share no scene.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -97,6 +100,21 @@ def conversation(question: Question) -> dict[str, Any]:
     }
 
 
+def window_around(bbox: list[float], size: int, min_side: int) -> list[int]:
+    """A square window [col_off, row_off, side, side] inside a `size`-px scene around `bbox` (x0, y0, x1, y1).
+
+    The side is a quarter larger than the box's longest side, at least `min_side` (at most the
+    scene); the window is centred on the box and shifted inward where it would leave the scene.
+    """
+    x0, y0, x1, y1 = bbox
+    side = min(size, max(min_side, math.ceil(1.25 * max(x1 - x0, y1 - y0))))
+
+    def offset(low: float, high: float) -> int:
+        return int(min(max(0, round((low + high - side) / 2)), size - side))
+
+    return [offset(x0, x1), offset(y0, y1), side, side]
+
+
 def write_archive(
     out_uri: str,
     *,
@@ -112,13 +130,17 @@ def write_archive(
     referents: Referents | str = Referents.REGION,
     option_order: OptionOrder | str = OptionOrder.SHUFFLED,
     compress: Compression | str = Compression.DEFLATE,
+    evidence_window: int | None = None,
 ) -> ArchiveIndex:
     """Write a synthetic archive of `scenes` square scenes of `size` px under `out_uri`.
 
     Deterministic from its arguments. `split` "train" also writes `train.jsonl`; its scenes never
     coincide with the "test" scenes of the same seed. `referents` and `option_order` shape the
-    questions (`uhr.synth.questions`). Scenes are written one at a time (each in
-    bounded memory); the tables are written once all scenes are done.
+    questions (`uhr.synth.questions`). With `evidence_window` (pixels; "train" only), every question
+    with evidence is also a training conversation on a window of at least that side around it, at
+    full resolution where the window fits the model's view: the model sees what it is asked about
+    even where a whole-scene view is too coarse to show it. Scenes are written one at a time (each
+    in bounded memory); the tables are written once all scenes are done.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -128,6 +150,8 @@ def write_archive(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if questions_per_scene < 1:
         raise ValueError(f"questions_per_scene must be >= 1, got {questions_per_scene}")
+    if evidence_window is not None and (split != "train" or evidence_window < 1):
+        raise ValueError(f"evidence_window needs split 'train' and a side >= 1, got {evidence_window} for {split!r}")
     storage = storage or StorageConfig()
     questions: list[Question] = []
     truths: dict[str, Any] = {}
@@ -165,7 +189,18 @@ def write_archive(
         "truth.json": json.dumps(truth_doc),
     }
     if split == "train":
-        files["train.jsonl"] = _jsonl([conversation(question) for question in questions])
+        records = [conversation(question) for question in questions]
+        if evidence_window is not None:
+            records += [
+                {
+                    **conversation(question),
+                    "id": f"{question.question_id}@window",
+                    "window": window_around(question.bbox, size, evidence_window),
+                }
+                for question in questions
+                if question.bbox is not None
+            ]
+        files["train.jsonl"] = _jsonl(records)
     _put_files(out_uri, files, storage)
     return ArchiveIndex(
         root=out_uri,

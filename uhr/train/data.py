@@ -7,8 +7,13 @@ the conversation with the chat template and labels the answer tokens only. A rec
 used (bad JSON, missing fields, unreadable image, no image token, nothing left to learn after the
 length cut) is skipped with its reason logged and recorded in a `SkipLedger`; it never fails the run.
 
-Prepared sample row: `id`, `image` (URI), `question` (the text query-guided strategies select
-with), `input_ids`, `labels`, `width`, `height`, `views` (raw RGB bytes) and `view_shapes`.
+A record may name a `window` of its image, `[col_off, row_off, width, height]` in full-resolution
+pixels: the sample is then that region, seen by the strategy as a whole scene of its own (training
+on the annotated part of a scene too large to be useful at one view, without cutting files).
+
+Prepared sample row: `id`, `image` (URI), `window` (the region used; the whole image when the
+record names none), `question` (the text query-guided strategies select with), `input_ids`,
+`labels`, `width`, `height` (of the window), `views` (raw RGB bytes) and `view_shapes`.
 A training worker wraps a sample's views in a `PreparedSource` for the strategy.
 """
 
@@ -34,7 +39,7 @@ from uhr.model.config import UhrConfig
 from uhr.model.pruning import build_strategy
 from uhr.model.pruning.config import PruningConfig
 from uhr.pipeline.reads import decode_views
-from uhr.scenes import Scene, open_scene
+from uhr.scenes import Box, Scene, WindowSource, open_scene
 from uhr.scenes.normalize import NormalizeConfig
 from uhr.storage import StorageConfig, is_remote, join_uri, redact, uri_protocol
 
@@ -199,6 +204,22 @@ def _check_fields(sample: Any) -> None:
         raise SampleError("fields", "'conversations' must be a non-empty list of turns")
 
 
+def _window(sample: dict[str, Any]) -> Box | None:
+    """The record's `window` as a box, None when it names none (the checks that need no image)."""
+    window = sample.get("window")
+    if window is None:
+        return None
+    if (
+        not isinstance(window, list)
+        or len(window) != 4
+        or not all(isinstance(value, int) and not isinstance(value, bool) for value in window)
+    ):
+        raise SampleError("window", f"must be [col_off, row_off, width, height] in pixels, got {window!r}")
+    if window[2] <= 0 or window[3] <= 0 or window[0] < 0 or window[1] < 0:
+        raise SampleError("window", f"needs offsets >= 0 and a positive size, got {window!r}")
+    return Box(*window)
+
+
 def _key(record: str, sample: Any) -> str:
     """What a skipped record is known by: its id, else the start of its text."""
     if isinstance(sample, dict) and sample.get("id") is not None:
@@ -235,15 +256,19 @@ def prepare_sample(
             tokens = tokenize_conversation(tokenizer, conversations, max_length, image_token=model_config.image_token)
         except ValueError as error:
             raise SampleError("conversation", str(error)) from error
+        window = _window(sample)
         uri = image_uri(sample["image"], image_root)
         views, shapes = [], []
         try:
             with open_scene(uri, storage=storage, normalize=normalize) as scene:
-                width, height = scene.width, scene.height
-                for side in build_strategy(pruning).views(model_config, width, height):
-                    view = scene.read_view(side)
+                window = window or Box(0, 0, scene.width, scene.height)
+                source = _window_of(scene, window)
+                for side in build_strategy(pruning).views(model_config, source.width, source.height):
+                    view = source.read_view(side)
                     views.append(view.tobytes())
                     shapes.append(list(view.shape))
+        except SampleError:
+            raise
         except Exception as error:  # GDAL and the network fail in many ways; each costs one sample
             raise SampleError("image", f"{type(error).__name__}: {error}") from error
     except SampleError as error:
@@ -257,15 +282,23 @@ def prepare_sample(
         {
             "id": str(sample.get("id", "")),
             "image": uri,
+            "window": [window.col_off, window.row_off, window.width, window.height],
             "question": question,
             "input_ids": tokens["input_ids"].tolist(),
             "labels": tokens["labels"].tolist(),
-            "width": width,
-            "height": height,
+            "width": window.width,
+            "height": window.height,
             "views": views,
             "view_shapes": shapes,
         }
     ]
+
+
+def _window_of(scene: Scene, window: Box) -> WindowSource:
+    try:
+        return WindowSource(scene, window)
+    except ValueError as error:
+        raise SampleError("window", str(error)) from error
 
 
 def build_training_dataset(
@@ -316,28 +349,31 @@ class PreparedSource:
     """The `PixelSource` a training worker hands a strategy for one prepared sample.
 
     Whole-scene views come from the sample (read by the CPU stage); anything else (c2f's fine
-    windows) is read from the scene itself, opened on first need. Use as a context manager.
+    windows) is read from the scene itself, opened on first need, within the sample's `window`.
+    Use as a context manager.
     """
 
     def __init__(self, sample: dict[str, Any], storage: StorageConfig, normalize: NormalizeConfig):
         self.uri = sample["image"]
-        self._width, self._height = int(sample["width"]), int(sample["height"])
+        self._window = Box(*(int(value) for value in sample["window"]))
         self._views = decode_views(sample)
         self._storage, self._normalize = storage, normalize
         self._scene: Scene | None = None
+        self._source: WindowSource | None = None
 
     @property
     def width(self) -> int:
-        return self._width
+        return self._window.width
 
     @property
     def height(self) -> int:
-        return self._height
+        return self._window.height
 
-    def _open(self) -> Scene:
-        if self._scene is None:
+    def _open(self) -> WindowSource:
+        if self._source is None:
             self._scene = open_scene(self.uri, storage=self._storage, normalize=self._normalize)
-        return self._scene
+            self._source = WindowSource(self._scene, self._window)
+        return self._source
 
     def read_view(self, max_side: int) -> np.ndarray:
         if max_side in self._views:
@@ -352,7 +388,7 @@ class PreparedSource:
     def close(self) -> None:
         if self._scene is not None:
             self._scene.close()
-            self._scene = None
+            self._scene, self._source = None, None
 
     def __enter__(self) -> PreparedSource:
         return self
