@@ -37,7 +37,7 @@ test: $(STAMP) $(WORDNET)
 # fine-tuning run of configs/train/demo.yaml, then its export copied into the package.
 demo-model: $(STAMP)
 	$(BIN)/python -m uhr.demo
-	$(BIN)/python -m jobs.finetune --config configs/train/demo.yaml
+	$(BIN)/python -m jobs.finetune --config configs/train/demo.yaml --overwrite
 	rm -rf uhr/assets/demo-model
 	cp -r outputs/demo/export uhr/assets/demo-model
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from uhr.demo import DEMO_PRUNING_DEFAULTS, TEST, TRAIN, blind_baselines
+from uhr.demo import DEMO_PRUNING_DEFAULTS, TEST, TRAIN, blind_baselines, untrained_model
 from uhr.model import load_model, load_model_config
 from uhr.model.modeling import UhrForConditionalGeneration
 from uhr.model.pruning.config import PruningConfig
@@ -133,3 +133,19 @@ def test_blind_baselines_by_hand() -> None:
     # prior letters: presence B, colour C, counting none (never asked in training).
     assert report["overall"] == {"questions": 5, "chance": pytest.approx((0.5 + 0.5 + 0.25 * 3) / 5), "prior": 2 / 5}
     assert report["small"] == {"questions": 2, "chance": pytest.approx(0.375), "prior": 1.0}
+
+
+def test_the_untrained_model_is_built_again_when_its_corpus_changes(tmp_path: Path) -> None:
+    corpus = ["Is there a red car in the image? yes", "What is the color of the ship in the image? blue"] * 8
+    init = tmp_path / "init"
+    untrained_model(init, corpus)
+    weights = init / "model.safetensors"
+    built = weights.stat().st_mtime_ns
+    untrained_model(init, corpus)
+    assert weights.stat().st_mtime_ns == built
+
+    (init / "stale.txt").write_text("left by an older build")
+    untrained_model(init, [*corpus, "How many planes are there in the image? 3"])
+    assert weights.stat().st_mtime_ns != built and not (init / "stale.txt").exists()
+    model, tokenizer = load_model(str(init))
+    assert model.config.text_config.vocab_size == len(tokenizer)

@@ -19,8 +19,10 @@ Everything is deterministic from the constants below.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import shutil
 import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
@@ -148,11 +150,26 @@ def prepare(root: Path) -> dict[str, str]:
     train = write_split(root / "train", TRAIN)
     test = write_split(root / "test", TEST)
     init = root / "init"
-    if not (init / "config.json").exists():
-        model = build_demo_model(training_corpus(Path(train.train_jsonl)))
-        save_model(model, init)
-        logger.info("saved the untrained demo model to %s", init)
+    untrained_model(init, training_corpus(Path(train.train_jsonl)))
     return {"train": str(Path(train.train_jsonl)), "test": test.root, "init": str(init)}
+
+
+def untrained_model(init: Path, corpus: list[str]) -> None:
+    """Save `build_demo_model(corpus)` to `init`, unless it holds the model of this very corpus already.
+
+    The tokenizer is trained on the corpus, so a model saved for another training split (older
+    settings or generator) is built again rather than reused.
+    """
+    stamp = {"corpus_sha256": hashlib.sha256("\0".join(corpus).encode()).hexdigest(), "seed": MODEL_SEED}
+    built_from = init / "built_from.json"
+    if built_from.exists() and json.loads(built_from.read_text()) == stamp:
+        return
+    if init.exists():
+        logger.info("building the untrained demo model again at %s: its training corpus changed", init)
+        shutil.rmtree(init)
+    save_model(build_demo_model(corpus), init)
+    built_from.write_text(json.dumps(stamp))
+    logger.info("saved the untrained demo model to %s", init)
 
 
 def blind_baselines(train: list[dict], test: list[dict]) -> dict[str, dict[str, float]]:
