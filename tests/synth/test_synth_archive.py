@@ -81,6 +81,10 @@ def test_evidence_windows_add_a_conversation_on_a_window_around_each_evidence(tm
     assert whole == read_jsonl(Path(plain.train_jsonl))
     assert sorted(r["id"] for r in windowed) == sorted(f"{q}@window" for q, row in rows.items() if row["bbox"])
     assert windowed, "the archive asked nothing with evidence"
+    for before, record in zip(records, records[1:]):  # each window record follows its question's record
+        assert "window" not in before or "window" not in record
+        if "window" in record:
+            assert before["id"] + "@window" == record["id"]
     for record in windowed:
         row = rows[record["id"].removesuffix("@window")]
         assert record["conversations"] == next(r for r in whole if r["id"] == row["question_id"])["conversations"]

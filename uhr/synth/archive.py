@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 SPLITS = ("test", "train")
 # Bump when a change to `uhr.synth` changes what the same settings write: cached archives are then
 # written again (`cached_archive`). 2: presence questions whose words do not tell the answer.
-GENERATOR_VERSION = 2
+# 3: evidence-window records follow their question's record.
+GENERATOR_VERSION = 3
 QUESTIONS_SCHEMA = pa.schema(
     [
         pa.field("question_id", pa.string(), nullable=False),
@@ -189,17 +190,13 @@ def write_archive(
         "truth.json": json.dumps(truth_doc),
     }
     if split == "train":
-        records = [conversation(question) for question in questions]
-        if evidence_window is not None:
-            records += [
-                {
-                    **conversation(question),
-                    "id": f"{question.question_id}@window",
-                    "window": window_around(question.bbox, size, evidence_window),
-                }
-                for question in questions
-                if question.bbox is not None
-            ]
+        records = []
+        for question in questions:
+            records.append(conversation(question))
+            # Right after the whole-scene record: a training loader's local shuffle then mixes both kinds.
+            if evidence_window is not None and question.bbox is not None:
+                window = window_around(question.bbox, size, evidence_window)
+                records.append({**conversation(question), "id": f"{question.question_id}@window", "window": window})
         files["train.jsonl"] = _jsonl(records)
     _put_files(out_uri, files, storage)
     return ArchiveIndex(
