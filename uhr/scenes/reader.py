@@ -32,8 +32,8 @@ from shapely.geometry import Polygon
 
 from uhr.errors import SceneError, SceneWarning
 from uhr.scenes.normalize import NormalizeConfig, Stretch, StretchMode, compute_stretch, to_rgb, valid_from_nodata
-from uhr.scenes.source import fit_longest_side
-from uhr.scenes.windows import Box, project
+from uhr.scenes.source import fit_longest_side, paste_inside
+from uhr.scenes.windows import Box
 from uhr.storage import StorageConfig, is_remote, redact, to_gdal_path
 
 log = logging.getLogger(__name__)
@@ -279,17 +279,13 @@ class Scene:
             raise ValueError(f"out_size must be positive, got {out_size}")
         if self.closed:
             raise ValueError(f"read from a closed scene: {redact(self.uri)}")
-        canvas = np.zeros((out_height, out_width, 3), dtype=np.uint8)
-        request = Box(col_off, row_off, width, height)
-        inside = request.intersection(self._box)
-        target = None if inside is None else project(inside, request, out_width, out_height)
-        if inside is None or target is None:
-            return canvas
+        return paste_inside(Box(col_off, row_off, width, height), self._box, out_width, out_height, self._read_rgb)
+
+    def _read_rgb(self, inside: Box, target: Box) -> np.ndarray:
+        """The scene box `inside`, as RGB uint8 of `target`'s size."""
         stretch = self.stretch
         data, valid = self._read_values(inside, target.width, target.height, self._resampling(inside, target))
-        rgb = to_rgb(data, valid, stretch, self.normalize.fill, self._palette)
-        canvas[target.row_off : target.row_end, target.col_off : target.col_end] = rgb
-        return canvas
+        return to_rgb(data, valid, stretch, self.normalize.fill, self._palette)
 
     def _resampling(self, source: Box, target: Box) -> Resampling:
         if self._palette is not None or (source.width == target.width and source.height == target.height):

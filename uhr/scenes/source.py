@@ -9,6 +9,7 @@ small JPEG/PNG inputs); `WindowSource` shows one window of another source as a s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -161,20 +162,26 @@ class WindowSource:
         if width <= 0 or height <= 0:
             raise ValueError(f"window size must be positive, got {width}x{height}")
         out_height, out_width = (height, width) if out_size is None else out_size
-        request = Box(col_off, row_off, width, height)
-        inside = request.intersection(Box(0, 0, self.width, self.height))
-        target = None if inside is None else project(inside, request, out_width, out_height)
-        canvas = np.zeros((out_height, out_width, 3), dtype=np.uint8)
-        if inside is None or target is None:
-            return canvas
-        canvas[target.row_off : target.row_end, target.col_off : target.col_end] = self.source.read_window(
-            self.window.col_off + inside.col_off,
-            self.window.row_off + inside.row_off,
-            inside.width,
-            inside.height,
-            out_size=(target.height, target.width),
-        )
+
+        def read(inside: Box, target: Box) -> np.ndarray:
+            col, row = self.window.col_off + inside.col_off, self.window.row_off + inside.row_off
+            return self.source.read_window(col, row, inside.width, inside.height, out_size=(target.height, target.width))
+
+        return paste_inside(Box(col_off, row_off, width, height), Box(0, 0, self.width, self.height), out_width, out_height, read)
+
+
+def paste_inside(
+    request: Box, bounds: Box, out_width: int, out_height: int, read: Callable[[Box, Box], np.ndarray]
+) -> np.ndarray:
+    """`request` resampled to (out_height, out_width, 3) uint8: zeros, with the part inside `bounds`
+    read by `read(inside, target)` (the scene box to read, its output box) and pasted where it lands."""
+    canvas = np.zeros((out_height, out_width, 3), dtype=np.uint8)
+    inside = request.intersection(bounds)
+    target = None if inside is None else project(inside, request, out_width, out_height)
+    if inside is None or target is None:
         return canvas
+    canvas[target.row_off : target.row_end, target.col_off : target.col_end] = read(inside, target)
+    return canvas
 
 
 def _box_text(box: Box) -> str:
