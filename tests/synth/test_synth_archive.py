@@ -85,6 +85,8 @@ def test_evidence_windows_add_a_conversation_on_a_window_around_each_evidence(tm
         assert "window" not in before or "window" not in record
         if "window" in record:
             assert before["id"] + "@window" == record["id"]
+    for record in records:  # the evidence box rides along, in scene pixels, for the grounding loss
+        assert record.get("bbox") == rows[record["id"].removesuffix("@window")]["bbox"]
     for record in windowed:
         row = rows[record["id"].removesuffix("@window")]
         assert record["conversations"] == next(r for r in whole if r["id"] == row["question_id"])["conversations"]

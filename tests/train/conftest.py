@@ -37,6 +37,9 @@ def bad_records(good: dict) -> list[tuple[str, str]]:
         (json.dumps({**good, "id": "window-not-a-box", "window": [0, 0, 64]}), "window"),
         (json.dumps({**good, "id": "window-of-no-size", "window": [0, 0, 0, 64]}), "window"),
         (json.dumps({**good, "id": "window-past-the-image", "window": [0, 0, 100_000, 64]}), "window"),
+        (json.dumps({**good, "id": "bbox-not-a-box", "bbox": [1, 2, 3]}), "bbox"),
+        (json.dumps({**good, "id": "bbox-upside-down", "bbox": [10, 10, 5, 20]}), "bbox"),
+        (json.dumps({**good, "id": "bbox-outside-the-window", "window": [0, 0, 64, 64], "bbox": [100, 100, 120, 120]}), "bbox"),
     ]
 
 

@@ -74,6 +74,7 @@ def test_samples_carry_the_strategy_views_and_answer_only_labels(ray_local, mode
         labelled = [t for t in row["labels"] if t != IGNORE_INDEX]
         assert labelled[: len(answer)] == answer and len(labelled) == len(answer) + 2  # + <|im_end|>\n
         assert row["question"] == record["conversations"][0]["value"].replace("<image>", "").strip()
+        assert row["bbox"] == record.get("bbox")  # the whole image: the scene's own frame
         with open_scene(row["image"]) as scene:
             sides = strategy.views(model_config, scene.width, scene.height)
             assert (row["width"], row["height"]) == (scene.width, scene.height)
@@ -85,14 +86,26 @@ def test_samples_carry_the_strategy_views_and_answer_only_labels(ray_local, mode
 
 @pytest.fixture(scope="module")
 def windowed_manifest(train_archive, tmp_path_factory) -> tuple[str, dict[str, Box]]:
-    """Two records of the archive again, each on a window of its image (one touching the bottom-right corner)."""
+    """Two records of the archive again, each on a window of its image (one touching the bottom-right corner).
+
+    The first names evidence straddling its window's left edge, the second none.
+    """
     records = [json.loads(line) for line in Path(train_archive.train_jsonl).read_text().splitlines()][:2]
     with open_scene(str(Path(train_archive.root) / records[1]["image"])) as scene:
         corner = Box(scene.width - 70, scene.height - 40, 70, 40)
     boxes = {"w0": Box(10, 20, 96, 64), "w1": corner}
+    evidence = {"w0": [0, 30, 40, 50.5], "w1": None}
     path = tmp_path_factory.mktemp("windowed") / "train.jsonl"
     lines = [
-        json.dumps({**record, "id": key, "image": str(Path(train_archive.root) / record["image"]), "window": list(vars(box).values())})
+        json.dumps(
+            {
+                **record,
+                "id": key,
+                "image": str(Path(train_archive.root) / record["image"]),
+                "window": list(vars(box).values()),
+                "bbox": evidence[key],
+            }
+        )
         for key, record, box in zip(boxes, records, boxes.values())
     ]
     path.write_text("\n".join(lines) + "\n")
@@ -111,6 +124,8 @@ def test_a_record_with_a_window_trains_on_that_region_as_a_scene(ray_local, mode
         box = boxes[row["id"]]
         assert row["window"] == [box.col_off, box.row_off, box.width, box.height]
         assert (row["width"], row["height"]) == (box.width, box.height)
+        # In the window's pixels, clipped to it
+        assert row["bbox"] == {"w0": [0.0, 10.0, 30.0, 30.5], "w1": None}[row["id"]]
         with open_scene(row["image"]) as scene, torch.no_grad():
             window = WindowSource(scene, box)
             sides = selector.views(model_config, box.width, box.height)

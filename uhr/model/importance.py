@@ -34,7 +34,6 @@ def _rotary(attention: nn.Module):
     return apply
 
 
-@torch.no_grad()
 def decoder_attention(
     language_model: nn.Module,
     inputs_embeds: torch.Tensor,
@@ -46,7 +45,8 @@ def decoder_attention(
 
     inputs_embeds: `(1, L, D)`; queries: `(Q,)` and keys: `(K,)` long positions in [0, L).
     Returns `(Q, K)` float32: row q is the softmax over all L positions (causal) of query q,
-    averaged over heads, restricted to the `keys` columns.
+    averaged over heads, restricted to the `keys` columns. Differentiable: scoring calls it under
+    `torch.no_grad()`, the fine-tuning job's grounding loss with gradients.
     """
     if inputs_embeds.ndim != 3 or inputs_embeds.shape[0] != 1:
         raise ValueError(f"inputs_embeds must be (1, L, D), got {tuple(inputs_embeds.shape)}")

@@ -516,6 +516,41 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
             weights = decoder_attention(self.language_model, inputs_embeds, layer, queries, keys)  # (Q, N)
         return weights.mean(dim=0) if query == "mean" else weights[0]
 
+    def prompt_attention(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.LongTensor,
+        visual: list[PrunedTokens],
+        *,
+        layer: int,
+    ) -> list[torch.Tensor]:
+        """Per training row, `(N_i,)` attention of its last prompt token to its N_i visual tokens at decoder layer `layer`.
+
+        The rows are `forward`'s (same arguments); a row's prompt ends where its first labelled token
+        starts, so the query is the token `answer` would generate from: this is the head-averaged
+        attention `visual_importance(query="last")` scores with (c2f's Region Focus target), computed
+        with gradients so that a loss can train it.
+        """
+        image_id = self.config.image_token_id
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        counts = ((input_ids == image_id) & attention_mask.bool()).sum(dim=1)
+        inputs_embeds, mask, expanded_labels = self._expand(input_ids, attention_mask, labels, visual, counts)
+        attention = []
+        for i, tokens in enumerate(visual):
+            length = int(mask[i].sum())
+            answer = (expanded_labels[i, :length] != IGNORE_INDEX).nonzero()
+            if answer.numel() == 0 or int(answer[0, 0]) == 0:
+                raise ValueError(f"row {i} has no prompt before a labelled token to attend from")
+            ids = input_ids[i][attention_mask[i].bool()]
+            position = int((ids == image_id).nonzero()[0, 0])
+            queries = answer[:1, 0] - 1
+            keys = torch.arange(position, position + len(tokens), device=inputs_embeds.device)
+            weights = decoder_attention(self.language_model, inputs_embeds[i : i + 1, :length], layer, queries, keys)
+            attention.append(weights[0])
+        return attention
+
 
 def _shared_prefix_groups(
     visual: list[PrunedTokens], prompts: list[tuple[torch.Tensor, int]]

@@ -41,8 +41,8 @@ logger = logging.getLogger(__name__)
 SPLITS = ("test", "train")
 # Bump when a change to `uhr.synth` changes what the same settings write: cached archives are then
 # written again (`cached_archive`). 2: presence questions whose words do not tell the answer.
-# 3: evidence-window records follow their question's record.
-GENERATOR_VERSION = 3
+# 3: evidence-window records follow their question's record. 4: training records carry `bbox`.
+GENERATOR_VERSION = 4
 QUESTIONS_SCHEMA = pa.schema(
     [
         pa.field("question_id", pa.string(), nullable=False),
@@ -90,8 +90,12 @@ def scene_path(index: int) -> str:
 
 
 def conversation(question: Question) -> dict[str, Any]:
-    """A question as one LLaVA training conversation (GeoLLaVA-Data / SuperRS-VQA shape)."""
-    return {
+    """A question as one LLaVA training conversation (GeoLLaVA-Data / SuperRS-VQA shape).
+
+    A question with evidence also carries its scene-pixel `bbox` (x0, y0, x1, y1), which the
+    fine-tuning job's grounding loss (`uhr.train.grounding`) points the LM's attention at.
+    """
+    record: dict[str, Any] = {
         "id": question.question_id,
         "image": question.scene,
         "conversations": [
@@ -99,6 +103,9 @@ def conversation(question: Question) -> dict[str, Any]:
             {"from": "gpt", "value": question.answer},
         ],
     }
+    if question.bbox is not None:
+        record["bbox"] = list(question.bbox)
+    return record
 
 
 def window_around(bbox: list[float], size: int, min_side: int) -> list[int]:

@@ -127,6 +127,17 @@ class DeepSpeedSettings(BaseModel):
     )
 
 
+class GroundingConfig(BaseModel):
+    """Attention supervision (`uhr.train.grounding`); off by default, as the papers' recipes have none."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    weight: float = Field(0.0, ge=0, description="Weight of the grounding loss beside the answer loss; 0 turns it off.")
+    layer: int | None = Field(
+        None, description="Decoder layer whose attention is trained; None: the middle layer, where c2f and uhr-bat score."
+    )
+
+
 class FinetuneConfig(BaseModel):
     """Everything `python -m jobs.finetune` needs. Every field can be set in YAML or as `key=value`."""
 
@@ -139,6 +150,9 @@ class FinetuneConfig(BaseModel):
     pruning: PruningConfig = Field(
         default_factory=PruningConfig,
         description="Strategy in the loop and its token budget; unset fields come from the model's pruning defaults.",
+    )
+    grounding: GroundingConfig = Field(
+        default_factory=GroundingConfig, description="Loss that points the LM's attention at records' evidence `bbox`."
     )
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store endpoint and GDAL tuning.")
     normalize: NormalizeConfig = Field(default_factory=NormalizeConfig, description="Bands, stretch and nodata handling of scenes.")

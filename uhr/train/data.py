@@ -10,9 +10,12 @@ length cut) is skipped with its reason logged and recorded in a `SkipLedger`; it
 A record may name a `window` of its image, `[col_off, row_off, width, height]` in full-resolution
 pixels: the sample is then that region, seen by the strategy as a whole scene of its own (training
 on the annotated part of a scene too large to be useful at one view, without cutting files).
+It may also name the question's evidence, `bbox` `[x0, y0, x1, y1]` in the image's pixels, which
+the grounding loss (`uhr.train.grounding`) uses; it must overlap the window.
 
 Prepared sample row: `id`, `image` (URI), `window` (the region used; the whole image when the
-record names none), `question` (the text query-guided strategies select with), `input_ids`,
+record names none), `question` (the text query-guided strategies select with), `bbox` (the
+evidence in the window's pixels, clipped to it; None without one), `input_ids`,
 `labels`, `width`, `height` (of the window), `views` (raw RGB bytes) and `view_shapes`.
 A training worker wraps a sample's views in a `PreparedSource` for the strategy.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import Counter
 from typing import Any
@@ -220,6 +224,32 @@ def _window(sample: dict[str, Any]) -> Box | None:
     return Box(*window)
 
 
+def _bbox(sample: dict[str, Any]) -> tuple[float, float, float, float] | None:
+    """The record's evidence `bbox` (x0, y0, x1, y1, scene pixels), None when it names none."""
+    bbox = sample.get("bbox")
+    if bbox is None:
+        return None
+    if (
+        not isinstance(bbox, list)
+        or len(bbox) != 4
+        or not all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) for value in bbox)
+    ):
+        raise SampleError("bbox", f"must be [x0, y0, x1, y1] in pixels, got {bbox!r}")
+    x0, y0, x1, y1 = (float(value) for value in bbox)
+    if x1 <= x0 or y1 <= y0:
+        raise SampleError("bbox", f"needs x1 > x0 and y1 > y0, got {bbox!r}")
+    return x0, y0, x1, y1
+
+
+def bbox_in_window(bbox: tuple[float, float, float, float], window: Box) -> list[float]:
+    """`bbox` (scene pixels) in the frame of `window`, clipped to it; a box outside the window is refused."""
+    x0, y0 = max(bbox[0] - window.col_off, 0.0), max(bbox[1] - window.row_off, 0.0)
+    x1, y1 = min(bbox[2] - window.col_off, float(window.width)), min(bbox[3] - window.row_off, float(window.height))
+    if x1 <= x0 or y1 <= y0:
+        raise SampleError("bbox", f"{list(bbox)} lies outside the sample's window {[window.col_off, window.row_off, window.width, window.height]}")
+    return [x0, y0, x1, y1]
+
+
 def _key(record: str, sample: Any) -> str:
     """What a skipped record is known by: its id, else the start of its text."""
     if isinstance(sample, dict) and sample.get("id") is not None:
@@ -257,6 +287,7 @@ def prepare_sample(
         except ValueError as error:
             raise SampleError("conversation", str(error)) from error
         window = _window(sample)
+        bbox = _bbox(sample)
         uri = image_uri(sample["image"], image_root)
         views, shapes = [], []
         try:
@@ -271,6 +302,7 @@ def prepare_sample(
             raise
         except Exception as error:  # GDAL and the network fail in many ways; each costs one sample
             raise SampleError("image", f"{type(error).__name__}: {error}") from error
+        evidence = None if bbox is None else bbox_in_window(bbox, window)
     except SampleError as error:
         key = _key(record, sample)
         reason = redact(str(error).splitlines()[0])
@@ -284,6 +316,7 @@ def prepare_sample(
             "image": uri,
             "window": [window.col_off, window.row_off, window.width, window.height],
             "question": question,
+            "bbox": evidence,
             "input_ids": tokens["input_ids"].tolist(),
             "labels": tokens["labels"].tolist(),
             "width": window.width,

@@ -34,6 +34,7 @@ from uhr.model.modeling import UhrForConditionalGeneration
 from uhr.model.pruning import PrunedTokens, PruningStrategy, build_strategy
 from uhr.train.config import FinetuneConfig, OptimizerConfig
 from uhr.train.data import PreparedSource, collate
+from uhr.train.grounding import grounding_loss
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -71,6 +72,8 @@ class TrainState:
     """(step, loss) of every optimizer step, loss averaged over the step's micro-batches and ranks."""
     resumed_from: list[int] = field(default_factory=list)
     """Steps training restarted from, one entry per resume."""
+    grounding: list[tuple[int, float]] = field(default_factory=list)
+    """(step, grounding loss) of every optimizer step that had evidence, when the loss is on."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,6 +175,7 @@ def restore_checkpoint(engine: DeepSpeedEngine, checkpoint: ray.train.Checkpoint
         epoch=saved["epoch"],
         history=[tuple(item) for item in saved["history"]],
         resumed_from=[*saved["resumed_from"], saved["step"]],
+        grounding=[tuple(item) for item in saved.get("grounding", [])],
     )
 
 
@@ -191,21 +195,37 @@ def select_tokens(
 
 def micro_step(
     engine: DeepSpeedEngine, strategy: PruningStrategy, samples: list[dict[str, Any]], config: FinetuneConfig
-) -> tuple[float, int]:
-    """Forward, backward and (at accumulation boundaries) an optimizer step; returns (loss, visual tokens)."""
+) -> tuple[float, float | None, int]:
+    """Forward, backward and (at accumulation boundaries) an optimizer step.
+
+    Returns (loss, grounding loss or None when off or no sample has evidence, visual tokens); the
+    loss is the one optimised, the grounding term (times its weight) included.
+    """
     model: UhrForConditionalGeneration = engine.module
     visual = [select_tokens(model, strategy, sample, config) for sample in samples]
     batch = {key: value.to(engine.device) for key, value in collate(samples, model.tokenizer.pad_token_id).items()}
     output = engine(**batch, visual=visual)
-    engine.backward(output.loss)
+    loss, grounding = output.loss, None
+    if config.grounding.weight > 0:
+        grounding = grounding_loss(model, batch, visual, [sample.get("bbox") for sample in samples], config.grounding.layer)
+        if grounding is not None:
+            loss = loss + config.grounding.weight * grounding
+    engine.backward(loss)
     engine.step()
-    return float(output.loss.detach()), sum(len(tokens) for tokens in visual)
+    return float(loss.detach()), None if grounding is None else float(grounding.detach()), sum(len(t) for t in visual)
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return float(tensor.item()) / dist.get_world_size()
+
+
+def _pooled_mean(values: list[float], device: torch.device) -> float | None:
+    """Mean of every rank's `values` together (a rank may have none); None when no rank has any."""
+    totals = torch.tensor([sum(values), len(values)], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] else None
 
 
 def _steady_rate(samples: int, busy_s: float, first_step: tuple[int, float] | None) -> float | None:
@@ -251,6 +271,7 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
     # Ray Data's first batch and torch's lazy set-up: the steady rate is measured after it.
     first_step: tuple[int, float] | None = None
     step_losses: list[float] = []
+    step_grounding: list[float] = []
     last_saved = state.step
     while state.step < plan.total_steps and (config.max_steps is not None or state.epoch < config.epochs):
         steps_before = state.step
@@ -264,16 +285,21 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
         started = time.perf_counter()
         for batch in batches:
             samples = batch.to_pylist()
-            loss, kept = micro_step(engine, strategy, samples, config)
+            loss, grounding, kept = micro_step(engine, strategy, samples, config)
             samples_seen += len(samples)
             tokens += kept
             step_losses.append(loss)
+            if grounding is not None:
+                step_grounding.append(grounding)
             if len(step_losses) < accumulation:
                 continue
             state.step += 1
             loss = _mean_over_ranks(sum(step_losses) / len(step_losses), engine.device)
-            step_losses = []
+            grounding = _pooled_mean(step_grounding, engine.device) if config.grounding.weight > 0 else None
+            step_losses, step_grounding = [], []
             state.history.append((state.step, loss))
+            if grounding is not None:
+                state.grounding.append((state.step, grounding))
             busy_s += time.perf_counter() - started
             if first_step is None:
                 first_step = (samples_seen, busy_s)
@@ -283,6 +309,7 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
                     "step": state.step,
                     "epoch": state.epoch,
                     "loss": loss,
+                    **({} if grounding is None else {"grounding_loss": grounding}),
                     "visual_tokens_per_sample": tokens / max(samples_seen, 1),
                     **{f"lr/{name}": lr for name, lr in zip(group_names, engine.get_lr())},
                 }
@@ -313,7 +340,14 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
         "samples_per_s": _gather(samples_seen / busy_s if busy_s else 0.0),
         "steady_samples_per_s": _gather(_steady_rate(samples_seen, busy_s, first_step)),
     }
-    return {"steps": state.step, "epochs": state.epoch, "history": state.history, "resumed_from": state.resumed_from, **per_rank}
+    return {
+        "steps": state.step,
+        "epochs": state.epoch,
+        "history": state.history,
+        "grounding": state.grounding,
+        "resumed_from": state.resumed_from,
+        **per_rank,
+    }
 
 
 __all__ = [

@@ -62,6 +62,8 @@ class FinetuneSummary:
     steady_samples_per_s: list[float | None] = field(default_factory=list)
     """Per rank, samples/s after the worker process's first optimizer step (Ray Data's first batch,
     lazy set-up); None where a process ran fewer than two steps."""
+    grounding_history: list[tuple[int, float]] = field(default_factory=list)
+    """(step, grounding loss) of the steps that had evidence, when `grounding.weight` > 0."""
 
     @property
     def losses(self) -> list[float]:
@@ -69,16 +71,8 @@ class FinetuneSummary:
 
     def format(self) -> str:
         """A few lines: progress, the loss curve in brief, throughput, skipped samples, where things are."""
-        losses = self.losses
-        if losses:
-            window = max(1, len(losses) // 10)
-            first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
-            curve = (
-                f"{losses[0]:.4f} at step {self.history[0][0]} -> {losses[-1]:.4f} at step {self.history[-1][0]} "
-                f"(min {min(losses):.4f}; mean of first/last {window} steps {first:.4f} -> {last:.4f})"
-            )
-        else:
-            curve = "no steps run"
+        curve = _curve(self.history) if self.history else "no steps run"
+        grounding = [f"  grounding loss {_curve(self.grounding_history)}"] if self.grounding_history else []
         resumed = f", resumed from step {', '.join(map(str, self.resumed_from))}" if self.resumed_from else ""
         rates = ", ".join(f"{rate:.2f}" for rate in self.samples_per_s)
         state = ", ".join(f"{count / 2**20:.2f}" for count in self.optimizer_state_bytes)
@@ -87,6 +81,7 @@ class FinetuneSummary:
             [
                 f"fine-tuning: {self.steps}/{self.total_steps} steps, {self.epochs + 1} epoch(s){resumed}, {self.wall_s:.1f} s",
                 f"  loss           {curve}",
+                *grounding,
                 f"  workers        {len(self.nodes)} on {len(set(self.nodes))} node(s), {sum(self.samples)} samples trained",
                 f"  samples/s      {rates} (per worker)",
                 f"  optimizer MiB  {state} (per rank)",
@@ -95,6 +90,17 @@ class FinetuneSummary:
                 f"  export         {redact(self.export)}",
             ]
         )
+
+
+def _curve(history: list[tuple[int, float]]) -> str:
+    """A loss curve in brief: first and last values, the minimum, the means of the first and last tenth."""
+    losses = [loss for _, loss in history]
+    window = max(1, len(losses) // 10)
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    return (
+        f"{losses[0]:.4f} at step {history[0][0]} -> {losses[-1]:.4f} at step {history[-1][0]} "
+        f"(min {min(losses):.4f}; mean of first/last {window} steps {first:.4f} -> {last:.4f})"
+    )
 
 
 def _delete(uri: str, storage: StorageConfig) -> None:
@@ -219,6 +225,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
         samples_per_s=done["samples_per_s"],
         wall_s=time.monotonic() - start,
         steady_samples_per_s=done["steady_samples_per_s"],
+        grounding_history=[tuple(item) for item in done["grounding"]],
     )
 
 
