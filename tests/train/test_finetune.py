@@ -85,7 +85,7 @@ def killed_run(cluster, s3_server, model_dir, manifest_with_bad_rows) -> tuple[F
     """(config, summary, bucket) of the run whose worker was killed after its first checkpoint."""
     manifest, _, _ = manifest_with_bad_rows
     bucket = s3_server.new_bucket("finetune")
-    config = finetune_config(model_dir, manifest, f"s3://{bucket}/runs")
+    config = finetune_config(model_dir, manifest, f"s3://{bucket}/runs", grounding={"weight": 0.5})
     result: dict[str, Any] = {}
 
     def train() -> None:
@@ -135,6 +135,16 @@ def test_loss_goes_down_with_pruning_in_the_loop(killed_run):
     losses = summary.losses
     first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
     assert last < 0.8 * first, losses
+
+
+def test_the_grounding_loss_is_trained_and_reported_across_the_restart(killed_run):
+    _, summary, _ = killed_run
+    steps = [step for step, _ in summary.grounding_history]
+    # The archive's records name their evidence: a step of 4 samples almost always holds some.
+    assert steps == sorted(set(steps)) and len(steps) >= MAX_STEPS // 2, summary.grounding_history
+    assert set(steps) <= {step for step, _ in summary.history}
+    assert all(0 < value < 20 for _, value in summary.grounding_history)
+    assert "grounding loss" in summary.format()
 
 
 def test_zero2_gives_each_rank_half_of_the_optimizer_state(killed_run, model_dir):

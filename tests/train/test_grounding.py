@@ -9,7 +9,7 @@ from uhr.model import build_tiny_model, tokenize_conversation
 from uhr.model.pruning.base import PrunedTokens
 from uhr.model.pruning.grouping import cell_boxes
 from uhr.train.data import collate
-from uhr.train.grounding import evidence_mask, grounding_loss
+from uhr.train.grounding import grounding_loss
 
 QUESTIONS = ["Is there a red ship in the image?", "What colour is the storage tank next to the harbour in the north?"]
 
@@ -55,11 +55,11 @@ def test_prompt_attention_is_the_last_prompt_tokens_attention_that_c2f_scores_wi
 
 def test_evidence_tokens_are_those_whose_box_overlaps_it():
     tokens = grid_tokens(4, 8.0, 8, seed=0)  # cells [0, 8), [8, 16), ... on each axis
-    mask = evidence_mask(tokens, [9.0, 0.0, 17.0, 7.5]).reshape(4, 4)
+    mask = tokens.overlapping([9.0, 0.0, 17.0, 7.5]).reshape(4, 4)
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[0, 1:3] = True  # columns 1 and 2 of the first row; touching an edge is not overlapping
     assert torch.equal(mask, expected)
-    assert not evidence_mask(tokens, [32.0, 0.0, 40.0, 8.0]).any()
+    assert not tokens.overlapping([32.0, 0.0, 40.0, 8.0]).any()
 
 
 def test_the_loss_moves_attention_onto_the_evidence_and_leaves_rows_without_any_out():
@@ -77,7 +77,7 @@ def test_the_loss_moves_attention_onto_the_evidence_and_leaves_rows_without_any_
     def share() -> float:
         with torch.no_grad():
             weights = model.prompt_attention(batch["input_ids"][:1], batch["attention_mask"][:1], batch["labels"][:1], visual[:1], layer=layer)[0]
-        return float(weights[evidence_mask(visual[0], boxes[0])].sum() / weights.sum())
+        return float(weights[visual[0].overlapping(boxes[0])].sum() / weights.sum())
 
     before = share()
     loss = grounding_loss(model, batch, visual, boxes, layer)

@@ -19,16 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from uhr.model.modeling import UhrForConditionalGeneration
 from uhr.model.pruning.base import PrunedTokens
 from uhr.model.pruning.uhr_bat import middle_layer
-
-
-def evidence_mask(tokens: PrunedTokens, bbox: list[float]) -> torch.Tensor:
-    """(N,) bool: the visual tokens whose scene-pixel box overlaps `bbox` (x0, y0, x1, y1) with positive area."""
-    x0, y0, x1, y1 = bbox
-    box = tokens.box
-    return (box[:, 0] < x1) & (box[:, 2] > x0) & (box[:, 1] < y1) & (box[:, 3] > y0)
 
 
 def grounding_loss(
@@ -46,7 +40,7 @@ def grounding_loss(
     """
     rows = [
         i for i, (tokens, bbox) in enumerate(zip(visual, boxes))
-        if bbox is not None and bool(evidence_mask(tokens, list(bbox)).any())
+        if bbox is not None and bool(tokens.overlapping(bbox).any())
     ]
     if not rows:
         return None
@@ -59,9 +53,9 @@ def grounding_loss(
     )
     losses = []
     for weights, i in zip(attention, rows):
-        on_evidence = weights[evidence_mask(visual[i], list(boxes[i])).to(weights.device)].sum()
+        on_evidence = weights[visual[i].overlapping(boxes[i]).to(weights.device)].sum()
         losses.append(-(torch.log(on_evidence.clamp_min(1e-12)) - torch.log(weights.sum().clamp_min(1e-12))))
     return torch.stack(losses).mean()
 
 
-__all__ = ["evidence_mask", "grounding_loss"]
+__all__ = ["grounding_loss"]

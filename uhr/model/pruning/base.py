@@ -113,6 +113,12 @@ class PrunedTokens:
         same = (self.embeds[:n] == other.embeds[:n]).all(dim=1)  # (n,)
         return n if bool(same.all()) else int(same.to(torch.uint8).argmin())
 
+    def overlapping(self, bbox: list[float] | tuple[float, float, float, float]) -> torch.Tensor:
+        """(N,) bool: the tokens whose box overlaps the scene-pixel box `bbox` (x0, y0, x1, y1) with positive area."""
+        x0, y0, x1, y1 = bbox
+        box = self.box
+        return (box[:, 0] < x1) & (box[:, 2] > x0) & (box[:, 1] < y1) & (box[:, 3] > y0)
+
     def per_scale(self) -> dict[int, int]:
         """Kept tokens per scale index."""
         scales, counts = torch.unique(self.scale, return_counts=True)
