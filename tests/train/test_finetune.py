@@ -85,7 +85,8 @@ def killed_run(cluster, s3_server, model_dir, manifest_with_bad_rows) -> tuple[F
     """(config, summary, bucket) of the run whose worker was killed after its first checkpoint."""
     manifest, _, _ = manifest_with_bad_rows
     bucket = s3_server.new_bucket("finetune")
-    config = finetune_config(model_dir, manifest, f"s3://{bucket}/runs", grounding={"weight": 0.5})
+    # The grounding loss on, weighted low: the logged loss includes it, and the loss test is about the answers.
+    config = finetune_config(model_dir, manifest, f"s3://{bucket}/runs", grounding={"weight": 0.1})
     result: dict[str, Any] = {}
 
     def train() -> None:
