@@ -38,10 +38,8 @@ def grounding_loss(
     evidence in the frame of its visual tokens' boxes, or None. A row whose tokens do not overlap
     its evidence (a strategy that pruned it all away) has no target and is left out.
     """
-    rows = [
-        i for i, (tokens, bbox) in enumerate(zip(visual, boxes))
-        if bbox is not None and bool(tokens.overlapping(bbox).any())
-    ]
+    masks = {i: tokens.overlapping(bbox) for i, (tokens, bbox) in enumerate(zip(visual, boxes)) if bbox is not None}
+    rows = [i for i, mask in masks.items() if bool(mask.any())]
     if not rows:
         return None
     attention = model.prompt_attention(
@@ -53,7 +51,7 @@ def grounding_loss(
     )
     losses = []
     for weights, i in zip(attention, rows):
-        on_evidence = weights[visual[i].overlapping(boxes[i]).to(weights.device)].sum()
+        on_evidence = weights[masks[i].to(weights.device)].sum()
         losses.append(-(torch.log(on_evidence.clamp_min(1e-12)) - torch.log(weights.sum().clamp_min(1e-12))))
     return torch.stack(losses).mean()
 
