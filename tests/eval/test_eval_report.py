@@ -157,3 +157,42 @@ def test_report_in_object_storage(s3_server, wordnet: WordNetCorpusReader) -> No
     fs = storage.filesystem(out)
     assert sorted(path.rsplit("/", 1)[1] for path in fs.ls(out)) == sorted([REPORT_JSON, REPORT_MD, REPORT_PLOT])
     assert json.loads(fs.cat(f"{out}/{REPORT_JSON}"))["benchmarks"] == ["synthetic", "xlrs-lite"]
+
+
+def test_evidence_resolved_by_a_token_no_larger_than_the_bbox(tmp_path: Path, wordnet: WordNetCorpusReader) -> None:
+    # Three synthetic items with evidence: two small objects (20 px and 10 px boxes), one large (40 px).
+    boxes = {"e-0": [0.0, 0.0, 20.0, 8.0], "e-1": [50.0, 50.0, 60.0, 60.0], "e-2": [0.0, 0.0, 40.0, 40.0]}
+    items = pa.Table.from_pylist(
+        [
+            {**_item("synthetic", qid, "object colour", "A", small=qid != "e-2"), "bbox": box}
+            for qid, box in boxes.items()
+        ]
+        + [_item("synthetic", "e-3", "object colour", "A", small=True)],  # no bbox: not counted
+        schema=ITEM_SCHEMA,
+    )
+    answers = _answers(
+        [
+            ("e-0", "A", "c2f", 256, 200, 9000, None),  # finest token 16 px <= 20: resolved
+            ("e-1", "B", "c2f", 256, 200, 9000, None),  # 16 px > 10: blurred
+            ("e-2", "A", "c2f", 256, 200, 9000, None),  # no kept token over it
+            ("e-3", "A", "c2f", 256, 200, 9000, None),
+            ("e-0", "A", "downsample", 256, 256, 256, None),  # 64 px > 20
+            ("e-1", None, "downsample", 256, None, None, "read failed"),  # not answered: not counted
+            ("e-2", "A", "downsample", 256, 256, 256, None),  # 40 px <= 40
+            ("e-3", "A", "downsample", 256, 256, 256, None),
+        ]
+    ).append_column("evidence_px", pa.array([16.0, 16.0, None, None, 64.0, None, 40.0, None], pa.float64()))
+
+    report = build_report(items, answers, str(tmp_path / "out"), wordnet=wordnet)
+    runs = {run.strategy: run for run in report.runs}
+    assert runs["c2f"].evidence_resolved == pytest.approx(1 / 3)
+    assert runs["c2f"].evidence_resolved_small == 0.5
+    assert runs["downsample"].evidence_resolved == 0.5
+    assert runs["downsample"].evidence_resolved_small == 0.0
+    markdown = (tmp_path / "out" / REPORT_MD).read_text()
+    assert "| c2f | 256 | 4 | 4 | 0 | 0 | 200 | 9,000 | 2.2 | 33.3 | 50.0 |" in markdown
+    assert "evidence resolved:" in markdown
+
+    # Answers without the column (written before it existed): no evidence figures, no columns for them.
+    plain = evaluate(items, answers.drop_columns(["evidence_px"]), wordnet)
+    assert all(run.evidence_resolved is None for run in plain.runs)

@@ -49,9 +49,15 @@ def test_every_strategy_from_object_storage_to_geoparquet(ray_local, s3_server, 
         assert (row["choice"] is not None) == bool(row["choices"])
         assert 0 < row["tokens_kept"] <= budget and row["tokens_kept"] <= row["tokens_dense"]
         assert sum(row["tokens_per_scale"]) == row["tokens_kept"]
+        if row["bbox"] is None:
+            assert row["evidence_tokens"] is None and row["evidence_px"] is None
+        else:
+            assert 0 <= row["evidence_tokens"] <= row["tokens_kept"]
+            assert (row["evidence_px"] is None) == (row["evidence_tokens"] == 0)
         assert row["bytes_read"] > 0 and row["read_ms"] > 0 and row["encode_ms"] > 0 and row["answer_ms"] > 0
         footprint = shapely.from_wkb(row["footprint"])
         assert footprint.is_valid and -180 <= footprint.bounds[0] <= footprint.bounds[2] <= 180
+    assert any(row["evidence_tokens"] for row in rows.to_pylist())  # the archive's questions name evidence
     # GeoParquet: the footprint column is declared, so GeoPandas / DuckDB / QGIS read it as geometry.
     geo = json.loads(rows.schema.metadata[b"geo"])
     assert geo["primary_column"] == "footprint" and geo["columns"]["footprint"]["encoding"] == "WKB"

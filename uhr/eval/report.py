@@ -10,11 +10,16 @@ answer rows the VQA job writes, one per question and run:
     tokens_kept   int|null      visual tokens the LLM saw
     tokens_dense  int|null      visual tokens before pruning
     error         string|null   optional: why the question has no answer
+    evidence_px   double|null   optional: side of the finest kept token over the item's `bbox`
     source        string        optional: benchmark, when question ids repeat across benchmarks
 
 A run is one (strategy, budget). Each run is scored on EVERY item of each benchmark it answered:
 an item without an answer row counts as wrong and as `missing`, an error row as wrong and as
-`errors`, so a partial run never looks better than it is.
+`errors`, so a partial run never looks better than it is. Where items name their evidence (`bbox`)
+and the answers carry `evidence_px`, a run also reports how often its kept tokens *resolved* the
+evidence: some kept token overlapping the bbox is no larger than the bbox's longest side (a token
+coarser than the object blurs it into its surroundings), over the answered items with a bbox, and
+over those of small objects.
 
 Outputs under `out_uri`: `report.json` (everything), `report.md` (one table per benchmark, then
 its per-category breakdown) and `accuracy_vs_tokens.png` (each benchmark's headline accuracy
@@ -61,6 +66,8 @@ class RunResult:
     mean_tokens_kept: float | None
     mean_tokens_dense: float | None
     score: BenchmarkScore
+    evidence_resolved: float | None = None
+    evidence_resolved_small: float | None = None
 
     @property
     def kept_fraction(self) -> float | None:
@@ -84,6 +91,8 @@ class RunResult:
             "mean_tokens_kept": self.mean_tokens_kept,
             "mean_tokens_dense": self.mean_tokens_dense,
             "kept_fraction": self.kept_fraction,
+            "evidence_resolved": self.evidence_resolved,
+            "evidence_resolved_small": self.evidence_resolved_small,
             "headline": {"name": self.score.headline_name, "value": self.score.headline},
             "metrics": self.score.to_dict(),
         }
@@ -119,7 +128,7 @@ def join_answers(items: pa.Table, answers: pa.Table) -> dict[RunKey, pa.Table]:
     """Per run, the items of every benchmark it answered, with its answer columns joined on.
 
     Adds `reply` (null when missing or failed), `status` ("answered", "error", "missing"),
-    `tokens_kept` and `tokens_dense` to the item columns. Raises ValueError for answers to
+    `tokens_kept`, `tokens_dense` and, when the answers carry it, `evidence_px` to the item columns. Raises ValueError for answers to
     unknown questions, duplicate answers within a run, or ambiguous question ids.
     """
     missing = [name for name in ANSWER_COLUMNS if name not in answers.column_names]
@@ -139,8 +148,11 @@ def join_answers(items: pa.Table, answers: pa.Table) -> dict[RunKey, pa.Table]:
     runs: dict[RunKey, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
     errors = answers.column("error").to_pylist() if "error" in answers.column_names else [None] * answers.num_rows
     sources = answers.column("source").to_pylist() if keyed_by_source else [None] * answers.num_rows
+    has_evidence = "evidence_px" in answers.column_names
+    evidence = answers.column("evidence_px").to_pylist() if has_evidence else [None] * answers.num_rows
     unknown: list[str] = []
-    for row, error, source in zip(answers.select(list(ANSWER_COLUMNS)).to_pylist(), errors, sources, strict=True):
+    rows_in = answers.select(list(ANSWER_COLUMNS)).to_pylist()
+    for row, error, source, evidence_px in zip(rows_in, errors, sources, evidence, strict=True):
         qid = str(row["question_id"])
         if keyed_by_source:
             key = (source, qid)
@@ -166,23 +178,27 @@ def join_answers(items: pa.Table, answers: pa.Table) -> dict[RunKey, pa.Table]:
             "status": "error" if failed else "answered",
             "tokens_kept": row["tokens_kept"],
             "tokens_dense": row["tokens_dense"],
+            "evidence_px": evidence_px,
         }
     if unknown:
         raise ValueError(f"{len(unknown)} answer(s) to questions not among the items, e.g. {unknown[:5]}")
 
     joined: dict[RunKey, pa.Table] = {}
-    empty = {"reply": None, "status": "missing", "tokens_kept": None, "tokens_dense": None}
+    empty = {"reply": None, "status": "missing", "tokens_kept": None, "tokens_dense": None, "evidence_px": None}
     for run, answered in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1] is not None, kv[0][1] or 0)):
         sources_answered = {key[0] for key in answered}
         mask = pa.array([key[0] in sources_answered for key in item_keys])
         subset = items.filter(mask)
         rows = [answered.get(key, empty) for key in item_keys if key[0] in sources_answered]
-        joined[run] = (
+        table = (
             subset.append_column("reply", pa.array([r["reply"] for r in rows], pa.string()))
             .append_column("status", pa.array([r["status"] for r in rows], pa.string()))
             .append_column("tokens_kept", pa.array([r["tokens_kept"] for r in rows], pa.int64()))
             .append_column("tokens_dense", pa.array([r["tokens_dense"] for r in rows], pa.int64()))
         )
+        if has_evidence:
+            table = table.append_column("evidence_px", pa.array([r["evidence_px"] for r in rows], pa.float64()))
+        joined[run] = table
     return joined
 
 
@@ -193,6 +209,28 @@ def join_answers(items: pa.Table, answers: pa.Table) -> dict[RunKey, pa.Table]:
 def _mean_of(values: list[Any]) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
+
+
+def evidence_resolved(part: pa.Table, small_only: bool = False) -> float | None:
+    """Share of the answered items with a bbox (small ones only, if asked) whose evidence a kept token resolved.
+
+    None when the answers carry no `evidence_px` or no item qualifies.
+    """
+    if "evidence_px" not in part.column_names:
+        return None
+    resolved: list[bool] = []
+    smalls = part.column("small").to_pylist() if "small" in part.column_names else [None] * part.num_rows
+    for status, bbox, px, small in zip(
+        part.column("status").to_pylist(),
+        part.column("bbox").to_pylist(),
+        part.column("evidence_px").to_pylist(),
+        smalls,
+        strict=True,
+    ):
+        if status != "answered" or bbox is None or (small_only and not small):
+            continue
+        resolved.append(px is not None and px <= max(bbox[2] - bbox[0], bbox[3] - bbox[1]))
+    return sum(resolved) / len(resolved) if resolved else None
 
 
 def evaluate(items: pa.Table, answers: pa.Table, wordnet: WordNetCorpusReader | None = None) -> Report:
@@ -218,6 +256,8 @@ def evaluate(items: pa.Table, answers: pa.Table, wordnet: WordNetCorpusReader | 
                     mean_tokens_kept=_mean_of(kept),
                     mean_tokens_dense=_mean_of(dense),
                     score=summarize(part, Benchmark(source)),
+                    evidence_resolved=evidence_resolved(part),
+                    evidence_resolved_small=evidence_resolved(part, small_only=True),
                 )
             )
     results.sort(key=lambda r: (r.source, r.strategy, r.budget is not None, r.budget or 0))
@@ -254,6 +294,9 @@ def to_markdown(report: Report) -> str:
         lines += ["", f"## {source}", ""]
         header = ["strategy", "budget", "items", "answered", "errors", "missing"]
         header += ["kept tokens", "dense tokens", "kept %"]
+        evidence = any(run.evidence_resolved is not None for run in runs)
+        if evidence:
+            header += ["evidence resolved %", "small evidence resolved %"]
         rows = [
             [
                 run.strategy,
@@ -265,12 +308,19 @@ def to_markdown(report: Report) -> str:
                 _num(run.mean_tokens_kept),
                 _num(run.mean_tokens_dense),
                 _pct(run.kept_fraction),
+                *((_pct(run.evidence_resolved), _pct(run.evidence_resolved_small)) if evidence else ()),
                 *(_pct(run.score.summary_columns().get(name)) for name in summary_names),
             ]
             for run in runs
         ]
         lines += _table(header + summary_names, rows)
         notes = runs[0].score.notes()
+        if evidence:
+            notes = [
+                *notes,
+                "evidence resolved: of the answered items with a bbox, those where a kept token no larger than "
+                "the bbox's longest side overlaps it",
+            ]
         if notes:
             lines += [""] + [f"- {note}" for note in notes]
         breakdown_names = sorted({name for run in runs for name in run.score.breakdown()})

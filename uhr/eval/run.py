@@ -378,14 +378,16 @@ def read_answers(output: str, storage: StorageConfig, strategy: str | None = Non
     fs = storage.filesystem(output)
     if is_remote(output):
         fs.invalidate_cache()
-    columns = ["question_id", "answer", "error", "strategy", "budget", "tokens_kept", "tokens_dense"]
+    columns = ["question_id", "answer", "error", "strategy", "budget", "tokens_kept", "tokens_dense", "evidence_px"]
     tables = []
     for path in sorted(fs.glob(join_uri(output, PART_GLOB))):
         with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle, columns=columns))
+            part = pq.ParquetFile(handle)
+            # Parts written before `evidence_px` existed lack it; the report then leaves it out.
+            tables.append(part.read(columns=[name for name in columns if name in part.schema_arrow.names]))
     if not tables:
         raise ValueError(f"no answer rows under {redact(output)}")
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables(tables, promote_options="default")
     if strategy is not None:
         index = table.schema.get_field_index("strategy")
         table = table.set_column(index, "strategy", pa.array([strategy] * table.num_rows, pa.string()))

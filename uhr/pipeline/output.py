@@ -37,6 +37,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("tokens_dense", pa.int64()),
         pa.field("tokens_kept", pa.int64()),
         pa.field("tokens_per_scale", pa.list_(pa.int64())),
+        pa.field("evidence_tokens", pa.int64()),
+        pa.field("evidence_px", pa.float64()),
         pa.field("bytes_read", pa.int64()),
         pa.field("read_ms", pa.float64()),
         pa.field("encode_ms", pa.float64()),

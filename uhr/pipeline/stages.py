@@ -117,6 +117,24 @@ def _add(a: int | None, b: int | None) -> int | None:
     return None if a is None or b is None else a + b
 
 
+def evidence_seen(tokens: PrunedTokens, bbox: list[float] | None) -> dict[str, Any]:
+    """How the kept tokens cover a question's evidence `bbox` (scene pixels): the output's evidence columns.
+
+    `evidence_tokens`: kept tokens whose box overlaps it; `evidence_px`: the longest side of the
+    finest of them, the resolution at which the LLM saw the evidence (a merged token counts with
+    the bounding box of its members). Both null without a bbox; `evidence_px` null when no kept
+    token overlaps it.
+    """
+    if bbox is None:
+        return {"evidence_tokens": None, "evidence_px": None}
+    overlap = tokens.overlapping(bbox)
+    if not bool(overlap.any()):
+        return {"evidence_tokens": 0, "evidence_px": None}
+    box = tokens.box[overlap]
+    sides = torch.maximum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1])
+    return {"evidence_tokens": int(overlap.sum()), "evidence_px": float(sides.min())}
+
+
 def _device(num_gpus: float) -> str:
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
@@ -134,6 +152,8 @@ def _base_row(scene: dict[str, Any], question: dict[str, Any], config: VqaConfig
         "tokens_dense": None,
         "tokens_kept": None,
         "tokens_per_scale": None,
+        "evidence_tokens": None,
+        "evidence_px": None,
         "bytes_read": None,
         "read_ms": None,
         "encode_ms": None,
@@ -225,6 +245,7 @@ class EncodeStage(_ModelStage):
                 bytes_read=_add(None if scene_bytes is None else round(scene_bytes / count), own_bytes),
                 read_ms=scene_read_ms / count + own_read_ms,
                 encode_ms=scene_encode_ms / count + (time.perf_counter() - start) * 1000 - own_read_ms,
+                **evidence_seen(tokens, row["bbox"]),
             )
             selected.append((row, tokens, question_prompt(question)))
         if not self.fused:
