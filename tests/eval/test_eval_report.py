@@ -181,7 +181,9 @@ def test_evidence_resolved_by_a_token_no_larger_than_the_bbox(tmp_path: Path, wo
             ("e-2", "A", "downsample", 256, 256, 256, None),  # 40 px <= 40
             ("e-3", "A", "downsample", 256, 256, 256, None),
         ]
-    ).append_column("evidence_px", pa.array([16.0, 16.0, None, None, 64.0, None, 40.0, None], pa.float64()))
+    )
+    answers = answers.append_column("evidence_tokens", pa.array([3, 2, 0, None, 1, None, 1, None], pa.int64()))
+    answers = answers.append_column("evidence_px", pa.array([16.0, 16.0, None, None, 64.0, None, 40.0, None], pa.float64()))
 
     report = build_report(items, answers, str(tmp_path / "out"), wordnet=wordnet)
     runs = {run.strategy: run for run in report.runs}
@@ -194,5 +196,5 @@ def test_evidence_resolved_by_a_token_no_larger_than_the_bbox(tmp_path: Path, wo
     assert "evidence resolved:" in markdown
 
     # Answers without the column (written before it existed): no evidence figures, no columns for them.
-    plain = evaluate(items, answers.drop_columns(["evidence_px"]), wordnet)
+    plain = evaluate(items, answers.drop_columns(["evidence_tokens", "evidence_px"]), wordnet)
     assert all(run.evidence_resolved is None for run in plain.runs)

@@ -143,6 +143,10 @@ def test_synthetic_sweep_resumes_and_guards_its_settings(ray_local, model_dir, a
     fs = StorageConfig().filesystem(output)
     first = _check_report(fs, output, "synthetic", archive.n_questions, runs)
     assert sorted(p.name for p in (tmp_path / "eval" / "runs").iterdir()) == sorted(runs)
+    # The items' evidence boxes went with the questions: each run says how often it resolved them.
+    questions = pq.read_table(f"{output}/{QUESTIONS_NAME}").to_pylist()
+    assert any(r["bbox"] for r in questions)
+    assert all(0.0 <= run["evidence_resolved"] <= 1.0 for run in first["runs"])
 
     # The same command again: every run finds its answers, nothing is asked twice, the report holds.
     capsys.readouterr()
@@ -175,6 +179,7 @@ def test_swap_control_asks_every_item_about_another_scene(ray_local, model_dir, 
     swapped = pq.read_table(f"{output}/{SWAPPED_QUESTIONS_NAME}").to_pylist()
     # Same questions, each on the other of the archive's two scenes.
     assert [(r["question_id"], r["prompt"]) for r in own] == [(r["question_id"], r["prompt"]) for r in swapped]
+    assert not any(r["bbox"] for r in swapped)  # the evidence is not in the other scene
     assert all(a["scene"] != b["scene"] and {a["scene"], b["scene"]} == {r["scene"] for r in own} for a, b in zip(own, swapped))
     answered = _read_parquet(fs, f"{output}/runs/downsample+swapped-b64")
     assert sorted(answered["question_id"].to_pylist()) == sorted(r["question_id"] for r in own)

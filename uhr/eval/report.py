@@ -10,16 +10,17 @@ answer rows the VQA job writes, one per question and run:
     tokens_kept   int|null      visual tokens the LLM saw
     tokens_dense  int|null      visual tokens before pruning
     error         string|null   optional: why the question has no answer
-    evidence_px   double|null   optional: side of the finest kept token over the item's `bbox`
+    evidence_tokens int|null    optional: kept tokens over the item's `bbox` (null: no bbox was asked with)
+    evidence_px   double|null   optional: side of the finest of them
     source        string        optional: benchmark, when question ids repeat across benchmarks
 
 A run is one (strategy, budget). Each run is scored on EVERY item of each benchmark it answered:
 an item without an answer row counts as wrong and as `missing`, an error row as wrong and as
 `errors`, so a partial run never looks better than it is. Where items name their evidence (`bbox`)
-and the answers carry `evidence_px`, a run also reports how often its kept tokens *resolved* the
+and the answers carry the evidence columns, a run also reports how often its kept tokens *resolved* the
 evidence: some kept token overlapping the bbox is no larger than the bbox's longest side (a token
-coarser than the object blurs it into its surroundings), over the answered items with a bbox, and
-over those of small objects.
+coarser than the object blurs it into its surroundings), over the answered items asked with a bbox,
+and over those of small objects.
 
 Outputs under `out_uri`: `report.json` (everything), `report.md` (one table per benchmark, then
 its per-category breakdown) and `accuracy_vs_tokens.png` (each benchmark's headline accuracy
@@ -128,7 +129,7 @@ def join_answers(items: pa.Table, answers: pa.Table) -> dict[RunKey, pa.Table]:
     """Per run, the items of every benchmark it answered, with its answer columns joined on.
 
     Adds `reply` (null when missing or failed), `status` ("answered", "error", "missing"),
-    `tokens_kept`, `tokens_dense` and, when the answers carry it, `evidence_px` to the item columns. Raises ValueError for answers to
+    `tokens_kept`, `tokens_dense` and, when the answers carry them, `evidence_tokens` and `evidence_px`. Raises ValueError for answers to
     unknown questions, duplicate answers within a run, or ambiguous question ids.
     """
     missing = [name for name in ANSWER_COLUMNS if name not in answers.column_names]
@@ -148,11 +149,15 @@ def join_answers(items: pa.Table, answers: pa.Table) -> dict[RunKey, pa.Table]:
     runs: dict[RunKey, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
     errors = answers.column("error").to_pylist() if "error" in answers.column_names else [None] * answers.num_rows
     sources = answers.column("source").to_pylist() if keyed_by_source else [None] * answers.num_rows
-    has_evidence = "evidence_px" in answers.column_names
-    evidence = answers.column("evidence_px").to_pylist() if has_evidence else [None] * answers.num_rows
+    has_evidence = {"evidence_tokens", "evidence_px"} <= set(answers.column_names)
+    evidence = (
+        list(zip(answers.column("evidence_tokens").to_pylist(), answers.column("evidence_px").to_pylist(), strict=True))
+        if has_evidence
+        else [(None, None)] * answers.num_rows
+    )
     unknown: list[str] = []
     rows_in = answers.select(list(ANSWER_COLUMNS)).to_pylist()
-    for row, error, source, evidence_px in zip(rows_in, errors, sources, evidence, strict=True):
+    for row, error, source, (evidence_tokens, evidence_px) in zip(rows_in, errors, sources, evidence, strict=True):
         qid = str(row["question_id"])
         if keyed_by_source:
             key = (source, qid)
@@ -178,13 +183,14 @@ def join_answers(items: pa.Table, answers: pa.Table) -> dict[RunKey, pa.Table]:
             "status": "error" if failed else "answered",
             "tokens_kept": row["tokens_kept"],
             "tokens_dense": row["tokens_dense"],
+            "evidence_tokens": evidence_tokens,
             "evidence_px": evidence_px,
         }
     if unknown:
         raise ValueError(f"{len(unknown)} answer(s) to questions not among the items, e.g. {unknown[:5]}")
 
     joined: dict[RunKey, pa.Table] = {}
-    empty = {"reply": None, "status": "missing", "tokens_kept": None, "tokens_dense": None, "evidence_px": None}
+    empty = {"reply": None, "status": "missing", "tokens_kept": None, "tokens_dense": None, "evidence_tokens": None, "evidence_px": None}
     for run, answered in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1] is not None, kv[0][1] or 0)):
         sources_answered = {key[0] for key in answered}
         mask = pa.array([key[0] in sources_answered for key in item_keys])
@@ -197,7 +203,9 @@ def join_answers(items: pa.Table, answers: pa.Table) -> dict[RunKey, pa.Table]:
             .append_column("tokens_dense", pa.array([r["tokens_dense"] for r in rows], pa.int64()))
         )
         if has_evidence:
-            table = table.append_column("evidence_px", pa.array([r["evidence_px"] for r in rows], pa.float64()))
+            table = table.append_column(
+                "evidence_tokens", pa.array([r["evidence_tokens"] for r in rows], pa.int64())
+            ).append_column("evidence_px", pa.array([r["evidence_px"] for r in rows], pa.float64()))
         joined[run] = table
     return joined
 
@@ -212,22 +220,23 @@ def _mean_of(values: list[Any]) -> float | None:
 
 
 def evidence_resolved(part: pa.Table, small_only: bool = False) -> float | None:
-    """Share of the answered items with a bbox (small ones only, if asked) whose evidence a kept token resolved.
+    """Share of the answered items asked with a bbox (small ones only, if asked) whose evidence a kept token resolved.
 
-    None when the answers carry no `evidence_px` or no item qualifies.
+    None when the answers carry no evidence columns or no item qualifies.
     """
-    if "evidence_px" not in part.column_names:
+    if "evidence_tokens" not in part.column_names:
         return None
     resolved: list[bool] = []
     smalls = part.column("small").to_pylist() if "small" in part.column_names else [None] * part.num_rows
-    for status, bbox, px, small in zip(
+    for status, bbox, count, px, small in zip(
         part.column("status").to_pylist(),
         part.column("bbox").to_pylist(),
+        part.column("evidence_tokens").to_pylist(),
         part.column("evidence_px").to_pylist(),
         smalls,
         strict=True,
     ):
-        if status != "answered" or bbox is None or (small_only and not small):
+        if status != "answered" or bbox is None or count is None or (small_only and not small):
             continue
         resolved.append(px is not None and px <= max(bbox[2] - bbox[0], bbox[3] - bbox[1]))
     return sum(resolved) / len(resolved) if resolved else None
@@ -318,7 +327,7 @@ def to_markdown(report: Report) -> str:
         if evidence:
             notes = [
                 *notes,
-                "evidence resolved: of the answered items with a bbox, those where a kept token no larger than "
+                "evidence resolved: of the answered items asked with a bbox, those where a kept token no larger than "
                 "the bbox's longest side overlaps it",
             ]
         if notes:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -239,9 +240,11 @@ def swapped_scenes(scenes: list[str]) -> dict[str, str]:
 def questions_table(items: pa.Table, swap: bool = False) -> pa.Table:
     """The VQA job's questions for `items`: scene = the first image, prompt = the benchmark's template.
 
-    `swap`: every item is asked about another scene's image (`swapped_scenes`), its text unchanged.
+    `swap`: every item is asked about another scene's image (`swapped_scenes`), its text unchanged
+    and without its bbox (the evidence is not in that image). An item's bbox goes with it when it is
+    a proper box, so the answers say how the kept tokens covered the evidence.
     """
-    rows = items.select(["question_id", "images", "question", "choices", "prompt"]).to_pylist()
+    rows = items.select(["question_id", "images", "question", "choices", "prompt", "bbox"]).to_pylist()
     scenes = [_absolute(row["images"][0]) for row in rows]
     if swap:
         others = swapped_scenes(scenes)
@@ -253,8 +256,16 @@ def questions_table(items: pa.Table, swap: bool = False) -> pa.Table:
             "question": [row["question"] for row in rows],
             "choices": pa.array([row["choices"] or None for row in rows], pa.list_(pa.string())),
             "prompt": [row["prompt"] for row in rows],
+            "bbox": pa.array([None if swap else _proper_box(row["bbox"]) for row in rows], pa.list_(pa.float64())),
         }
     )
+
+
+def _proper_box(bbox: list[float] | None) -> list[float] | None:
+    """`bbox` when it is [x0, y0, x1, y1] with positive area (what the VQA job accepts), else None."""
+    if bbox is None or len(bbox) != 4 or not all(math.isfinite(v) for v in bbox):
+        return None
+    return bbox if bbox[2] > bbox[0] and bbox[3] > bbox[1] else None
 
 
 def _vqa_tree(vqa: VqaConfig) -> dict[str, Any]:
@@ -378,12 +389,13 @@ def read_answers(output: str, storage: StorageConfig, strategy: str | None = Non
     fs = storage.filesystem(output)
     if is_remote(output):
         fs.invalidate_cache()
-    columns = ["question_id", "answer", "error", "strategy", "budget", "tokens_kept", "tokens_dense", "evidence_px"]
+    columns = ["question_id", "answer", "error", "strategy", "budget", "tokens_kept", "tokens_dense"]
+    columns += ["evidence_tokens", "evidence_px"]
     tables = []
     for path in sorted(fs.glob(join_uri(output, PART_GLOB))):
         with fs.open(path, "rb") as handle:
             part = pq.ParquetFile(handle)
-            # Parts written before `evidence_px` existed lack it; the report then leaves it out.
+            # Parts written before the evidence columns existed lack them; the report then leaves them out.
             tables.append(part.read(columns=[name for name in columns if name in part.schema_arrow.names]))
     if not tables:
         raise ValueError(f"no answer rows under {redact(output)}")
