@@ -167,7 +167,9 @@ def test_evidence_resolved_by_a_token_no_larger_than_the_bbox(tmp_path: Path, wo
             {**_item("synthetic", qid, "object colour", "A", small=qid != "e-2"), "bbox": box}
             for qid, box in boxes.items()
         ]
-        + [_item("synthetic", "e-3", "object colour", "A", small=True)],  # no bbox: not counted
+        + [_item("synthetic", "e-3", "object colour", "A", small=True)]  # no bbox: not counted
+        # a 12-px object in a 100-px region: the object's size is the bar, not the region's
+        + [{**_item("synthetic", "e-4", "counting", "A", small=True), "bbox": [0.0, 0.0, 100.0, 100.0], "object_size_px": 12.0}],
         schema=ITEM_SCHEMA,
     )
     answers = _answers(
@@ -176,23 +178,25 @@ def test_evidence_resolved_by_a_token_no_larger_than_the_bbox(tmp_path: Path, wo
             ("e-1", "B", "c2f", 256, 200, 9000, None),  # 16 px > 10: blurred
             ("e-2", "A", "c2f", 256, 200, 9000, None),  # no kept token over it
             ("e-3", "A", "c2f", 256, 200, 9000, None),
+            ("e-4", "A", "c2f", 256, 200, 9000, None),  # 16 px > 12
             ("e-0", "A", "downsample", 256, 256, 256, None),  # 64 px > 20
             ("e-1", None, "downsample", 256, None, None, "read failed"),  # not answered: not counted
             ("e-2", "A", "downsample", 256, 256, 256, None),  # 40 px <= 40
             ("e-3", "A", "downsample", 256, 256, 256, None),
+            ("e-4", "A", "downsample", 256, 256, 256, None),  # 8 px <= 12
         ]
     )
-    answers = answers.append_column("evidence_tokens", pa.array([3, 2, 0, None, 1, None, 1, None], pa.int64()))
-    answers = answers.append_column("evidence_px", pa.array([16.0, 16.0, None, None, 64.0, None, 40.0, None], pa.float64()))
+    answers = answers.append_column("evidence_tokens", pa.array([3, 2, 0, None, 5, 1, None, 1, None, 4], pa.int64()))
+    answers = answers.append_column("evidence_px", pa.array([16.0, 16.0, None, None, 16.0, 64.0, None, 40.0, None, 8.0], pa.float64()))
 
     report = build_report(items, answers, str(tmp_path / "out"), wordnet=wordnet)
     runs = {run.strategy: run for run in report.runs}
-    assert runs["c2f"].evidence_resolved == pytest.approx(1 / 3)
-    assert runs["c2f"].evidence_resolved_small == 0.5
-    assert runs["downsample"].evidence_resolved == 0.5
-    assert runs["downsample"].evidence_resolved_small == 0.0
+    assert runs["c2f"].evidence_resolved == 0.25
+    assert runs["c2f"].evidence_resolved_small == pytest.approx(1 / 3)
+    assert runs["downsample"].evidence_resolved == pytest.approx(2 / 3)
+    assert runs["downsample"].evidence_resolved_small == 0.5
     markdown = (tmp_path / "out" / REPORT_MD).read_text()
-    assert "| c2f | 256 | 4 | 4 | 0 | 0 | 200 | 9,000 | 2.2 | 33.3 | 50.0 |" in markdown
+    assert "| c2f | 256 | 5 | 5 | 0 | 0 | 200 | 9,000 | 2.2 | 25.0 | 33.3 |" in markdown
     assert "evidence resolved:" in markdown
 
     # Answers without the column (written before it existed): no evidence figures, no columns for them.

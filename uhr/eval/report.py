@@ -18,9 +18,10 @@ A run is one (strategy, budget). Each run is scored on EVERY item of each benchm
 an item without an answer row counts as wrong and as `missing`, an error row as wrong and as
 `errors`, so a partial run never looks better than it is. Where items name their evidence (`bbox`)
 and the answers carry the evidence columns, a run also reports how often its kept tokens *resolved* the
-evidence: some kept token overlapping the bbox is no larger than the bbox's longest side (a token
-coarser than the object blurs it into its surroundings), over the answered items asked with a bbox,
-and over those of small objects.
+evidence: some kept token overlapping the bbox is no larger than the object the answer depends on
+(`object_size_px` where the benchmark gives it, else the bbox's longest side; a token coarser than
+the object blurs it into its surroundings), over the answered items asked with a bbox, and over
+those of small objects.
 
 Outputs under `out_uri`: `report.json` (everything), `report.md` (one table per benchmark, then
 its per-category breakdown) and `accuracy_vs_tokens.png` (each benchmark's headline accuracy
@@ -227,18 +228,19 @@ def evidence_resolved(part: pa.Table, small_only: bool = False) -> float | None:
     if "evidence_tokens" not in part.column_names:
         return None
     resolved: list[bool] = []
-    smalls = part.column("small").to_pylist() if "small" in part.column_names else [None] * part.num_rows
-    for status, bbox, count, px, small in zip(
+    for status, bbox, size, count, px, small in zip(
         part.column("status").to_pylist(),
         part.column("bbox").to_pylist(),
+        part.column("object_size_px").to_pylist(),
         part.column("evidence_tokens").to_pylist(),
         part.column("evidence_px").to_pylist(),
-        smalls,
+        part.column("small").to_pylist(),
         strict=True,
     ):
         if status != "answered" or bbox is None or count is None or (small_only and not small):
             continue
-        resolved.append(px is not None and px <= max(bbox[2] - bbox[0], bbox[3] - bbox[1]))
+        size = size if size is not None else max(bbox[2] - bbox[0], bbox[3] - bbox[1])
+        resolved.append(px is not None and px <= size)
     return sum(resolved) / len(resolved) if resolved else None
 
 
@@ -328,7 +330,7 @@ def to_markdown(report: Report) -> str:
             notes = [
                 *notes,
                 "evidence resolved: of the answered items asked with a bbox, those where a kept token no larger than "
-                "the bbox's longest side overlaps it",
+                "the object (its size where given, else the bbox's longest side) overlaps the bbox",
             ]
         if notes:
             lines += [""] + [f"- {note}" for note in notes]
