@@ -17,8 +17,8 @@ answer rows the VQA job writes, one per question and run:
 A run is one (strategy, budget). Each run is scored on EVERY item of each benchmark it answered:
 an item without an answer row counts as wrong and as `missing`, an error row as wrong and as
 `errors`, so a partial run never looks better than it is. Where items name their evidence (`bbox`)
-and the answers carry the evidence columns, a run also reports how often its kept tokens *resolved* the
-evidence: some kept token overlapping the bbox is no larger than the object the answer depends on
+and the answers carry the evidence columns, a run also reports how often its kept tokens
+*resolved* the evidence: some kept token overlapping the bbox is no larger than the object the answer depends on
 (`object_size_px` where the benchmark gives it, else the bbox's longest side; a token coarser than
 the object blurs it into its surroundings), over the answered items asked with a bbox, and over
 those of small objects.
@@ -130,8 +130,9 @@ def join_answers(items: pa.Table, answers: pa.Table) -> dict[RunKey, pa.Table]:
     """Per run, the items of every benchmark it answered, with its answer columns joined on.
 
     Adds `reply` (null when missing or failed), `status` ("answered", "error", "missing"),
-    `tokens_kept`, `tokens_dense` and, when the answers carry them, `evidence_tokens` and `evidence_px`. Raises ValueError for answers to
-    unknown questions, duplicate answers within a run, or ambiguous question ids.
+    `tokens_kept`, `tokens_dense` and, when the answers carry them, `evidence_tokens` and
+    `evidence_px` to the item columns. Raises ValueError for answers to unknown questions,
+    duplicate answers within a run, or ambiguous question ids.
     """
     missing = [name for name in ANSWER_COLUMNS if name not in answers.column_names]
     if missing:
@@ -191,7 +192,8 @@ def join_answers(items: pa.Table, answers: pa.Table) -> dict[RunKey, pa.Table]:
         raise ValueError(f"{len(unknown)} answer(s) to questions not among the items, e.g. {unknown[:5]}")
 
     joined: dict[RunKey, pa.Table] = {}
-    empty = {"reply": None, "status": "missing", "tokens_kept": None, "tokens_dense": None, "evidence_tokens": None, "evidence_px": None}
+    empty = {"reply": None, "status": "missing", "tokens_kept": None, "tokens_dense": None}
+    empty |= {"evidence_tokens": None, "evidence_px": None}
     for run, answered in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1] is not None, kv[0][1] or 0)):
         sources_answered = {key[0] for key in answered}
         mask = pa.array([key[0] in sources_answered for key in item_keys])
