@@ -159,8 +159,9 @@ def test_report_in_object_storage(s3_server, wordnet: WordNetCorpusReader) -> No
     assert json.loads(fs.cat(f"{out}/{REPORT_JSON}"))["benchmarks"] == ["synthetic", "xlrs-lite"]
 
 
-def test_evidence_resolved_by_a_token_no_larger_than_the_bbox(tmp_path: Path, wordnet: WordNetCorpusReader) -> None:
-    # Three synthetic items with evidence: two small objects (20 px and 10 px boxes), one large (40 px).
+def test_evidence_resolved_by_a_token_no_larger_than_the_object(tmp_path: Path, wordnet: WordNetCorpusReader) -> None:
+    # Synthetic items with evidence: two small objects (20 px and 10 px boxes), one large (40 px),
+    # one without a box, and a small object inside a larger region.
     boxes = {"e-0": [0.0, 0.0, 20.0, 8.0], "e-1": [50.0, 50.0, 60.0, 60.0], "e-2": [0.0, 0.0, 40.0, 40.0]}
     items = pa.Table.from_pylist(
         [

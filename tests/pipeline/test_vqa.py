@@ -161,6 +161,10 @@ def test_bad_config_or_questions_stop_before_any_work(tmp_path, capsys):
     (tmp_path / "q.jsonl").write_text('{"question_id": "a", "scene": "s.tif"}\n')
     assert main(["--questions", str(tmp_path / "q.jsonl")]) == 2
     assert "lacks column(s) question" in capsys.readouterr().err
+    for box in ("[0, 0, 0, 5]", "[0, 0, 5]", "[0, 0, NaN, 5]"):  # no area, three numbers, not a number
+        (tmp_path / "q.jsonl").write_text(f'{{"question_id": "a", "scene": "s.tif", "question": "q", "bbox": {box}}}\n')
+        assert main(["--questions", str(tmp_path / "q.jsonl")]) == 2
+        assert "row 0: bbox must be [x0, y0, x1, y1]" in capsys.readouterr().err
     assert main(["pruning.budgett=5"]) == 2
     assert "pruning.budgett: Extra inputs are not permitted" in capsys.readouterr().err
     assert main(["pruning.strategy=sparse"]) == 2

@@ -47,6 +47,7 @@ from uhr.eval.scoring import BenchmarkScore, judge, summarize
 from uhr.storage import StorageConfig, join_uri, uri_protocol
 
 ANSWER_COLUMNS: tuple[str, ...] = ("question_id", "answer", "strategy", "budget", "tokens_kept", "tokens_dense")
+EVIDENCE_COLUMNS: dict[str, pa.DataType] = {"evidence_tokens": pa.int64(), "evidence_px": pa.float64()}
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 REPORT_PLOT = "accuracy_vs_tokens.png"
@@ -151,15 +152,9 @@ def join_answers(items: pa.Table, answers: pa.Table) -> dict[RunKey, pa.Table]:
     runs: dict[RunKey, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
     errors = answers.column("error").to_pylist() if "error" in answers.column_names else [None] * answers.num_rows
     sources = answers.column("source").to_pylist() if keyed_by_source else [None] * answers.num_rows
-    has_evidence = {"evidence_tokens", "evidence_px"} <= set(answers.column_names)
-    evidence = (
-        list(zip(answers.column("evidence_tokens").to_pylist(), answers.column("evidence_px").to_pylist(), strict=True))
-        if has_evidence
-        else [(None, None)] * answers.num_rows
-    )
+    evidence = list(EVIDENCE_COLUMNS) if set(EVIDENCE_COLUMNS) <= set(answers.column_names) else []
     unknown: list[str] = []
-    rows_in = answers.select(list(ANSWER_COLUMNS)).to_pylist()
-    for row, error, source, (evidence_tokens, evidence_px) in zip(rows_in, errors, sources, evidence, strict=True):
+    for row, error, source in zip(answers.select([*ANSWER_COLUMNS, *evidence]).to_pylist(), errors, sources, strict=True):
         qid = str(row["question_id"])
         if keyed_by_source:
             key = (source, qid)
@@ -185,15 +180,14 @@ def join_answers(items: pa.Table, answers: pa.Table) -> dict[RunKey, pa.Table]:
             "status": "error" if failed else "answered",
             "tokens_kept": row["tokens_kept"],
             "tokens_dense": row["tokens_dense"],
-            "evidence_tokens": evidence_tokens,
-            "evidence_px": evidence_px,
+            **{name: row[name] for name in evidence},
         }
     if unknown:
         raise ValueError(f"{len(unknown)} answer(s) to questions not among the items, e.g. {unknown[:5]}")
 
     joined: dict[RunKey, pa.Table] = {}
     empty = {"reply": None, "status": "missing", "tokens_kept": None, "tokens_dense": None}
-    empty |= {"evidence_tokens": None, "evidence_px": None}
+    empty |= {name: None for name in evidence}
     for run, answered in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1] is not None, kv[0][1] or 0)):
         sources_answered = {key[0] for key in answered}
         mask = pa.array([key[0] in sources_answered for key in item_keys])
@@ -205,10 +199,8 @@ def join_answers(items: pa.Table, answers: pa.Table) -> dict[RunKey, pa.Table]:
             .append_column("tokens_kept", pa.array([r["tokens_kept"] for r in rows], pa.int64()))
             .append_column("tokens_dense", pa.array([r["tokens_dense"] for r in rows], pa.int64()))
         )
-        if has_evidence:
-            table = table.append_column(
-                "evidence_tokens", pa.array([r["evidence_tokens"] for r in rows], pa.int64())
-            ).append_column("evidence_px", pa.array([r["evidence_px"] for r in rows], pa.float64()))
+        for name in evidence:
+            table = table.append_column(name, pa.array([r[name] for r in rows], EVIDENCE_COLUMNS[name]))
         joined[run] = table
     return joined
 

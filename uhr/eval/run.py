@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -55,6 +54,7 @@ from uhr.model.pruning.config import StrategyName
 from uhr.pipeline.config import VqaConfig
 from uhr.pipeline.defaults import default_model, sample_archive
 from uhr.pipeline.output import PART_GLOB, RunManifest
+from uhr.pipeline.plan import is_proper_box
 from uhr.pipeline.vqa import RunSummary, resolve_pruning, run_vqa
 from uhr.storage import StorageConfig, is_remote, join_uri, redact, uri_protocol
 
@@ -256,16 +256,13 @@ def questions_table(items: pa.Table, swap: bool = False) -> pa.Table:
             "question": [row["question"] for row in rows],
             "choices": pa.array([row["choices"] or None for row in rows], pa.list_(pa.string())),
             "prompt": [row["prompt"] for row in rows],
-            "bbox": pa.array([None if swap else _proper_box(row["bbox"]) for row in rows], pa.list_(pa.float64())),
+            "bbox": pa.array(
+                [row["bbox"] if row["bbox"] and not swap and is_proper_box(row["bbox"]) else None for row in rows],
+                pa.list_(pa.float64()),
+            ),
         }
     )
 
-
-def _proper_box(bbox: list[float] | None) -> list[float] | None:
-    """`bbox` when it is [x0, y0, x1, y1] with positive area (what the VQA job accepts), else None."""
-    if bbox is None or len(bbox) != 4 or not all(math.isfinite(v) for v in bbox):
-        return None
-    return bbox if bbox[2] > bbox[0] and bbox[3] > bbox[1] else None
 
 
 def _vqa_tree(vqa: VqaConfig) -> dict[str, Any]:

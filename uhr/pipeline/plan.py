@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -116,9 +117,14 @@ def load_questions(uri: str, storage: StorageConfig) -> pa.Table:
         dup = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:5]
         raise InputError(f"questions file {redact(uri)}: duplicate question_id(s) {dup}")
     for row, box in enumerate(questions["bbox"].to_pylist()):
-        if box is not None and (len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]):
+        if box is not None and not is_proper_box(box):
             raise InputError(f"questions file {redact(uri)}, row {row}: bbox must be [x0, y0, x1, y1] with x1 > x0, y1 > y0, got {box}")
     return questions
+
+
+def is_proper_box(box: list[float]) -> bool:
+    """[x0, y0, x1, y1] of finite numbers with x1 > x0 and y1 > y0: the only bbox a question may carry."""
+    return len(box) == 4 and all(math.isfinite(v) for v in box) and box[2] > box[0] and box[3] > box[1]
 
 
 def question_id(scene: str, text: str) -> str:
