@@ -13,9 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
+from rasterio.windows import Window
 
 from uhr.synth import SceneTruth, cached_archive, scene_seed, write_archive
-from uhr.synth.archive import GENERATOR_VERSION, QUESTIONS_SCHEMA, window_around
+from uhr.synth.archive import CAPTION_PROMPT, GENERATOR_VERSION, QUESTIONS_SCHEMA, window_around
+from uhr.synth.objects import PALETTE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,6 +98,50 @@ def test_evidence_windows_add_a_conversation_on_a_window_around_each_evidence(tm
         assert col <= x0 and line <= y0 and x1 <= col + width and y1 <= line + height
 
 
+def test_object_captions_name_what_a_window_around_each_object_shows(tmp_path, train_archive) -> None:
+    _, plain = train_archive
+    index = write_archive(
+        str(tmp_path), scenes=2, size=512, seed=4, split="train", questions_per_scene=8, object_captions=64
+    )
+    records = read_jsonl(Path(index.train_jsonl))
+    captions = [r for r in records if r["id"].endswith("@caption")]
+    assert [r for r in records if not r["id"].endswith("@caption")] == read_jsonl(Path(plain.train_jsonl))
+    truth = json.loads(Path(index.truth_json).read_text())["scenes"]
+    # One per object, each after its scene's questions.
+    assert [r["id"] for r in captions] == [
+        f"{Path(scene).stem}_obj{obj['id']:03d}@caption" for scene in sorted(truth) for obj in truth[scene]["objects"]
+    ]
+    assert len(captions) > 4
+    first_of_second = next(k for k, r in enumerate(records) if r["image"] == "scenes/scene_0001.tif")
+    assert records[first_of_second - 1]["id"].startswith("scene_0000_obj")
+    for record in captions:
+        scene = SceneTruth.from_dict(truth[record["image"]])
+        obj = next(o for o in scene.objects if record["id"] == f"{Path(record['image']).stem}_obj{o.id:03d}@caption")
+        col, row, side, _ = record["window"]
+        assert record["window"] == window_around(list(obj.bbox), 512, 64) and side >= 64
+        human, gpt = record["conversations"]
+        assert human == {"from": "human", "value": "<image>\n" + CAPTION_PROMPT} and "bbox" not in record
+        named = gpt["value"].split(", ")
+        inside = [o for o in scene.objects
+                  if o.bbox[0] >= col and o.bbox[1] >= row and o.bbox[2] <= col + side and o.bbox[3] <= row + side]
+        assert f"{obj.colour} {obj.cls.value}" in named
+        assert named == [f"{o.colour} {o.cls.value}" for o in sorted(inside, key=lambda o: (o.centre[1], o.centre[0]))]
+        # Every colour the caption names is painted in the window's pixels.
+        with rasterio.open(tmp_path / record["image"]) as src:
+            pixels = src.read(window=Window(col, row, side, side)).transpose(1, 2, 0)
+        for colour in {o.colour for o in inside}:
+            assert (pixels == PALETTE[colour]).all(axis=-1).any(), (record["id"], colour)
+
+
+def test_object_captions_of_a_one_band_scene_name_classes_only(tmp_path) -> None:
+    index = write_archive(
+        str(tmp_path), scenes=1, size=512, seed=4, split="train", bands=1, questions_per_scene=4, object_captions=64
+    )
+    captions = [r["conversations"][1]["value"] for r in read_jsonl(Path(index.train_jsonl)) if r["id"].endswith("@caption")]
+    classes = {"ship", "car", "plane", "storage tank"}
+    assert captions and all(set(caption.split(", ")) <= classes for caption in captions)
+
+
 def test_a_window_around_evidence_is_square_inside_the_scene_and_centred_where_it_can_be() -> None:
     assert window_around([100, 100, 120, 110], 512, 64) == [78, 73, 64, 64]
     assert window_around([100, 100, 300, 150], 512, 64) == [75, 0, 250, 250]
@@ -119,18 +165,22 @@ def test_archive_arguments_are_checked(tmp_path) -> None:
         write_archive(str(tmp_path), scenes=0, size=256, seed=0)
     with pytest.raises(ValueError, match="evidence_window needs split 'train'"):
         write_archive(str(tmp_path), scenes=1, size=256, seed=0, split="test", evidence_window=64)
+    with pytest.raises(ValueError, match="object_captions needs split 'train' and a side >= 1, got 0"):
+        write_archive(str(tmp_path), scenes=1, size=256, seed=0, split="train", object_captions=0)
 
 
 def test_command_line_writes_an_archive_and_reports_it(tmp_path) -> None:
     out = tmp_path / "cli"
     command = [sys.executable, "-m", "uhr.synth", "--out", str(out), "--scenes", "1", "--size", "384", "--seed", "9",
-               "--split", "train", "--dtype", "uint16", "--bands", "4", "--questions", "5"]
+               "--split", "train", "--dtype", "uint16", "--bands", "4", "--questions", "5", "--object-captions", "64"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["n_scenes"] == 1 and report["n_questions"] == 5 and report["train_jsonl"] == str(out / "train.jsonl")
     with rasterio.open(out / "scenes" / "scene_0000.tif") as src:
         assert (src.count, src.dtypes[0]) == (4, "uint16")
+    objects = json.loads((out / "truth.json").read_text())["scenes"]["scenes/scene_0000.tif"]["objects"]
+    assert sum(r["id"].endswith("@caption") for r in read_jsonl(out / "train.jsonl")) == len(objects)
     refused = subprocess.run([*command[:9], "--seed", "-3"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert refused.returncode == 2 and "seed must be a non-negative integer" in refused.stderr
 

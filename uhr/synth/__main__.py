@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PX",
         help="'train' only: also train each question with evidence on a window of at least PX pixels around it",
     )
+    parser.add_argument(
+        "--object-captions",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="'train' only: also a conversation per object listing the objects a window of at least PX pixels around it shows",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     try:
@@ -50,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             open_fraction=args.open_fraction,
             compress=args.compress,
             evidence_window=args.evidence_window,
+            object_captions=args.object_captions,
         )
     except ValueError as error:
         parser.error(str(error))

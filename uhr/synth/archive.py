@@ -8,7 +8,8 @@ Layout under the archive root (a local directory or an s3:// prefix):
     truth.json                  {"split", "seed", ..., "scenes": {"scenes/scene_0000.tif": truth}}
     train.jsonl                 split "train" only: LLaVA conversations, one per question, and with
                                 `evidence_window` one more per question with evidence, on a window
-                                around it (`uhr.train.data` reads a record's `window`)
+                                around it (`uhr.train.data` reads a record's `window`); with
+                                `object_captions` one per object, listing what a window around it shows
 
 Scene seeds come from (archive seed, split, scene index), so a train and a test archive made with
 the same seed share no scene.
@@ -34,7 +35,7 @@ import pyarrow.parquet as pq
 from uhr.cache import creating
 from uhr.storage import StorageConfig, is_remote, join_uri
 from uhr.synth.questions import OptionOrder, Question, Referents, generate_questions
-from uhr.synth.scene import Compression, write_scene
+from uhr.synth.scene import Compression, SceneTruth, write_scene
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ SPLITS = ("test", "train")
 # written again (`cached_archive`). 2: presence questions whose words do not tell the answer.
 # 3: evidence-window records follow their question's record. 4: training records carry `bbox`.
 GENERATOR_VERSION = 4
+# The prompt of an object-caption conversation (`caption_conversation`).
+CAPTION_PROMPT = "List the objects in the image."
 QUESTIONS_SCHEMA = pa.schema(
     [
         pa.field("question_id", pa.string(), nullable=False),
@@ -108,6 +111,35 @@ def conversation(question: Question) -> dict[str, Any]:
     return record
 
 
+def caption_conversation(truth: SceneTruth, scene: str, index: int, min_side: int) -> dict[str, Any]:
+    """Object `index` of a scene as a caption conversation on a window around it.
+
+    The window is `window_around` the object's box (at least `min_side`); the answer names every
+    object lying wholly inside it, top to bottom then left to right, as "colour class" (the class
+    alone in a scene of fewer than three bands, whose pixels hold no colour). Like LLaVA's
+    alignment captions, every answer word is something the pixels show, so the tower and projector
+    learn colour and shape from a dense signal rather than from a yes or a letter.
+    """
+    obj = truth.objects[index]
+    col, row, side, _ = window_around(list(obj.bbox), min(truth.width, truth.height), min_side)
+    inside = [
+        other for other in truth.objects
+        if other.bbox[0] >= col and other.bbox[1] >= row and other.bbox[2] <= col + side and other.bbox[3] <= row + side
+    ]
+    inside.sort(key=lambda other: (other.centre[1], other.centre[0]))
+    colour = truth.bands >= 3
+    caption = ", ".join(f"{other.colour} {other.cls.value}" if colour else other.cls.value for other in inside)
+    return {
+        "id": f"{Path(scene).stem}_obj{obj.id:03d}@caption",
+        "image": scene,
+        "window": [col, row, side, side],
+        "conversations": [
+            {"from": "human", "value": "<image>\n" + CAPTION_PROMPT},
+            {"from": "gpt", "value": caption},
+        ],
+    }
+
+
 def window_around(bbox: list[float], size: int, min_side: int) -> list[int]:
     """A square window [col_off, row_off, side, side] inside a `size`-px scene around `bbox` (x0, y0, x1, y1).
 
@@ -139,6 +171,7 @@ def write_archive(
     option_order: OptionOrder | str = OptionOrder.SHUFFLED,
     compress: Compression | str = Compression.DEFLATE,
     evidence_window: int | None = None,
+    object_captions: int | None = None,
 ) -> ArchiveIndex:
     """Write a synthetic archive of `scenes` square scenes of `size` px under `out_uri`.
 
@@ -147,7 +180,9 @@ def write_archive(
     questions (`uhr.synth.questions`). With `evidence_window` (pixels; "train" only), every question
     with evidence is also a training conversation on a window of at least that side around it, at
     full resolution where the window fits the model's view: the model sees what it is asked about
-    even where a whole-scene view is too coarse to show it. Scenes are written one at a time (each
+    even where a whole-scene view is too coarse to show it. With `object_captions` (pixels; "train"
+    only), every object is also a caption conversation on a window of at least that side around it
+    (`caption_conversation`), after its scene's questions. Scenes are written one at a time (each
     in bounded memory); the tables are written once all scenes are done.
     """
     if split not in SPLITS:
@@ -158,10 +193,12 @@ def write_archive(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if questions_per_scene < 1:
         raise ValueError(f"questions_per_scene must be >= 1, got {questions_per_scene}")
-    if evidence_window is not None and (split != "train" or evidence_window < 1):
-        raise ValueError(f"evidence_window needs split 'train' and a side >= 1, got {evidence_window} for {split!r}")
+    for name, side in (("evidence_window", evidence_window), ("object_captions", object_captions)):
+        if side is not None and (split != "train" or side < 1):
+            raise ValueError(f"{name} needs split 'train' and a side >= 1, got {side} for {split!r}")
     storage = storage or StorageConfig()
     questions: list[Question] = []
+    records: list[dict[str, Any]] = []
     truths: dict[str, Any] = {}
     scene_uris: list[str] = []
     for index in range(scenes):
@@ -175,6 +212,8 @@ def write_archive(
             truth, relative, questions_per_scene, open_fraction=open_fraction, referents=referents, option_order=option_order
         )
         questions.extend(asked)
+        if split == "train":
+            records.extend(_training_records(asked, truth, relative, size, evidence_window, object_captions))
         truths[relative] = truth.to_dict()
         scene_uris.append(uri)
         logger.info(
@@ -197,13 +236,6 @@ def write_archive(
         "truth.json": json.dumps(truth_doc),
     }
     if split == "train":
-        records = []
-        for question in questions:
-            records.append(conversation(question))
-            # Right after the whole-scene record: a training loader's local shuffle then mixes both kinds.
-            if evidence_window is not None and question.bbox is not None:
-                window = window_around(question.bbox, size, evidence_window)
-                records.append({**conversation(question), "id": f"{question.question_id}@window", "window": window})
         files["train.jsonl"] = _jsonl(records)
     _put_files(out_uri, files, storage)
     return ArchiveIndex(
@@ -217,6 +249,27 @@ def write_archive(
         n_scenes=scenes,
         n_questions=len(questions),
     )
+
+
+def _training_records(
+    questions: list[Question],
+    truth: SceneTruth,
+    scene: str,
+    size: int,
+    evidence_window: int | None,
+    object_captions: int | None,
+) -> list[dict[str, Any]]:
+    """One scene's training conversations, in the order `write_archive` documents."""
+    records = []
+    for question in questions:
+        records.append(conversation(question))
+        # Right after the whole-scene record: a training loader's local shuffle then mixes both kinds.
+        if evidence_window is not None and question.bbox is not None:
+            window = window_around(question.bbox, size, evidence_window)
+            records.append({**conversation(question), "id": f"{question.question_id}@window", "window": window})
+    if object_captions is not None:
+        records.extend(caption_conversation(truth, scene, index, object_captions) for index in range(len(truth.objects)))
+    return records
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> str:
