@@ -184,7 +184,7 @@ def test_evidence_resolved_by_a_token_no_larger_than_the_object(tmp_path: Path, 
             ("e-1", None, "downsample", 256, None, None, "read failed"),  # not answered: not counted
             ("e-2", "A", "downsample", 256, 256, 256, None),  # 40 px <= 40
             ("e-3", "A", "downsample", 256, 256, 256, None),
-            ("e-4", "A", "downsample", 256, 256, 256, None),  # 8 px <= 12
+            ("e-4", "B", "downsample", 256, 256, 256, None),  # 8 px <= 12 (and answered wrong)
         ]
     )
     answers = answers.append_column("evidence_tokens", pa.array([3, 2, 0, None, 5, 1, None, 1, None, 4], pa.int64()))
@@ -196,10 +196,14 @@ def test_evidence_resolved_by_a_token_no_larger_than_the_object(tmp_path: Path, 
     assert runs["c2f"].evidence_resolved_small == pytest.approx(1 / 3)
     assert runs["downsample"].evidence_resolved == pytest.approx(2 / 3)
     assert runs["downsample"].evidence_resolved_small == 0.5
+    # Accuracy where resolved and small: c2f resolved only e-0 and answered it right; downsample only
+    # e-4 (e-2, also resolved, is large), and answered it wrong.
+    assert runs["c2f"].resolved_small_accuracy == 1.0
+    assert runs["downsample"].resolved_small_accuracy == 0.0
     markdown = (tmp_path / "out" / REPORT_MD).read_text()
-    assert "| c2f | 256 | 5 | 5 | 0 | 0 | 200 | 9,000 | 2.2 | 25.0 | 33.3 |" in markdown
+    assert "| c2f | 256 | 5 | 5 | 0 | 0 | 200 | 9,000 | 2.2 | 25.0 | 33.3 | 100.0 |" in markdown
     assert "evidence resolved:" in markdown
 
     # Answers without the column (written before it existed): no evidence figures, no columns for them.
     plain = evaluate(items, answers.drop_columns(["evidence_tokens", "evidence_px"]), wordnet)
-    assert all(run.evidence_resolved is None for run in plain.runs)
+    assert all(run.evidence_resolved is None and run.resolved_small_accuracy is None for run in plain.runs)

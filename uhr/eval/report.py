@@ -21,7 +21,8 @@ and the answers carry the evidence columns, a run also reports how often its kep
 *resolved* the evidence: some kept token overlapping the bbox is no larger than the object the answer depends on
 (`object_size_px` where the benchmark gives it, else the bbox's longest side; a token coarser than
 the object blurs it into its surroundings), over the answered items asked with a bbox, and over
-those of small objects.
+those of small objects; and its accuracy on the small-object items it resolved, which tells a
+strategy that did not bring the evidence from a model that did not read it.
 
 Outputs under `out_uri`: `report.json` (everything), `report.md` (one table per benchmark, then
 its per-category breakdown) and `accuracy_vs_tokens.png` (each benchmark's headline accuracy
@@ -71,6 +72,7 @@ class RunResult:
     score: BenchmarkScore
     evidence_resolved: float | None = None
     evidence_resolved_small: float | None = None
+    resolved_small_accuracy: float | None = None
 
     @property
     def kept_fraction(self) -> float | None:
@@ -96,6 +98,7 @@ class RunResult:
             "kept_fraction": self.kept_fraction,
             "evidence_resolved": self.evidence_resolved,
             "evidence_resolved_small": self.evidence_resolved_small,
+            "resolved_small_accuracy": self.resolved_small_accuracy,
             "headline": {"name": self.score.headline_name, "value": self.score.headline},
             "metrics": self.score.to_dict(),
         }
@@ -214,28 +217,47 @@ def _mean_of(values: list[Any]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def evidence_resolved(part: pa.Table, small_only: bool = False) -> float | None:
-    """Share of the answered items asked with a bbox (small ones only, if asked) whose evidence a kept token resolved.
+def _evidence_flags(part: pa.Table) -> list[tuple[bool, bool, bool]] | None:
+    """(small, resolved, correct) of each answered item asked with a bbox; None without the evidence columns.
 
-    None when the answers carry no evidence columns or no item qualifies.
+    Resolved: some kept token overlapping the bbox is no larger than the object (`object_size_px`
+    where the benchmark gives it, else the bbox's longest side).
     """
     if "evidence_tokens" not in part.column_names:
         return None
-    resolved: list[bool] = []
-    for status, bbox, size, count, px, small in zip(
+    flags = []
+    for status, bbox, size, count, px, small, correct in zip(
         part.column("status").to_pylist(),
         part.column("bbox").to_pylist(),
         part.column("object_size_px").to_pylist(),
         part.column("evidence_tokens").to_pylist(),
         part.column("evidence_px").to_pylist(),
         part.column("small").to_pylist(),
+        part.column("correct").to_pylist(),
         strict=True,
     ):
-        if status != "answered" or bbox is None or count is None or (small_only and not small):
+        if status != "answered" or bbox is None or count is None:
             continue
         size = size if size is not None else max(bbox[2] - bbox[0], bbox[3] - bbox[1])
-        resolved.append(px is not None and px <= size)
+        flags.append((bool(small), px is not None and px <= size, bool(correct)))
+    return flags
+
+
+def evidence_resolved(part: pa.Table, small_only: bool = False) -> float | None:
+    """Share of the answered items asked with a bbox (small ones only, if asked) whose evidence a kept token resolved.
+
+    None when the answers carry no evidence columns or no item qualifies.
+    """
+    flags = _evidence_flags(part)
+    resolved = [r for small, r, _ in flags or [] if small or not small_only]
     return sum(resolved) / len(resolved) if resolved else None
+
+
+def resolved_small_accuracy(part: pa.Table) -> float | None:
+    """Accuracy on the small-object items whose evidence a kept token resolved: whether the model
+    reads what the pruning brought it (None when no such item or no evidence columns)."""
+    correct = [ok for small, resolved, ok in _evidence_flags(part) or [] if small and resolved]
+    return sum(correct) / len(correct) if correct else None
 
 
 def evaluate(items: pa.Table, answers: pa.Table, wordnet: WordNetCorpusReader | None = None) -> Report:
@@ -263,6 +285,7 @@ def evaluate(items: pa.Table, answers: pa.Table, wordnet: WordNetCorpusReader | 
                     score=summarize(part, Benchmark(source)),
                     evidence_resolved=evidence_resolved(part),
                     evidence_resolved_small=evidence_resolved(part, small_only=True),
+                    resolved_small_accuracy=resolved_small_accuracy(part),
                 )
             )
     results.sort(key=lambda r: (r.source, r.strategy, r.budget is not None, r.budget or 0))
@@ -301,7 +324,7 @@ def to_markdown(report: Report) -> str:
         header += ["kept tokens", "dense tokens", "kept %"]
         evidence = any(run.evidence_resolved is not None for run in runs)
         if evidence:
-            header += ["evidence resolved %", "small evidence resolved %"]
+            header += ["evidence resolved %", "small evidence resolved %", "accuracy on resolved small"]
         rows = [
             [
                 run.strategy,
@@ -313,7 +336,11 @@ def to_markdown(report: Report) -> str:
                 _num(run.mean_tokens_kept),
                 _num(run.mean_tokens_dense),
                 _pct(run.kept_fraction),
-                *((_pct(run.evidence_resolved), _pct(run.evidence_resolved_small)) if evidence else ()),
+                *(
+                    (_pct(run.evidence_resolved), _pct(run.evidence_resolved_small), _pct(run.resolved_small_accuracy))
+                    if evidence
+                    else ()
+                ),
                 *(_pct(run.score.summary_columns().get(name)) for name in summary_names),
             ]
             for run in runs
@@ -324,7 +351,9 @@ def to_markdown(report: Report) -> str:
             notes = [
                 *notes,
                 "evidence resolved: of the answered items asked with a bbox, those where a kept token no larger than "
-                "the object (its size where given, else the bbox's longest side) overlaps the bbox",
+                "the object (its size where given, else the bbox's longest side) overlaps the bbox; accuracy on "
+                "resolved small: of the small-object items so resolved, those answered right (did the model read what "
+                "the pruning brought it?)",
             ]
         if notes:
             lines += [""] + [f"- {note}" for note in notes]
