@@ -51,6 +51,7 @@ class ArchiveSettings:
     referents: str
     option_order: str
     evidence_window: int | None = None
+    object_captions: int | None = None
 
 
 # Training and test use different seeds (and splits), so they share no scene. Objects are named by
@@ -62,9 +63,11 @@ class ArchiveSettings:
 # Each question with evidence is asked a second time on a window around it (at least 64 px, the
 # side of the downsampled view, so small evidence is seen at full resolution): on the whole-scene
 # view alone a 32-px object is 2 px and the model learns to answer from the question's words.
+# Each object is also captioned on a 64-px window around it ("yellow ship, red car"): the questions
+# name a colour in a yes or a letter, too sparse a signal for a tower learning colour from scratch.
 TRAIN = ArchiveSettings(
     scenes=192, size=1024, seed=101, split="train", questions_per_scene=20, open_fraction=0.3,
-    referents="scene", option_order="fixed", evidence_window=64,
+    referents="scene", option_order="fixed", evidence_window=64, object_captions=64,
 )
 TEST = ArchiveSettings(
     scenes=32, size=1024, seed=202, split="test", questions_per_scene=16, open_fraction=0.0,
