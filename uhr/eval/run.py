@@ -264,7 +264,6 @@ def questions_table(items: pa.Table, swap: bool = False) -> pa.Table:
     )
 
 
-
 def _vqa_tree(vqa: VqaConfig) -> dict[str, Any]:
     """The fields the user set, without those the evaluation sets per run (warned about when given)."""
     given = [name for name in _RUN_FIELDS if name in vqa.model_fields_set]

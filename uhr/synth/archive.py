@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from uhr.cache import creating
 from uhr.storage import StorageConfig, is_remote, join_uri
-from uhr.synth.questions import OptionOrder, Question, Referents, generate_questions
+from uhr.synth.questions import OptionOrder, Question, Referents, SceneIndex, generate_questions
 from uhr.synth.scene import Compression, SceneTruth, write_scene
 
 logger = logging.getLogger(__name__)
@@ -111,8 +111,8 @@ def conversation(question: Question) -> dict[str, Any]:
     return record
 
 
-def caption_conversation(truth: SceneTruth, scene: str, index: int, min_side: int) -> dict[str, Any]:
-    """Object `index` of a scene as a caption conversation on a window around it.
+def caption_conversation(index: SceneIndex, scene: str, number: int, min_side: int) -> dict[str, Any]:
+    """Object `number` of a scene (`index`) as a caption conversation on a window around it.
 
     The window is `window_around` the object's box (at least `min_side`); the answer names every
     object lying wholly inside it, top to bottom then left to right, as "colour class" (the class
@@ -120,12 +120,10 @@ def caption_conversation(truth: SceneTruth, scene: str, index: int, min_side: in
     alignment captions, every answer word is something the pixels show, so the tower and projector
     learn colour and shape from a dense signal rather than from a yes or a letter.
     """
-    obj = truth.objects[index]
+    truth = index.truth
+    obj = truth.objects[number]
     col, row, side, _ = window_around(list(obj.bbox), min(truth.width, truth.height), min_side)
-    inside = [
-        other for other in truth.objects
-        if other.bbox[0] >= col and other.bbox[1] >= row and other.bbox[2] <= col + side and other.bbox[3] <= row + side
-    ]
+    inside = [truth.objects[k] for k in np.flatnonzero(index.inside((col, row, col + side, row + side)))]
     inside.sort(key=lambda other: (other.centre[1], other.centre[0]))
     colour = truth.bands >= 3
     caption = ", ".join(f"{other.colour} {other.cls.value}" if colour else other.cls.value for other in inside)
@@ -268,7 +266,8 @@ def _training_records(
             window = window_around(question.bbox, size, evidence_window)
             records.append({**conversation(question), "id": f"{question.question_id}@window", "window": window})
     if object_captions is not None:
-        records.extend(caption_conversation(truth, scene, index, object_captions) for index in range(len(truth.objects)))
+        index = SceneIndex(truth)
+        records.extend(caption_conversation(index, scene, number, object_captions) for number in range(len(truth.objects)))
     return records
 
 

@@ -144,8 +144,8 @@ class _Item:
     labels: tuple[str, ...] = ()
 
 
-class _SceneIndex:
-    """The truth's objects as arrays, for region queries."""
+class SceneIndex:
+    """The truth's objects as arrays, for region queries (built once per scene)."""
 
     def __init__(self, truth: SceneTruth):
         self.truth = truth
@@ -154,6 +154,7 @@ class _SceneIndex:
         self.classes = np.asarray([OBJECT_CLASSES.index(obj.cls) for obj in truth.objects], dtype=np.int64)
 
     def inside(self, box: tuple[int, int, int, int]) -> np.ndarray:
+        """Mask of the objects lying wholly inside `box` (x0, y0, x1, y1)."""
         b = self.boxes
         return (b[:, 0] >= box[0]) & (b[:, 1] >= box[1]) & (b[:, 2] <= box[2]) & (b[:, 3] <= box[3])
 
@@ -222,14 +223,14 @@ def _smallest(objects: list[SceneObject]) -> float | None:
     return min((obj.size_px for obj in objects), default=None)
 
 
-def _overall_counting(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _overall_counting(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
     cls = OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
     members = [obj for obj in index.objects if obj.cls is cls]
     question = f"How many {_plural(cls)} are there in the image?"
     return _Item(Category.OVERALL_COUNTING, question, _count_options(len(members), rng), None, _smallest(members))
 
 
-def _regional_counting(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _regional_counting(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
     if not index.objects:
         return None
     anchor = index.objects[int(rng.integers(len(index.objects)))]
@@ -242,7 +243,7 @@ def _regional_counting(index: _SceneIndex, rng: np.random.Generator) -> _Item | 
     return _Item(Category.REGIONAL_COUNTING, question, _count_options(len(members), rng), box, _smallest(members))
 
 
-def _object_colour(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _object_colour(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
     if not index.objects or index.truth.bands < 3:
         # One band holds no colour: the question would not be answerable from the pixels.
         return None
@@ -253,7 +254,7 @@ def _object_colour(index: _SceneIndex, rng: np.random.Generator) -> _Item | None
     return _Item(Category.OBJECT_COLOUR, question, _other_options(obj.colour, COLOURS, rng), box, obj.size_px, COLOURS)
 
 
-def _object_class(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _object_class(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
     if not index.objects:
         return None
     i = int(rng.integers(len(index.objects)))
@@ -264,7 +265,7 @@ def _object_class(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
     return _Item(Category.OBJECT_CLASS, question, _other_options(obj.cls.value, names, rng), box, obj.size_px, names)
 
 
-def _regional_land_use(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _regional_land_use(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
     truth = index.truth
     longest = min(1024, truth.width // 2, truth.height // 2)
     for _ in range(TRIES):
@@ -300,7 +301,7 @@ def _relation(a: SceneObject, b: SceneObject) -> str | None:
     return None
 
 
-def _spatial_relation(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _spatial_relation(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
     if len(index.objects) < 2:
         return None
     reach = min(1200.0, max(index.truth.width, index.truth.height) / 2)
@@ -324,7 +325,7 @@ def _spatial_relation(index: _SceneIndex, rng: np.random.Generator) -> _Item | N
     return None
 
 
-def _presence(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _presence(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
     truth = index.truth
     cls = OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
     code = OBJECT_CLASSES.index(cls)
@@ -352,7 +353,7 @@ def _presence(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
     return None
 
 
-def _scene_colour(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _scene_colour(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
     """The colour of a class that has one object in the scene, or whose objects share one colour."""
     if index.truth.bands < 3:
         return None
@@ -367,7 +368,7 @@ def _scene_colour(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
     return _Item(Category.OBJECT_COLOUR, question, options, _union(members), _smallest(members), COLOURS)
 
 
-def _scene_class(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _scene_class(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
     """The class of the one object of its colour."""
     if index.truth.bands < 3:
         return None
@@ -386,7 +387,7 @@ def _indefinite(word: str) -> str:
     return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
-def _scene_presence(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _scene_presence(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
     """Whether an object of a colour and class is in the scene: half the time one is.
 
     The class named is always one the scene has, drawn alike for both answers, and the colour is
@@ -414,7 +415,7 @@ def _scene_presence(index: _SceneIndex, rng: np.random.Generator) -> _Item | Non
     return _Item(Category.PRESENCE, question, options, _union(members), _smallest(members), YES_NO)
 
 
-def _scene_land_use(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _scene_land_use(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
     """The land cover that clearly covers most of the scene."""
     truth = index.truth
     labels = truth.landcover.labels(0, 0, truth.width, truth.height)
@@ -427,7 +428,7 @@ def _scene_land_use(index: _SceneIndex, rng: np.random.Generator) -> _Item | Non
     return _Item(Category.REGIONAL_LAND_USE, question, _other_options(cover, names, rng), None, None, names)
 
 
-def _scene_relation(index: _SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _scene_relation(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
     """Where one object is relative to another, each the only one of its colour and class."""
     if index.truth.bands < 3:
         return None
@@ -452,7 +453,7 @@ def _union(objects: list[SceneObject]) -> tuple[int, int, int, int]:
     return int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max())
 
 
-_GENERATORS: dict[Category, Callable[[_SceneIndex, np.random.Generator], _Item | None]] = {
+_GENERATORS: dict[Category, Callable[[SceneIndex, np.random.Generator], _Item | None]] = {
     Category.OVERALL_COUNTING: _overall_counting,
     Category.REGIONAL_COUNTING: _regional_counting,
     Category.OBJECT_COLOUR: _object_colour,
@@ -461,7 +462,7 @@ _GENERATORS: dict[Category, Callable[[_SceneIndex, np.random.Generator], _Item |
     Category.SPATIAL_RELATION: _spatial_relation,
     Category.PRESENCE: _presence,
 }
-_SCENE_GENERATORS: dict[Category, Callable[[_SceneIndex, np.random.Generator], _Item | None]] = {
+_SCENE_GENERATORS: dict[Category, Callable[[SceneIndex, np.random.Generator], _Item | None]] = {
     Category.OVERALL_COUNTING: _overall_counting,
     Category.OBJECT_COLOUR: _scene_colour,
     Category.OBJECT_CLASS: _scene_class,
@@ -501,7 +502,7 @@ def generate_questions(
     )
     prefix = id_prefix if id_prefix is not None else scene.rsplit("/", 1)[-1].rsplit(".", 1)[0]
     rng = np.random.default_rng(np.random.SeedSequence([truth.seed, _QUESTION_STREAM]))
-    index = _SceneIndex(truth)
+    index = SceneIndex(truth)
     categories = list(table)
     weights = np.asarray([table[c] for c in categories])
     questions: list[Question] = []
