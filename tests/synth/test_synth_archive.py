@@ -158,6 +158,21 @@ def test_test_split_has_no_conversations_and_other_scenes(tmp_path, train_archiv
         assert not np.array_equal(test_scene.read(), train_scene.read())
 
 
+def test_small_object_questions_can_be_asked_on_their_windows_only(tmp_path, train_archive) -> None:
+    _, plain = train_archive
+    index = write_archive(
+        str(tmp_path), scenes=2, size=512, seed=4, split="train", questions_per_scene=8, evidence_window=96,
+        small_on_whole_scene=False,
+    )  # fmt: skip
+    rows = {row["question_id"]: row for row in read_jsonl(Path(index.questions_jsonl))}
+    assert {row["small"] for row in rows.values()} == {True, False}, "the archive needs both kinds of question"
+    records = read_jsonl(Path(index.train_jsonl))
+    whole, windowed = [r for r in records if "window" not in r], [r for r in records if "window" in r]
+    # The same questions and scenes as without the option; only the small ones' whole-scene records go.
+    assert whole == [r for r in read_jsonl(Path(plain.train_jsonl)) if not rows[r["id"]]["small"]]
+    assert sorted(r["id"] for r in windowed) == sorted(f"{q}@window" for q, row in rows.items() if row["bbox"])
+
+
 def test_archive_arguments_are_checked(tmp_path) -> None:
     with pytest.raises(ValueError, match="split"):
         write_archive(str(tmp_path), scenes=1, size=256, seed=0, split="val")
@@ -167,12 +182,15 @@ def test_archive_arguments_are_checked(tmp_path) -> None:
         write_archive(str(tmp_path), scenes=1, size=256, seed=0, split="test", evidence_window=64)
     with pytest.raises(ValueError, match="object_captions needs split 'train' and a side >= 1, got 0"):
         write_archive(str(tmp_path), scenes=1, size=256, seed=0, split="train", object_captions=0)
+    with pytest.raises(ValueError, match="small_on_whole_scene=False needs split 'train', got 'test'"):
+        write_archive(str(tmp_path), scenes=1, size=256, seed=0, split="test", small_on_whole_scene=False)
 
 
 def test_command_line_writes_an_archive_and_reports_it(tmp_path) -> None:
     out = tmp_path / "cli"
     command = [sys.executable, "-m", "uhr.synth", "--out", str(out), "--scenes", "1", "--size", "384", "--seed", "9",
-               "--split", "train", "--dtype", "uint16", "--bands", "4", "--questions", "5", "--object-captions", "64"]
+               "--split", "train", "--dtype", "uint16", "--bands", "4", "--questions", "5", "--object-captions", "64",
+               "--evidence-window", "64", "--no-small-on-whole-scene"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -180,7 +198,10 @@ def test_command_line_writes_an_archive_and_reports_it(tmp_path) -> None:
     with rasterio.open(out / "scenes" / "scene_0000.tif") as src:
         assert (src.count, src.dtypes[0]) == (4, "uint16")
     objects = json.loads((out / "truth.json").read_text())["scenes"]["scenes/scene_0000.tif"]["objects"]
-    assert sum(r["id"].endswith("@caption") for r in read_jsonl(out / "train.jsonl")) == len(objects)
+    records = read_jsonl(out / "train.jsonl")
+    assert sum(r["id"].endswith("@caption") for r in records) == len(objects)
+    small = {row["question_id"] for row in read_jsonl(out / "questions.jsonl") if row["small"]}
+    assert not small & {r["id"] for r in records}  # asked on their windows only
     refused = subprocess.run([*command[:9], "--seed", "-3"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert refused.returncode == 2 and "seed must be a non-negative integer" in refused.stderr
 

@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PX",
         help="'train' only: also a conversation per object listing the objects a window of at least PX pixels around it shows",
     )
+    parser.add_argument(
+        "--no-small-on-whole-scene",
+        dest="small_on_whole_scene",
+        action="store_false",
+        help="'train' only: ask questions about small objects on their evidence window only, not on the whole scene",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     try:
@@ -58,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             compress=args.compress,
             evidence_window=args.evidence_window,
             object_captions=args.object_captions,
+            small_on_whole_scene=args.small_on_whole_scene,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -9,7 +9,9 @@ Layout under the archive root (a local directory or an s3:// prefix):
     train.jsonl                 split "train" only: LLaVA conversations, one per question, and with
                                 `evidence_window` one more per question with evidence, on a window
                                 around it (`uhr.train.data` reads a record's `window`); with
-                                `object_captions` one per object, listing what a window around it shows
+                                `object_captions` one per object, listing what a window around it shows;
+                                with `small_on_whole_scene` False, none on the whole scene for a
+                                question about small objects
 
 Scene seeds come from (archive seed, split, scene index), so a train and a test archive made with
 the same seed share no scene.
@@ -170,6 +172,7 @@ def write_archive(
     compress: Compression | str = Compression.DEFLATE,
     evidence_window: int | None = None,
     object_captions: int | None = None,
+    small_on_whole_scene: bool = True,
 ) -> ArchiveIndex:
     """Write a synthetic archive of `scenes` square scenes of `size` px under `out_uri`.
 
@@ -180,8 +183,11 @@ def write_archive(
     full resolution where the window fits the model's view: the model sees what it is asked about
     even where a whole-scene view is too coarse to show it. With `object_captions` (pixels; "train"
     only), every object is also a caption conversation on a window of at least that side around it
-    (`caption_conversation`), after its scene's questions. Scenes are written one at a time (each
-    in bounded memory); the tables are written once all scenes are done.
+    (`caption_conversation`), after its scene's questions. With `small_on_whole_scene` False
+    ("train" only), a question about small objects (`Question.small`) is trained on its window
+    only: a downsampled whole-scene view does not show it, and asking it there teaches the model
+    to answer from the question's words. Scenes are written one at a time (each in bounded
+    memory); the tables are written once all scenes are done.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -194,6 +200,8 @@ def write_archive(
     for name, side in (("evidence_window", evidence_window), ("object_captions", object_captions)):
         if side is not None and (split != "train" or side < 1):
             raise ValueError(f"{name} needs split 'train' and a side >= 1, got {side} for {split!r}")
+    if not small_on_whole_scene and split != "train":
+        raise ValueError(f"small_on_whole_scene=False needs split 'train', got {split!r}")
     storage = storage or StorageConfig()
     questions: list[Question] = []
     records: list[dict[str, Any]] = []
@@ -211,7 +219,9 @@ def write_archive(
         )
         questions.extend(asked)
         if split == "train":
-            records.extend(_training_records(asked, truth, relative, size, evidence_window, object_captions))
+            records.extend(
+                _training_records(asked, truth, relative, size, evidence_window, object_captions, small_on_whole_scene)
+            )
         truths[relative] = truth.to_dict()
         scene_uris.append(uri)
         logger.info(
@@ -256,11 +266,13 @@ def _training_records(
     size: int,
     evidence_window: int | None,
     object_captions: int | None,
+    small_on_whole_scene: bool,
 ) -> list[dict[str, Any]]:
     """One scene's training conversations, in the order `write_archive` documents."""
     records = []
     for question in questions:
-        records.append(conversation(question))
+        if small_on_whole_scene or not question.small:
+            records.append(conversation(question))
         # Right after the whole-scene record: a training loader's local shuffle then mixes both kinds.
         if evidence_window is not None and question.bbox is not None:
             window = window_around(question.bbox, size, evidence_window)
