@@ -52,6 +52,7 @@ class ArchiveSettings:
     option_order: str
     evidence_window: int | None = None
     object_captions: int | None = None
+    small_on_whole_scene: bool = True
 
 
 # Training and test use different seeds (and splits), so they share no scene. Objects are named by
