@@ -184,10 +184,11 @@ def write_archive(
     even where a whole-scene view is too coarse to show it. With `object_captions` (pixels; "train"
     only), every object is also a caption conversation on a window of at least that side around it
     (`caption_conversation`), after its scene's questions. With `small_on_whole_scene` False
-    ("train" only), a question about small objects (`Question.small`) is trained on its window
-    only: a downsampled whole-scene view does not show it, and asking it there teaches the model
-    to answer from the question's words. Scenes are written one at a time (each in bounded
-    memory); the tables are written once all scenes are done.
+    ("train" only), a question about small objects (`Question.small`) gets no whole-scene
+    conversation, only its evidence window's where it has one (an overall count has none): a
+    downsampled whole-scene view does not show it, and asking it there teaches the model to
+    answer from the question's words. Scenes are written one at a time (each in bounded memory);
+    the tables are written once all scenes are done.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
