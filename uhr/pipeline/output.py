@@ -77,8 +77,12 @@ def _part_paths(output: str, storage: StorageConfig) -> list[str]:
     return [fs.unstrip_protocol(p) for p in paths] if is_remote(output) else paths
 
 
+# What a resumed run needs of the rows already written: which questions to skip, and their choices to score.
+DONE_COLUMNS = ("question_id", "error", "choice")
+
+
 def read_done(output: str, storage: StorageConfig) -> pa.Table:
-    """`question_id` and `error` of every row already in `output` (empty table if none).
+    """`question_id`, `error` and `choice` of every row already in `output` (empty table if none).
 
     A part that cannot be read (cut short by a crash of another writer, or damaged) is renamed
     `*.unreadable` with a warning, so its questions are answered again instead of failing the run.
@@ -88,12 +92,12 @@ def read_done(output: str, storage: StorageConfig) -> pa.Table:
     for path in _part_paths(output, storage):
         try:
             with fs.open(path, "rb") as handle:
-                tables.append(pq.read_table(handle, columns=["question_id", "error"]))
+                tables.append(pq.read_table(handle, columns=list(DONE_COLUMNS)))
         except (pa.ArrowInvalid, OSError) as err:
             logger.warning("output part %s is unreadable (%s); its questions will be answered again", redact(path), err)
             fs.mv(path, path + ".unreadable")
     if not tables:
-        return pa.table({"question_id": pa.array([], pa.string()), "error": pa.array([], pa.string())})
+        return pa.table({name: pa.array([], pa.string()) for name in DONE_COLUMNS})
     return pa.concat_tables(tables)
 
 

@@ -133,7 +133,8 @@ class RunSummary:
     wall_s: float
     mean_tokens_kept: float | None
     mean_tokens_dense: float | None
-    # Multiple-choice questions with a reference answer, and how many the chosen letter(s) got right.
+    # Multiple-choice questions with a reference answer, and how many the chosen letter(s) got right:
+    # over every row the output holds for the run's questions, earlier runs' included.
     scored: int = 0
     correct: int = 0
 
@@ -155,6 +156,7 @@ class RunSummary:
             if self.mean_tokens_kept is not None
             else "n/a"
         )
+        earlier = ", earlier runs' rows included" if self.skipped else ""
         return "\n".join(
             [
                 f"run {self.run_id}: {self.status}",
@@ -166,7 +168,7 @@ class RunSummary:
                 *(
                     [
                         f"  accuracy       {self.accuracy:.1%} ({self.correct}/{self.scored} multiple-choice "
-                        "questions with a reference answer; XLRS letter rule)"
+                        f"questions with a reference answer{earlier}; XLRS letter rule)"
                     ]
                     if self.scored
                     else []
@@ -194,7 +196,11 @@ class _Progress:
         self.errors += pc.sum(pc.is_valid(batch["error"])).as_py() or 0
         self.kept += pc.sum(pc.filter(batch["tokens_kept"], answered)).as_py() or 0
         self.dense += pc.sum(pc.filter(batch["tokens_dense"], answered)).as_py() or 0
-        for qid, choice in zip(batch["question_id"].to_pylist(), batch["choice"].to_pylist()):
+        self.score(batch)
+
+    def score(self, rows: pa.Table) -> None:
+        """Count `rows`' choices against the references (the job's rows, or those an earlier run wrote)."""
+        for qid, choice in zip(rows["question_id"].to_pylist(), rows["choice"].to_pylist()):
             reference = self.references.get(qid)
             if reference is not None:
                 self.scored += 1
@@ -341,6 +347,7 @@ def run_vqa(config: VqaConfig) -> RunSummary:
 
     start = time.monotonic()
     progress = _Progress(plan.pending, config.status_interval_s, choice_references(questions))
+    progress.score(done)
     writer = ResultWriter(config.output, run_id, storage, config.rows_per_file, config.flush_interval_s)
     status = "failed"
     stats = ""
