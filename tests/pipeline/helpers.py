@@ -30,6 +30,14 @@ def read_manifest(output: str, storage: StorageConfig | None = None) -> dict:
         return json.load(handle)
 
 
+def scored_by_hand(rows: pa.Table, questions: pa.Table) -> tuple[int, int]:
+    """(multiple-choice rows, those whose chosen letters are the reference's letter set), from the
+    rows and the questions' `answer` column: what a run summary's `scored` and `correct` must be."""
+    truth = dict(zip(questions["question_id"].to_pylist(), questions["answer"].to_pylist()))
+    scored = [row for row in rows.to_pylist() if row["choices"]]
+    return len(scored), sum(set(row["choice"] or "") == set(truth[row["question_id"]]) for row in scored)
+
+
 def config(**fields) -> VqaConfig:
     overrides = [f"{key}={value}" for key, value in fields.pop("overrides", {}).items()]
     return load_config(VqaConfig, overrides=overrides, **fields)

@@ -18,7 +18,7 @@ from uhr.pipeline import run_vqa
 from uhr.synth import write_archive
 from uhr.testing.waiting import wait_for
 
-from .helpers import config, read_manifest, read_rows
+from .helpers import config, read_manifest, read_rows, scored_by_hand
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,10 +54,7 @@ def test_rerun_after_the_driver_is_killed_writes_every_row_once(ray_local, model
     assert summary.skipped == done and summary.rows == total - done
     assert rows.num_rows == total and len(set(rows["question_id"].to_pylist())) == total
     # The accuracy covers every row of the output, the killed run's as well as this one's.
-    truth = dict(zip(*pq.read_table(archive.questions_parquet, columns=["question_id", "answer"]).to_pydict().values()))
-    scored = [row for row in rows.to_pylist() if row["choices"]]
-    assert summary.scored == len(scored)
-    assert summary.correct == sum(set(row["choice"] or "") == set(truth[row["question_id"]]) for row in scored)
+    assert (summary.scored, summary.correct) == scored_by_hand(rows, pq.read_table(archive.questions_parquet))
     assert f"({summary.correct}/{summary.scored} multiple-choice" in summary.format()
     assert "earlier runs' rows included" in summary.format()
     manifest = read_manifest(str(output))

@@ -19,7 +19,7 @@ from uhr.pipeline import MANIFEST_NAME, OUTPUT_SCHEMA, run_vqa
 from uhr.pipeline.plan import InputError, question_id
 from uhr.synth import write_scene
 
-from .helpers import config, read_manifest, read_rows
+from .helpers import config, read_manifest, read_rows, scored_by_hand
 
 
 @pytest.mark.parametrize("strategy", ["none", "downsample", "geollava", "uhr-bat", "c2f"])
@@ -67,10 +67,8 @@ def test_every_strategy_from_object_storage_to_geoparquet(ray_local, s3_server, 
         scenes = storage.filesystem(s3_archive).find(f"{s3_archive}/scenes", detail=True)
         assert sum(rows["bytes_read"].to_pylist()) <= sum(info["size"] for info in scenes.values()) * 1.05
     # The summary scores the multiple-choice rows against the questions' `answer` column (same letter set).
-    truth = dict(zip(questions["question_id"].to_pylist(), questions["answer"].to_pylist()))
-    scored = [row for row in rows.to_pylist() if row["choices"]]
-    assert scored and summary.scored == len(scored)
-    assert summary.correct == sum(set(row["choice"] or "") == set(truth[row["question_id"]]) for row in scored)
+    scored, correct = scored_by_hand(rows, questions)
+    assert scored and (summary.scored, summary.correct) == (scored, correct)
     assert f"({summary.correct}/{summary.scored} multiple-choice" in summary.format()
     manifest = read_manifest(output, storage)
     assert manifest["status"] == "complete" and manifest["counts"] == {"questions": rows.num_rows, "rows": rows.num_rows, "runs": 1}
