@@ -38,15 +38,16 @@ def run(model, source, pruning, counter=None):
             return [strategy.select(model, encoding, q) for q in QUESTIONS]
 
 
-def test_uhr_bat_counts_tiles_projected_tokens_and_one_anchor_pass_per_question(model, source):
+def test_uhr_bat_counts_tiles_projected_tokens_one_anchor_pass_and_each_question(model, source):
     pruning = PruningConfig(strategy="uhr-bat", budget=256, scales=[336, 672, 1344], uhr_bat={"regions": 8})
     with WorkCounter(model) as counter:
         tokens = run(model, source, pruning, counter)
     encode, select = counter.phases["encode"], counter.phases["select"]
     assert encode.tiles == 1 + 4 + 16 and select.tiles == 0
     assert encode.projected == 24**2 + 48**2 + 96**2 == tokens[0].dense
-    # Importance on the anchor scale (one tile, 24 x 24 tokens) once per question, nothing else.
-    assert select.importance == [24**2] * len(QUESTIONS) and encode.importance == []
+    # The LM runs over the anchor scale (one tile, 24 x 24 tokens) once, then each question's text over it.
+    assert select.importance == [24**2] and encode.importance == []
+    assert select.importance_questions == [24**2] * len(QUESTIONS)
 
 
 def test_c2f_counts_the_thumbnail_and_base_level_then_the_tiles_each_question_zooms_into(model, source):
@@ -57,12 +58,15 @@ def test_c2f_counts_the_thumbnail_and_base_level_then_the_tiles_each_question_zo
     encode, select = counter.phases["encode"], counter.phases["select"]
     assert encode.tiles == 1 + 4  # thumbnail, 2 x 2 base tiles
     # Per question: the base level scored, then the 1344-px level's candidate tiles; each pass holds the
-    # thumbnail's 576 tokens of context and 12 x 12 pooled tokens per tile.
-    assert len(select.importance) == 2 * len(QUESTIONS)
-    assert select.importance[0] == 24**2 + 4 * 12**2
+    # thumbnail's 576 tokens of context and 12 x 12 pooled tokens per tile. The LM runs over the base
+    # level once for all questions, over each question's candidate tiles once for that question.
+    base = 24**2 + 4 * 12**2
+    assert select.importance[0] == base and len(select.importance) == 1 + len(QUESTIONS)
+    assert select.importance_questions[0::2] == [base] * len(QUESTIONS)
+    assert select.importance_questions[1::2] == select.importance[1:]
     assert all((visual - 24**2) % 12**2 == 0 for visual in select.importance)
     # Fine tiles are encoded once (later questions reuse cached ones), never more than the level has.
-    zoomed = [(visual - 24**2) // 12**2 for visual in select.importance[1::2]]
+    zoomed = [(visual - 24**2) // 12**2 for visual in select.importance[1:]]
     assert max(zoomed) <= select.tiles <= min(sum(zoomed), 16)
 
 

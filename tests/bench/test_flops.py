@@ -19,7 +19,7 @@ from uhr.bench.flops import (
     vision_tile_flops,
 )
 from uhr.bench.inputs import build_bench_model
-from uhr.model.importance import decoder_attention
+from uhr.model.importance import decoder_attention, decoder_prefix
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,20 @@ def test_importance_flops_are_the_layers_below_plus_query_key_projections(eager_
     assert total == importance_flops(eager_model.config, positions, layer) + scores
 
 
+def test_a_prefix_and_a_question_over_it_are_priced_like_their_passes(eager_model):
+    text = eager_model.config.text_config
+    head, tail, layer = 250, 50, 1
+    prefix_embeds, tail_embeds = torch.randn(1, head, text.hidden_size), torch.randn(1, tail, text.hidden_size)
+    queries, keys = torch.arange(290, 300), torch.arange(10, 250)
+    prefix = decoder_prefix(eager_model.language_model, prefix_embeds, layer)
+    assert counted(lambda: decoder_prefix(eager_model.language_model, prefix_embeds, layer)) == importance_flops(
+        eager_model.config, head, layer
+    )
+    total = counted(lambda: decoder_attention(eager_model.language_model, tail_embeds, layer, queries, keys, prefix))
+    scores = 2 * text.hidden_size * (head + tail) * len(queries)
+    assert total == importance_flops(eager_model.config, tail, layer, past=head) + scores
+
+
 def test_real_sizes_match_published_dimensions():
     config = real_model_config()
     # CLIP ViT-L/14-336 to the penultimate layer: ~0.37 TFLOPs a tile (2 x 0.3B params x 577 tokens + attention).
@@ -75,6 +89,7 @@ workloads = st.builds(
     tiles=st.integers(0, 300),
     projected=st.integers(0, 200_000),
     importance=st.lists(st.integers(1, 5000), max_size=3),
+    importance_questions=st.lists(st.integers(1, 5000), max_size=3),
     answers=st.lists(st.integers(1, 5000), max_size=4),
 )
 

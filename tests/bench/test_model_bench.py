@@ -17,8 +17,9 @@ def test_model_benchmark_runs_every_strategy_and_reports_measured_and_priced_fig
         assert r.one_question_s > 0 and r.many_questions_s > 0 and r.encode_s > 0
         assert r.workload["encode"].tiles > 0 and r.workload["answer"].answers == [round(r.kept)] * 2
     by_name = {r.strategy: r for r in results}
-    # Query-guided strategies run an LM importance pass per question; the others none.
-    assert len(by_name["uhr-bat"].workload["select"].importance) == 2
+    # Query-guided strategies run the LM over the anchor tokens once and each question over them; the others nothing.
+    assert by_name["uhr-bat"].workload["select"].importance == by_name["uhr-bat"].workload_one["select"].importance
+    assert len(by_name["uhr-bat"].workload["select"].importance_questions) == 2
     assert by_name["downsample"].workload["select"].importance == []
     gpu = config.gpus[-1]
     # Query-independent selections are shared whole; c2f's questions share the thumbnail before their own tokens.
@@ -26,9 +27,12 @@ def test_model_benchmark_runs_every_strategy_and_reports_measured_and_priced_fig
         assert by_name[name].shared == round(by_name[name].kept)
     assert 0 < by_name["c2f"].shared < by_name["c2f"].kept
     for name in ("none", "c2f"):
-        assert estimated_seconds(by_name[name], gpu, config, 2, share=True) < estimated_seconds(
-            by_name[name], gpu, config, 2
+        assert estimated_seconds(by_name[name], gpu, config, many=True, share=True) < estimated_seconds(
+            by_name[name], gpu, config, many=True
         )
+    for r in results:  # the second question costs something, never more than the first
+        one = estimated_seconds(r, gpu, config, many=False)
+        assert one < estimated_seconds(r, gpu, config, many=True) <= 2 * one
     report = format_report(results, config)
     for name in by_name:
         assert report.count(f"| {name} |") == 2  # measured and priced rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uhr.model.importance import resolve_layer
+from uhr.model.importance import decoder_attention, resolve_layer
 
 QUESTION = "How many storage tanks are near the port?"
 
@@ -70,3 +70,33 @@ def test_resolve_layer():
     assert resolve_layer(-28, 28) == 0
     with pytest.raises(ValueError):
         resolve_layer(-29, 28)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_llama_model"])
+@pytest.mark.parametrize("query", ["mean", "last"])
+def test_one_prefix_serves_every_question(request, tokens_factory, fixture, query):
+    model, _ = request.getfixturevalue(fixture)
+    visual = tokens_factory(29, model.config.text_config.hidden_size, seed=5).embeds
+    prefix = model.importance_prefix(visual, layer=-1)
+    questions = [QUESTION, "Is there a red plane?", "Which colour is the largest roof, A or B?"]
+    shared = [model.prefixed_importance(prefix, q, query=query) for q in questions]
+    for question, ours in zip(questions, shared):
+        torch.testing.assert_close(ours, _eager_reference(model, visual, question, -1, query), atol=1e-6, rtol=1e-5)
+    # The questions are told apart: the prefix was not grown by the earlier ones.
+    assert not torch.equal(shared[0], shared[1])
+    assert all(key.shape[2] == prefix.decoder.length for key, _ in prefix.decoder.key_values)
+
+
+def test_prefix_is_checked(tiny_model, tokens_factory):
+    model, _ = tiny_model
+    visual = tokens_factory(7, 64).embeds
+    prefix = model.importance_prefix(visual, layer=0)
+    tail = model.get_input_embeddings()(torch.tensor([[5, 6]]))
+    with pytest.raises(ValueError, match="layer 0"):
+        decoder_attention(model.language_model, tail, 1, torch.tensor([prefix.decoder.length]), torch.tensor([0]), prefix.decoder)
+    with pytest.raises(ValueError, match="after the"):
+        decoder_attention(model.language_model, tail, 0, torch.tensor([1]), torch.tensor([0]), prefix.decoder)
+    with pytest.raises(ValueError, match=r"\(N, 64\)"):
+        model.importance_prefix(visual[:, :10], layer=0)
+    with pytest.raises(ValueError, match="query must be"):
+        model.prefixed_importance(prefix, QUESTION, query="first")

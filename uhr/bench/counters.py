@@ -1,9 +1,11 @@
 """Count what a strategy asks of the model, with forward hooks (the model itself is unchanged).
 
 `WorkCounter(model)` hooks the vision tower's patch embedding (tiles), the projector (token rows) and
-the language model's input embedding and rotary embedding (importance passes: a pass embeds its
-text ids, then runs the decoder over text + visual positions, so visual = positions - text + 1 for
-the one image placeholder the visual tokens replace). Counts go to the phase opened with
+the language model's input embedding and rotary embedding (importance passes). Scoring runs the LM
+in two kinds of pass, each embedding its text ids and then running the decoder over its positions:
+a prefix (the template's head and the image placeholder, replaced by the visual tokens, from
+position 0: visual = positions - text + 1) and a question (its text only, from the position where
+a prefix ends: it is scored against that prefix's visual tokens). Counts go to the phase opened with
 `counter.phase(name)`. Generation is not run inside a phase (its embeddings and decode steps are no
 importance passes): the caller records each answer's visual tokens with `record_answers`.
 """
@@ -28,7 +30,9 @@ class WorkCounter:
         self.phases: dict[str, Workload] = {}
         self._phase: str | None = None
         self._texts: list[int] = []
-        self._positions: list[int] = []
+        self._positions: list[tuple[int, int]] = []
+        self._prefixes: dict[int, int] = {}
+        """Length of each prefix seen so far -> its visual tokens (a prefix may serve later phases)."""
         decoder = model.language_model.get_decoder()
         hooks: list[tuple[nn.Module, Any]] = [
             (model.vision_tower.embeddings, self._on_tiles),
@@ -56,13 +60,20 @@ class WorkCounter:
             yield workload
         finally:
             self._phase = None
-        # Each importance pass embeds its text once, then runs the decoder once over all positions.
+        # Each importance pass embeds its text once, then runs the decoder once over its positions.
         if len(self._texts) != len(self._positions):
             raise RuntimeError(
                 f"phase {name!r}: {len(self._texts)} text embeddings but {len(self._positions)} decoder passes; "
                 "the model's importance path no longer pairs them, so passes cannot be counted"
             )
-        workload.importance.extend(positions - text + 1 for text, positions in zip(self._texts, self._positions))
+        for text, (positions, start) in zip(self._texts, self._positions):
+            if start == 0:
+                self._prefixes[positions] = positions - text + 1
+                workload.importance.append(positions - text + 1)
+            elif start in self._prefixes:
+                workload.importance_questions.append(self._prefixes[start])
+            else:
+                raise RuntimeError(f"phase {name!r}: a question pass continues a {start}-position prefix this counter never saw")
 
     def record_answers(self, name: str, visual: list[int]) -> None:
         """Add answers over `visual` tokens each to phase `name`."""
@@ -88,7 +99,8 @@ class WorkCounter:
 
     def _on_positions(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         if self._phase is not None:
-            self._positions.append(args[0].shape[1])  # hidden states (1, L, D)
+            hidden, position_ids = args[0], args[1]  # (1, L, D), (1, L)
+            self._positions.append((hidden.shape[1], int(position_ids[0, 0])))
 
 
 __all__ = ["WorkCounter"]

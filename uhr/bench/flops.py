@@ -158,13 +158,13 @@ def lm_prefill_flops(text: PreTrainedConfig, positions: int, layers: int | None 
     return (dims.layers if layers is None else layers) * dims.layer_flops(positions, positions)
 
 
-def importance_flops(config: UhrConfig, positions: int, layer: int | None) -> int:
-    """An importance pass over `positions`: the layers before `layer` (None: the middle one, as the
-    strategies default) and that layer's query/key projections."""
+def importance_flops(config: UhrConfig, positions: int, layer: int | None, past: int = 0) -> int:
+    """An importance pass of `positions` new positions over `past` cached ones: the layers before
+    `layer` (None: the middle one, as the strategies default) and that layer's query/key projections."""
     dims = _LmDims.of(config.text_config)
     index = resolve_layer(dims.layers // 2 if layer is None else layer, dims.layers)
     query_key = 2 * (dims.width * dims.heads * dims.head_dim + dims.width * dims.kv_heads * dims.head_dim) * positions
-    return index * dims.layer_flops(positions, positions) + query_key
+    return index * dims.layer_flops(positions, past + positions) + query_key
 
 
 def answer_flops(config: UhrConfig, positions: int, answer_tokens: int, cached: int = 0) -> tuple[int, int]:
@@ -204,7 +204,11 @@ class Workload:
     projected: int = 0
     """Token rows through the projector."""
     importance: list[int] = field(default_factory=list)
-    """Visual tokens of each LM importance pass (the text is added when priced)."""
+    """Visual tokens of each importance prefix: an LM pass over visual tokens that questions are then
+    scored against (once per scene when a scene's questions share them)."""
+    importance_questions: list[int] = field(default_factory=list)
+    """For each question scored against a prefix, the prefix's visual tokens (the question's text,
+    added when priced, runs over them)."""
     answers: list[int] = field(default_factory=list)
     """Visual tokens of each answered question."""
 
@@ -213,6 +217,7 @@ class Workload:
             tiles=self.tiles + other.tiles,
             projected=self.projected + other.projected,
             importance=self.importance + other.importance,
+            importance_questions=self.importance_questions + other.importance_questions,
             answers=self.answers + other.answers,
         )
 
@@ -254,8 +259,9 @@ def price(
 ) -> Cost:
     """FLOPs and GPU seconds of `workload` on the model `config` describes.
 
-    `prompt_tokens` text positions (chat template and question) join every importance pass and
-    every answer's visual tokens; each answer generates `answer_tokens` tokens, decoded in batches of
+    `prompt_tokens` text positions (chat template and question) run over each scored question's
+    importance prefix (the prefix itself is priced over its visual tokens alone) and join every
+    answer's visual tokens; each answer generates `answer_tokens` tokens, decoded in batches of
     `answer_batch` answers (a decode step reads the weights once for the whole batch).
     `shared_visual`: the answers' first `shared_visual` visual tokens are the same (all of them for a
     query-independent strategy, the scene thumbnail for `c2f`), prefilled once as `answer` does.
@@ -268,8 +274,8 @@ def price(
         raise ValueError(f"answer_batch must be >= 1, got {answer_batch}")
     tower = workload.tiles * vision_tile_flops(config)
     projector = projector_flops(config, workload.projected)
-    importance = sum(
-        importance_flops(config, visual + prompt_tokens, importance_layer) for visual in workload.importance
+    importance = sum(importance_flops(config, visual, importance_layer) for visual in workload.importance) + sum(
+        importance_flops(config, prompt_tokens, importance_layer, past=visual) for visual in workload.importance_questions
     )
     prefill = decode = 0
     if shared_visual and workload.answers:

@@ -92,6 +92,8 @@ class StrategyResult:
     questions: int
     workload: dict[str, Workload] = field(default_factory=dict)
     """Phase ("encode", "select", "answer") -> what the many-questions run asked of the model."""
+    workload_one: dict[str, Workload] = field(default_factory=dict)
+    """The same for the one-question run (a scene's first question pays for what later ones share)."""
 
     @property
     def many_over_one(self) -> float:
@@ -170,13 +172,15 @@ def run_model_benchmark(config: ModelBenchConfig) -> list[StrategyResult]:
         pruning = strategy_config(name, model.config, width, height)
         ones, manys = [], []
         workload: dict[str, Workload] = {}
+        workload_one: dict[str, Workload] = {}
         # Interleaved, so drifting load on the machine hits both alike.
         for repeat in range(config.repeats):
-            ones.append(_run(model, pruning, path, prompts[:1], config))
+            with WorkCounter(model) as counter_one:
+                ones.append(_run(model, pruning, path, prompts[:1], config, counter_one))
             with WorkCounter(model) as counter:
                 manys.append(_run(model, pruning, path, prompts, config, counter))
             if repeat == 0:
-                workload = counter.phases
+                workload, workload_one = counter.phases, counter_one.phases
         first = manys[0]
         results.append(
             StrategyResult(
@@ -195,6 +199,7 @@ def run_model_benchmark(config: ModelBenchConfig) -> list[StrategyResult]:
                 many_questions_cpu_s=statistics.median(r.cpu_s for r in manys),
                 questions=len(prompts),
                 workload=workload,
+                workload_one=workload_one,
             )
         )
     return results
@@ -236,15 +241,20 @@ def real_costs(result: StrategyResult, gpu: GpuSpec, config: ModelBenchConfig) -
 
 
 def estimated_seconds(
-    result: StrategyResult, gpu: GpuSpec, config: ModelBenchConfig, questions: int, share: bool = False
+    result: StrategyResult, gpu: GpuSpec, config: ModelBenchConfig, *, many: bool, share: bool = False
 ) -> float:
-    """Seconds of `questions` questions on one scene at real sizes: encode once, mean select per
-    question, answers over the mean kept tokens (with `share`, the measured shared leading visual
-    tokens prefilled once, as `answer` runs them)."""
-    costs = real_costs(result, gpu, config)
-    shared = min(result.shared, round(result.kept)) if share and questions > 1 else 0
-    answers = _price(Workload(answers=[round(result.kept)] * questions), gpu, config, shared_visual=shared)
-    return costs.encode.seconds + questions * costs.select.seconds + answers.seconds
+    """Seconds at real sizes of the many-questions run (`many`) or of the one-question run, priced
+    from what each asked of the model: the scene encoded once, each question's selection, its
+    answer (with `share`, the many questions' shared leading visual tokens prefilled once, as
+    `answer` runs them)."""
+    phases = result.workload if many else result.workload_one
+    empty = Workload()
+    shared = result.shared if share and many else 0
+    return (
+        _price(phases.get("encode", empty), gpu, config).seconds
+        + _price(phases.get("select", empty), gpu, config).seconds
+        + _price(phases.get("answer", empty), gpu, config, shared_visual=shared).seconds
+    )
 
 
 def _price(workload: Workload, gpu: GpuSpec, config: ModelBenchConfig, shared_visual: int = 0) -> Cost:
@@ -307,13 +317,14 @@ def format_report(results: list[StrategyResult], config: ModelBenchConfig) -> st
         "## Priced at real sizes: CLIP ViT-L/14-336 (23 layers run) + Qwen2-7B",
         "",
         f"Per scene: encode (tower tiles + projector). Per question, mean of {n}: select (c2f fine tiles + LM "
-        f"importance passes to the middle layer) and answer ({config.prompt_tokens} text tokens + kept visual tokens "
+        "importance passes to the middle layer: the scene's shared visual tokens once, made by the first question, "
+        f"then each question's text over them) and answer ({config.prompt_tokens} text tokens + kept visual tokens "
         f"prefilled, {config.max_new_tokens} tokens decoded, batches of {config.answer_batch}). GPU time at "
         f"{utilisation.mfu:.0%} of peak bf16 FLOP/s for compute, decode steps at {utilisation.mbu:.0%} of HBM "
         f"bandwidth. {n} q / 1 q estimated on {fastest.name} as `answer` runs them: the visual tokens a scene's "
         "questions have in common at the start (all of them when the kept tokens do not depend on the question, "
-        "c2f's thumbnail) are prefilled once and shared; the last column prices every question with its own visual "
-        "prefill.",
+        "c2f's thumbnail) are prefilled once and shared; the last column prices every answer with its own visual "
+        "prefill. 1 question: what the one-question run asked of the model.",
         "",
         "FLOPs (2 per multiply-add, matrix products only, attention counted in full): a tile of g^2 patches, T = "
         "g^2 + 1 tokens, through n tower layers of width d, MLP f: 2 * 3p^2 d g^2 + n (2 (4d^2 + 2df) T + 4 T^2 d); "
@@ -331,11 +342,13 @@ def format_report(results: list[StrategyResult], config: ModelBenchConfig) -> st
         times = " | ".join(
             f"{x.encode.seconds * 1e3:,.0f} / {(x.select.seconds + x.answer.seconds) * 1e3:,.0f}" for x in costs
         )
-        unshared = estimated_seconds(r, fastest, config, n) / estimated_seconds(r, fastest, config, 1)
-        ratio = estimated_seconds(r, fastest, config, n, share=True) / estimated_seconds(r, fastest, config, 1)
+        one = estimated_seconds(r, fastest, config, many=False)
+        unshared = estimated_seconds(r, fastest, config, many=True) / one
+        ratio = estimated_seconds(r, fastest, config, many=True, share=True) / one
+        one_flops = sum(_price(w, config.gpus[0], config).flops for w in r.workload_one.values())
         lines.append(
             f"| {r.strategy} | {_tflops(c.encode.flops)} | {_tflops(c.select.flops)} | {_tflops(c.answer.flops)} | "
-            f"{_tflops(c.encode.flops + c.select.flops + c.answer.flops)} | {times} | {ratio:.2f} | {unshared:.2f} |"
+            f"{_tflops(one_flops)} | {times} | {ratio:.2f} | {unshared:.2f} |"
         )
     lines += ["", *published_comparison(results, config)]
     return "\n".join(lines)
@@ -347,14 +360,16 @@ def published_comparison(results: list[StrategyResult], config: ModelBenchConfig
     lines = ["## Against the published figures", ""]
     gpu = config.gpus[0]
 
+    def fixed(result: StrategyResult) -> list[Cost]:
+        """Encode and select of one question on a fresh scene (the one-question run)."""
+        return [_price(result.workload_one.get(phase, Workload()), gpu, config) for phase in ("encode", "select")]
+
     def per_sample(result: StrategyResult, kept: int) -> float:
-        """FLOPs of one question on a fresh scene with `kept` visual tokens: encode + mean select + one answer."""
-        costs = real_costs(result, gpu, config)
-        return costs.encode.flops + costs.select.flops + _price(Workload(answers=[kept]), gpu, config).flops
+        """FLOPs of one question on a fresh scene with `kept` visual tokens: encode + select + its answer."""
+        return sum(c.flops for c in fixed(result)) + _price(Workload(answers=[kept]), gpu, config).flops
 
     def bat_part(result: StrategyResult, part: str) -> float:
-        costs = real_costs(result, gpu, config)
-        return (getattr(costs.encode, part) + getattr(costs.select, part)) / 1e12
+        return sum(getattr(c, part) for c in fixed(result)) / 1e12
 
     bat = by_name.get(StrategyName.UHR_BAT.value)
     if bat is not None:

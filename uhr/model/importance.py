@@ -6,14 +6,20 @@ probabilities explicitly from its q/k projections, rotary embedding, grouped-que
 (or sliding-window) mask. It therefore gives the same weights as an eager forward with
 `output_attentions=True` whatever attention kernel the model was loaded with (sdpa and flash
 kernels never materialise the probabilities), and skips every layer after the one asked for.
+
+A prompt's head that many prompts share (the chat template and a scene's visual tokens, before each
+question) can be run once: `decoder_prefix` keeps its keys and values, and `decoder_attention`
+given that prefix runs only the rest of a prompt over them.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 
@@ -34,39 +40,45 @@ def _rotary(attention: nn.Module):
     return apply
 
 
-def decoder_attention(
-    language_model: nn.Module,
-    inputs_embeds: torch.Tensor,
-    layer: int,
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-) -> torch.Tensor:
-    """Head-averaged attention probabilities of decoder layer `layer` for one unpadded sequence.
+@dataclass
+class DecoderPrefix:
+    """The first `length` positions of prompts run once through the layers below `layer`."""
 
-    inputs_embeds: `(1, L, D)`; queries: `(Q,)` and keys: `(K,)` long positions in [0, L).
-    Returns `(Q, K)` float32: row q is the softmax over all L positions (causal) of query q,
-    averaged over heads, restricted to the `keys` columns. Differentiable: scoring calls it under
-    `torch.no_grad()`, the fine-tuning job's grounding loss with gradients.
+    layer: int
+    """Index of the decoder layer whose attention is asked for."""
+    length: int
+    key_values: list[tuple[torch.Tensor, torch.Tensor]]
+    """(1, H_kv, length, hd) keys and values of each layer in [0, layer) over the prefix positions."""
+    keys: torch.Tensor
+    """(1, H_kv, length, hd) keys of layer `layer` over the prefix, rotary applied."""
+
+
+def _layer_types(config) -> list[str]:
+    return getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+
+
+def _run_below(
+    decoder: nn.Module, inputs_embeds: torch.Tensor, index: int, cache: DynamicCache | None, offset: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Hidden states entering layer `index` of `inputs_embeds` (1, L, D) at positions offset..offset+L-1.
+
+    With `cache` (holding the `offset` positions before), each layer attends to them too and appends
+    the new keys and values to it. Returns the hidden states and the rotary (cos, sin) of the positions.
     """
-    if inputs_embeds.ndim != 3 or inputs_embeds.shape[0] != 1:
-        raise ValueError(f"inputs_embeds must be (1, L, D), got {tuple(inputs_embeds.shape)}")
-    decoder = language_model.get_decoder()
     config = decoder.config
-    index = resolve_layer(layer, config.num_hidden_layers)
     length = inputs_embeds.shape[1]
-    position_ids = torch.arange(length, device=inputs_embeds.device)[None]
+    position_ids = torch.arange(offset, offset + length, device=inputs_embeds.device)[None]
     mask_kwargs = {
         "config": config,
         "inputs_embeds": inputs_embeds,
         "attention_mask": None,
-        "past_key_values": None,
+        "past_key_values": cache,
         "position_ids": position_ids,
     }
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    layer_types = _layer_types(config)
     masks = {"full_attention": create_causal_mask(**mask_kwargs)}
     if "sliding_attention" in layer_types[:index]:
         masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-
     hidden = inputs_embeds
     position_embeddings = decoder.rotary_emb(hidden, position_ids)
     for i, decoder_layer in enumerate(decoder.layers[:index]):
@@ -74,34 +86,96 @@ def decoder_attention(
             hidden,
             attention_mask=masks[layer_types[i]],
             position_ids=position_ids,
-            past_key_values=None,
-            use_cache=False,
+            past_key_values=cache,
+            use_cache=cache is not None,
             position_embeddings=position_embeddings,
         )
+    return hidden, position_embeddings
 
-    target = decoder.layers[index]
-    attention = target.self_attn
+
+def _query_key(
+    attention: nn.Module, states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, H, L, hd) queries and (1, H_kv, L, hd) keys of normed `states` (1, L, D), rotary applied."""
     head_dim = attention.head_dim
-    states = target.input_layernorm(hidden)
+    length = states.shape[1]
     # (1, L, H * hd) -> (1, H, L, hd); key/value heads may be fewer (grouped-query attention)
     q = attention.q_proj(states).view(1, length, -1, head_dim)
     k = attention.k_proj(states).view(1, length, -1, head_dim)
     if hasattr(attention, "q_norm"):  # Qwen3-style per-head norms before rotary
         q, k = attention.q_norm(q), attention.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = position_embeddings
-    q, k = _rotary(attention)(q, k, cos, sin)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (1, H, L, hd)
+    return _rotary(attention)(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
 
-    scores = torch.matmul(q[:, :, queries].float(), k.float().transpose(-1, -2)) * attention.scaling  # (1, H, Q, L)
+
+def decoder_prefix(language_model: nn.Module, inputs_embeds: torch.Tensor, layer: int) -> DecoderPrefix:
+    """Run the shared head `inputs_embeds` (1, P, D) of later prompts once, up to decoder layer `layer`."""
+    if inputs_embeds.ndim != 3 or inputs_embeds.shape[0] != 1:
+        raise ValueError(f"inputs_embeds must be (1, P, D), got {tuple(inputs_embeds.shape)}")
+    decoder = language_model.get_decoder()
+    index = resolve_layer(layer, decoder.config.num_hidden_layers)
+    cache = DynamicCache()
+    hidden, position_embeddings = _run_below(decoder, inputs_embeds, index, cache, 0)
+    target = decoder.layers[index]
+    _, keys = _query_key(target.self_attn, target.input_layernorm(hidden), position_embeddings)
+    key_values = [(cached.keys, cached.values) for cached in cache.layers[:index]]
+    return DecoderPrefix(layer=index, length=inputs_embeds.shape[1], key_values=key_values, keys=keys)
+
+
+def decoder_attention(
+    language_model: nn.Module,
+    inputs_embeds: torch.Tensor,
+    layer: int,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    prefix: DecoderPrefix | None = None,
+) -> torch.Tensor:
+    """Head-averaged attention probabilities of decoder layer `layer` for one unpadded sequence.
+
+    inputs_embeds: `(1, L, D)`, the whole sequence, or with `prefix` the part after its P positions;
+    queries: `(Q,)` and keys: `(K,)` long positions in the whole sequence, [0, P + L) (queries at
+    P or later). Returns `(Q, K)` float32: row q is the softmax over all positions (causal) of query
+    q, averaged over heads, restricted to the `keys` columns. Differentiable: scoring calls it under
+    `torch.no_grad()`, the fine-tuning job's grounding loss with gradients. The prefix is left as it
+    was: the layers append the new positions to a cache of their own.
+    """
+    if inputs_embeds.ndim != 3 or inputs_embeds.shape[0] != 1:
+        raise ValueError(f"inputs_embeds must be (1, L, D), got {tuple(inputs_embeds.shape)}")
+    decoder = language_model.get_decoder()
+    config = decoder.config
+    index = resolve_layer(layer, config.num_hidden_layers)
+    offset = 0
+    if prefix is not None:
+        if prefix.layer != index:
+            raise ValueError(f"the prefix was run up to decoder layer {prefix.layer}, attention of layer {index} asked for")
+        offset = prefix.length
+        if int(queries.min()) < offset:
+            raise ValueError(f"queries must lie after the {offset}-position prefix, got position {int(queries.min())}")
+    length = offset + inputs_embeds.shape[1]
+    cache = None
+    if prefix is not None:
+        cache = DynamicCache()
+        for i, (key, value) in enumerate(prefix.key_values):
+            cache.update(key, value, i)
+    hidden, position_embeddings = _run_below(decoder, inputs_embeds, index, cache, offset)
+
+    target = decoder.layers[index]
+    attention = target.self_attn
+    q, k = _query_key(attention, target.input_layernorm(hidden), position_embeddings)
+    if prefix is not None:
+        k = torch.cat([prefix.keys, k], dim=2)  # (1, H_kv, P + L_new, hd)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (1, H, length, hd)
+
+    # (1, H, Q, hd) x (1, H, hd, length) -> (1, H, Q, length)
+    scores = torch.matmul(q[:, :, queries - offset].float(), k.float().transpose(-1, -2)) * attention.scaling
     positions = torch.arange(length, device=inputs_embeds.device)
-    allowed = positions[None, :] <= queries[:, None]  # (Q, L) causal
+    allowed = positions[None, :] <= queries[:, None]  # (Q, length) causal
     window = getattr(attention, "sliding_window", None)
-    if window is not None and layer_types[index] == "sliding_attention":
+    if window is not None and _layer_types(config)[index] == "sliding_attention":
         allowed &= queries[:, None] - positions[None, :] < window
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = scores.softmax(dim=-1).mean(dim=1)[0]  # (Q, L)
+    probs = scores.softmax(dim=-1).mean(dim=1)[0]  # (Q, length)
     return probs[:, keys]
 
 
-__all__ = ["decoder_attention", "resolve_layer"]
+__all__ = ["DecoderPrefix", "decoder_attention", "decoder_prefix", "resolve_layer"]

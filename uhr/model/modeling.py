@@ -28,7 +28,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from uhr.model import tiling
 from uhr.model.config import UhrConfig
-from uhr.model.importance import decoder_attention
+from uhr.model.importance import DecoderPrefix, decoder_attention, decoder_prefix
 from uhr.model.pruning.base import PrunedTokens, TokenGrid
 
 if TYPE_CHECKING:
@@ -55,6 +55,18 @@ class UhrCausalLMOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
     attention_mask: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+
+
+@dataclass
+class ImportancePrefix:
+    """Visual tokens in the importance prompt, run through the LM once for every question on them."""
+
+    head: list[int]
+    """Chat-template token ids before the image slot."""
+    count: int
+    """N, the visual tokens in the image slot."""
+    decoder: DecoderPrefix
+    """The LM's keys and values over head + visual tokens, up to the scoring layer."""
 
 
 class UhrMultiModalProjector(nn.Module):
@@ -480,6 +492,56 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
             expanded_labels = torch.stack([F.pad(lab, (0, length - lab.shape[0]), value=IGNORE_INDEX) for lab in row_labels])
         return inputs_embeds, mask, expanded_labels
 
+    def importance_prefix(self, visual_embeds: torch.Tensor, *, layer: int) -> ImportancePrefix:
+        """The question-independent start of every importance prompt over `visual_embeds` (N, D).
+
+        The prompt puts the image before the question, so the chat template's head and the visual
+        tokens are run through the LM once; `prefixed_importance` then runs only each question's
+        own tokens over them. A strategy keeps this with a scene's encoding, so scoring the visual
+        tokens costs the LM a pass over them once per scene instead of once per question.
+        """
+        if visual_embeds.ndim != 2 or visual_embeds.shape[1] != self.config.text_config.hidden_size:
+            raise ValueError(f"visual_embeds must be (N, {self.config.text_config.hidden_size}), got {tuple(visual_embeds.shape)}")
+        ids, position, _ = self._prompt("")
+        return self._importance_prefix(ids[:position], visual_embeds, layer)
+
+    def _importance_prefix(self, head: list[int], visual_embeds: torch.Tensor, layer: int) -> ImportancePrefix:
+        device = self.get_input_embeddings().weight.device
+        with torch.no_grad():
+            # The head with the image token, spliced: the sequence `visual_importance` would run.
+            ids = torch.tensor([*head, self.config.image_token_id], device=device)
+            inputs_embeds = self._splice(ids, len(head), visual_embeds)[None]
+            decoder = decoder_prefix(self.language_model, inputs_embeds, layer)
+        return ImportancePrefix(head=head, count=visual_embeds.shape[0], decoder=decoder)
+
+    def prefixed_importance(
+        self, prefix: ImportancePrefix, question: str, *, query: Literal["mean", "last"] = "mean"
+    ) -> torch.Tensor:
+        """(N,) head-averaged attention from `question` to the prefix's N visual tokens.
+
+        Equals `visual_importance` over the same visual tokens at the prefix's layer; see there for `query`.
+        """
+        if query not in ("mean", "last"):
+            raise ValueError(f"query must be 'mean' or 'last', got {query!r}")
+        device = self.get_input_embeddings().weight.device
+        ids, position, question_tokens = self._prompt(question)
+        if ids[:position] != prefix.head:
+            raise ValueError(f"the chat template's text before the image depends on the question {question!r}; no prefix to share")
+        count = prefix.count
+        with torch.no_grad():
+            tail = self._embed_text(torch.tensor(ids[position + 1 :], device=device))[None]  # (1, T, D)
+            length = position + count + tail.shape[1]
+            if query == "mean":
+                if not question_tokens:
+                    raise ValueError(f"question {question!r} has no tokens to attend from")
+                # After the image slot (where the question lies), positions move by N - 1 once it is expanded.
+                queries = torch.tensor([t + count - 1 for t in question_tokens], device=device)
+            else:
+                queries = torch.tensor([length - 1], device=device)
+            keys = torch.arange(position, position + count, device=device)
+            weights = decoder_attention(self.language_model, tail, prefix.decoder.layer, queries, keys, prefix.decoder)
+        return weights.mean(dim=0) if query == "mean" else weights[0]
+
     def visual_importance(
         self,
         visual_embeds: torch.Tensor,
@@ -493,28 +555,16 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         The prompt is built exactly as `answer` builds it, with `visual_embeds` (N, D) in the image
         slot. "mean": attention rows of the question's own tokens, averaged (UHR-BAT eq. 2);
         "last": the row of the last prompt token (LRS-VQA's Region Focus target). `layer` < 0
-        counts from the end. Only the layers up to `layer` run.
+        counts from the end. Only the layers up to `layer` run. For many questions on the same
+        visual tokens, `importance_prefix` once and `prefixed_importance` per question cost less.
         """
         if query not in ("mean", "last"):
             raise ValueError(f"query must be 'mean' or 'last', got {query!r}")
         if visual_embeds.ndim != 2 or visual_embeds.shape[1] != self.config.text_config.hidden_size:
             raise ValueError(f"visual_embeds must be (N, {self.config.text_config.hidden_size}), got {tuple(visual_embeds.shape)}")
-        device = self.get_input_embeddings().weight.device
-        with torch.no_grad():
-            ids, position, question_tokens = self._prompt(question)
-            count = visual_embeds.shape[0]
-            inputs_embeds = self._splice(torch.tensor(ids, device=device), position, visual_embeds)[None]
-            length = inputs_embeds.shape[1]
-            if query == "mean":
-                if not question_tokens:
-                    raise ValueError(f"question {question!r} has no tokens to attend from")
-                # Tokens after the image slot move by N - 1 once it is expanded.
-                queries = torch.tensor([t + count - 1 if t > position else t for t in question_tokens], device=device)
-            else:
-                queries = torch.tensor([length - 1], device=device)
-            keys = torch.arange(position, position + count, device=device)
-            weights = decoder_attention(self.language_model, inputs_embeds, layer, queries, keys)  # (Q, N)
-        return weights.mean(dim=0) if query == "mean" else weights[0]
+        ids, position, _ = self._prompt(question)
+        prefix = self._importance_prefix(ids[:position], visual_embeds, layer)
+        return self.prefixed_importance(prefix, question, query=query)
 
     def prompt_attention(
         self,
@@ -577,6 +627,7 @@ def _shared_prefix_groups(
 
 __all__ = [
     "IGNORE_INDEX",
+    "ImportancePrefix",
     "UhrAffinityHead",
     "UhrCausalLMOutput",
     "UhrForConditionalGeneration",

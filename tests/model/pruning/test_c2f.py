@@ -103,7 +103,7 @@ def _planted(levels: list[Level], importance) -> tuple[torch.Tensor, callable, c
     base_level = levels[0]
     rows, cols = torch.meshgrid(torch.arange(base_level.rows), torch.arange(base_level.cols), indexing="ij")
     base = features(0, torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=1))
-    return base, fetch, (lambda f: f[:, 0]), fetched
+    return base, fetch, (lambda level, f: f[:, 0]), fetched
 
 
 def _hot_tile(tile_row: int, tile_col: int):

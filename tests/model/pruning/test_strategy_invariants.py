@@ -95,6 +95,24 @@ QUESTIONS = ["How many ships are in the harbour?", "Is the road flooded after th
 ANSWERS = ["three", "no"]
 
 
+@pytest.mark.parametrize("name", ["uhr-bat", "c2f"])
+def test_questions_sharing_an_encoding_select_what_each_selects_alone(name):
+    """The query-guided strategies score with an LM pass over the scene's tokens that the first
+    question makes and later ones reuse: it must not change what any question selects."""
+    strategy = build_strategy(_config(name, 200))
+    source = ArraySource(textured_image(150, 210, seed=1))
+    questions = ["How many ships are in the harbour?", "Is there a red roof?", "Where is the bridge, left or right?"]
+    with torch.no_grad():
+        shared = strategy.encode(_MODEL, source)
+        together = [strategy.select(_MODEL, shared, q) for q in questions]
+        alone = [strategy.select(_MODEL, strategy.encode(_MODEL, source), q) for q in questions]
+    for a, b in zip(together, alone):
+        for field in ("scale", "row", "col", "tile", "n_source"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+        torch.testing.assert_close(a.embeds, b.embeds)
+    assert any(not torch.equal(together[0].row, t.row) for t in together[1:])  # the questions do choose
+
+
 @pytest.mark.parametrize("name", MINE)
 def test_loss_decreases_with_pruning_in_the_loop(name, tiny_model):
     model, tokenizer = tiny_model

@@ -14,7 +14,8 @@ question (`coarse_to_fine`):
 1. score the current level's valid tokens with the LM's attention from the last prompt token
    (LRS-VQA's Region Focus target; the LM's own layer stands in for the distilled RFM, and the
    head-averaged softmax runs over the whole prompt rather than over the local image keys only),
-   the thumbnail tokens in the context;
+   the thumbnail tokens in the context. The base level's tokens are the same for every question:
+   the LM runs over them once per scene (`importance_prefix`), then over each question's own text;
 2. keep the top `keep_ratio` of them (floor, at least one);
 3. if this is the full-resolution level, stop;
 4. otherwise the candidates are the next level's tiles that overlap a kept token's footprint (the
@@ -59,7 +60,7 @@ from uhr.scenes.source import PixelSource, fit_longest_side, read_windows, resiz
 
 if TYPE_CHECKING:
     from uhr.model.config import UhrConfig
-    from uhr.model.modeling import UhrForConditionalGeneration
+    from uhr.model.modeling import ImportancePrefix, UhrForConditionalGeneration
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ def coarse_to_fine(
     levels: list[Level],
     base: torch.Tensor,
     fetch: Callable[[int, torch.Tensor], torch.Tensor],
-    score: Callable[[torch.Tensor], torch.Tensor],
+    score: Callable[[int, torch.Tensor], torch.Tensor],
     keep_ratio: float,
     budget: int,
 ) -> CoarseToFineResult:
@@ -215,7 +216,7 @@ def coarse_to_fine(
         levels: pyramid levels, coarse to fine.
         base: (rows * cols, cells, cells, D) pooled features of every base tile, raster order.
         fetch: (level index, (n, 2) tiles) -> (n, cells, cells, D) pooled features of those tiles.
-        score: (K, D) features of a level's valid tokens in raster order -> (K,) importance.
+        score: (level index, (K, D) features of that level's valid tokens in raster order) -> (K,) importance.
         keep_ratio: fraction of a level's tokens kept.
         budget: local token budget (>= 1).
 
@@ -234,7 +235,7 @@ def coarse_to_fine(
     while True:
         tokens = level.tokens(tiles)
         flat = features.reshape(-1, features.shape[-1])[tokens.index]
-        scores = score(flat)
+        scores = score(level_index, flat)
         ranked = torch.sort(scores, descending=True, stable=True).indices
         kept = ranked[: keep_count(flat.shape[0], keep_ratio)]
         if level_index + 1 < len(levels):
@@ -278,6 +279,8 @@ class C2FEncoding(SceneEncoding):
     """The thumbnail's tokens, None without a global view."""
     cache: OrderedDict[tuple[int, int, int], torch.Tensor] = field(default_factory=OrderedDict)
     """(level, row, col) -> (cells, cells, D_v) pooled features of fine tiles encoded so far, least recently used first."""
+    base_prefix: ImportancePrefix | None = None
+    """The thumbnail and base-level tokens run through the LM for scoring, made by the first question."""
 
 
 class CoarseToFineStrategy(PruningStrategy):
@@ -394,11 +397,16 @@ class CoarseToFineStrategy(PruningStrategy):
         context_count = 0 if context is None else len(context)
         layer = middle_layer(model, cfg.importance_layer)
 
-        def score(features: torch.Tensor) -> torch.Tensor:
-            embeds = model.project(features)
-            if context is not None:
-                embeds = torch.cat([context.embeds, embeds])
-            return model.visual_importance(embeds, question, layer=layer, query="last")[context_count:]
+        def embeds(features: torch.Tensor) -> torch.Tensor:
+            projected = model.project(features)
+            return projected if context is None else torch.cat([context.embeds, projected])
+
+        def score(level_index: int, features: torch.Tensor) -> torch.Tensor:
+            if level_index == 0:
+                if encoding.base_prefix is None:  # the scene's first question
+                    encoding.base_prefix = model.importance_prefix(embeds(features), layer=layer)
+                return model.prefixed_importance(encoding.base_prefix, question, query="last")[context_count:]
+            return model.visual_importance(embeds(features), question, layer=layer, query="last")[context_count:]
 
         result = coarse_to_fine(
             encoding.levels,

@@ -17,7 +17,9 @@ Per scene (`encode`, query-independent):
 Per question (`select`):
 
 * Importance a_i on the anchor scale: the LM's text-to-vision attention at `importance_layer`,
-  averaged over heads and question tokens (eq. 2).
+  averaged over heads and question tokens (eq. 2). The anchor tokens come before the question in
+  the prompt, so the LM runs over them once per scene (`importance_prefix`, made by the first
+  question) and over each question's own text after that.
 * Cross-scale alignment (eq. 6-7, C.3): the anchor map is carried to every other scale by bilinear
   interpolation at the half-pixel-centre resize mapping tau_s; a patch token covers exactly one
   cell of its grid, so its importance (eq. 7's mean over its cells) is the value at its cell.
@@ -51,7 +53,7 @@ from uhr.scenes.source import PixelSource
 
 if TYPE_CHECKING:
     from uhr.model.config import UhrConfig
-    from uhr.model.modeling import UhrForConditionalGeneration
+    from uhr.model.modeling import ImportancePrefix, UhrForConditionalGeneration
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,6 +313,8 @@ class UhrBatEncoding(SceneEncoding):
     """Multi-scale tokens with their region partitions and budgets."""
 
     scales: list[ScaleTokens]
+    anchor_prefix: ImportancePrefix | None = None
+    """The anchor scale's tokens run through the LM for scoring, made by the first question."""
 
 
 def middle_layer(model: UhrForConditionalGeneration, layer: int | None) -> int:
@@ -364,8 +368,10 @@ class UhrBatStrategy(PruningStrategy):
     def anchor_importance(self, model: UhrForConditionalGeneration, encoding: UhrBatEncoding, question: str) -> torch.Tensor:
         """(rows, cols) importance of the anchor scale's valid tokens: eq. 2 at `importance_layer`."""
         anchor = encoding.scales[0]
-        layer = middle_layer(model, self.config.uhr_bat.importance_layer)
-        scores = model.visual_importance(anchor.embeds, question, layer=layer, query="mean")
+        if encoding.anchor_prefix is None:  # the scene's first question
+            layer = middle_layer(model, self.config.uhr_bat.importance_layer)
+            encoding.anchor_prefix = model.importance_prefix(anchor.embeds, layer=layer)
+        scores = model.prefixed_importance(encoding.anchor_prefix, question, query="mean")
         return scores.reshape(anchor.rows, anchor.cols).to(anchor.embeds.device)
 
     def select(self, model: UhrForConditionalGeneration, encoding: SceneEncoding, question: str) -> PrunedTokens:
