@@ -240,7 +240,7 @@ def test_lrs_vqa_per_source_oa_aa_and_pooled(wordnet: WordNetCorpusReader) -> No
     assert score.pooled.overall == Accuracy(4, 7) and score.headline == pytest.approx(4 / 7)
     assert score.pooled.categories["object color"] == Accuracy(2, 2)
     columns = score.summary_columns()
-    assert columns["FAIR AA"] == pytest.approx(0.75) and columns["OA"] == pytest.approx(4 / 7)
+    assert columns["FAIR AA"] == pytest.approx(0.75) and columns["pooled OA"] == pytest.approx(4 / 7)
     assert score.breakdown()["STAR / reasoning"] == 0.0
 
 

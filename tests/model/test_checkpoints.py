@@ -74,6 +74,19 @@ def test_own_export_roundtrip(tmp_path, tiny_model, tokens_factory, image_factor
     )
 
 
+def test_own_export_with_missing_or_stray_weights_is_refused(tmp_path, tiny_model):
+    model, _ = tiny_model
+    save_model(model, tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    damaged = {k: v for k, v in state.items() if not k.startswith("multi_modal_projector.linear_2.")}
+    save_file(damaged, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing_keys.*multi_modal_projector.linear_2.bias"):
+        load_model(tmp_path)
+    save_file({**state, "stray.weight": torch.zeros(3)}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"unexpected_keys.*stray.weight"):
+        load_model(tmp_path)
+
+
 def test_own_export_dtype_and_pickle_opt_in(tmp_path, tiny_model, tokens_factory, image_factory):
     model, _ = tiny_model
     save_model(model, tmp_path)
@@ -205,7 +218,8 @@ def test_geollava_checkpoint(tmp_path, tokens_factory, image_factory, caplog, co
     vision = loaded.config.vision_config
     assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.image_size) == (32, 2, 4, 32)
     assert vision.intermediate_size == 64 and vision.num_attention_heads == 4
-    assert loaded.config.image_grid_pinpoints == [[32, 64], [64, 32], [64, 64], [32, 96], [96, 96]]
+    # LongVA's (width, height) pairs, as (height, width).
+    assert loaded.config.image_grid_pinpoints == [[64, 32], [32, 64], [64, 64], [96, 32], [96, 96]]
     defaults = PruningConfig.model_validate(loaded.config.pruning_defaults)
     assert defaults.strategy.value == "geollava"
     assert defaults.geollava.max_tokens_per_tile == 6
@@ -234,7 +248,7 @@ def test_longva_llama_checkpoint_infers_heads_from_width(tmp_path, tokens_factor
     loaded, _ = load_model(tmp_path)
     assert loaded.config.vision_config.num_attention_heads == 2  # 128 / 64
     assert loaded.config.text_config.model_type == "llama"
-    assert loaded.config.pruning_defaults == {"strategy": "none"}
+    assert loaded.config.pruning_defaults == {"strategy": "none", "budget": 64 + 16 * 17}
     _assert_same(
         _outputs(model, tokens_factory, image_factory),
         _outputs(loaded, tokens_factory, image_factory),
@@ -261,6 +275,12 @@ def test_longva_checkpoint_errors(tmp_path, tiny_model):
     save_file(wrong, str(tmp_path / "ok" / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"shape mismatch.*model.mm_projector.2.weight \(64, 32\)"):
         load_model(tmp_path / "ok")
+
+    config_text = (tmp_path / "ok" / "config.json").read_text()
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**json.loads(config_text), "mm_vision_select_feature": "cls_patch"}))
+    with pytest.raises(CheckpointError, match="mm_vision_select_feature 'cls_patch' is not supported"):
+        load_model(tmp_path / "ok")
+    (tmp_path / "ok" / "config.json").write_text(config_text)
 
     no_tower = {k: v for k, v in state.items() if "vision_tower" not in k}
     save_file(no_tower, str(tmp_path / "ok" / "model.safetensors"))

@@ -7,6 +7,8 @@ key layouts), loaded through `load_model` (format (a)), and fed the same image a
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from safetensors.torch import save_file
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
+from tests.model.test_tokenizer_conversation import TYPED_TEMPLATE
 from uhr.model import build_tiny_tokenizer, load_model, load_model_config
 from uhr.model.checkpoints import TINY_PINPOINTS, _TINY_TEXT, _TINY_VISION
 from uhr.model.pruning.config import PruningConfig
@@ -24,9 +27,11 @@ from uhr.scenes.source import ArraySource
 QUESTION = "How many ships are in the harbour?"
 
 
-def _llava_next(text_model: str, tokenizer, seed: int = 0) -> LlavaNextForConditionalGeneration:
+def _llava_next(text_model: str, tokenizer, seed: int = 0, **tie) -> LlavaNextForConditionalGeneration:
+    """`tie`: `tie_word_embeddings` (the top-level flag, which decides) and `text_tie` (the LM config's)."""
     text = {
         **_TINY_TEXT,
+        "tie_word_embeddings": tie.get("text_tie", False),
         "model_type": text_model,
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
@@ -39,6 +44,7 @@ def _llava_next(text_model: str, tokenizer, seed: int = 0) -> LlavaNextForCondit
         image_grid_pinpoints=TINY_PINPOINTS,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
+        tie_word_embeddings=tie.get("tie_word_embeddings", False),
     )
     torch.manual_seed(seed)
     return LlavaNextForConditionalGeneration(config).eval()
@@ -83,7 +89,8 @@ def test_none_reproduces_llava_next(tmp_path, image_factory, config_geometry, te
     reference = _llava_next(text_model, tokenizer)
     _save(reference, tokenizer, tmp_path, layout)
     model, loaded_tokenizer = load_model(tmp_path)
-    assert model.config.pruning_defaults == {"strategy": "none"}
+    # Budget for every scene: thumbnail 8 x 8 + the 64 x 64 grid's 16 rows of 16 tokens and a newline.
+    assert model.config.pruning_defaults == {"strategy": "none", "budget": 64 + 16 * 17}
     assert config_geometry(load_model_config(tmp_path)) == config_geometry(model.config)
 
     image = image_factory(*size, seed=1)
@@ -117,6 +124,43 @@ def test_none_reproduces_llava_next(tmp_path, image_factory, config_geometry, te
     assert len(generated) >= 4
     expected_text = tokenizer.decode(generated, skip_special_tokens=True).strip()
     assert model.answer([tokens], [QUESTION], max_new_tokens=8) == [expected_text]
+
+
+@pytest.mark.parametrize(
+    ("top", "text_tie"),
+    [
+        (True, True),  # tied: save_pretrained leaves the LM head out of the checkpoint
+        (False, True),  # the LM's own flag says tied, the top-level one (which decides) says not: a head of its own
+    ],
+)
+def test_lm_head_tying_follows_llava_next(tmp_path, top, text_tie):
+    tokenizer = build_tiny_tokenizer()
+    reference = _llava_next("qwen2", tokenizer, tie_word_embeddings=top, text_tie=text_tie)
+    assert (reference.lm_head.weight is reference.get_input_embeddings().weight) == top
+    _save(reference, tokenizer, tmp_path, "save_pretrained")
+    model, _ = load_model(tmp_path)
+    head, embeddings = model.language_model.lm_head.weight, model.get_input_embeddings().weight
+    assert (head is embeddings) == top
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_processor_chat_template_answers(tmp_path, tokens_factory):
+    """llava-hf repositories keep their template in the processor's chat_template.json, in typed parts."""
+    tokenizer = build_tiny_tokenizer()
+    reference = _llava_next("llama", tokenizer)
+    tokenizer.chat_template = None
+    _save(reference, tokenizer, tmp_path, "save_pretrained")
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": TYPED_TEMPLATE}))
+    model, loaded_tokenizer = load_model(tmp_path)
+    assert loaded_tokenizer.chat_template == TYPED_TEMPLATE
+    ids, position, question_tokens = model._prompt(QUESTION)
+    assert ids[position] == model.config.image_token_id
+    assert loaded_tokenizer.decode([ids[t] for t in question_tokens]).strip() == QUESTION
+    visual = tokens_factory(6, model.config.text_config.hidden_size)
+    assert len(model.answer([visual], [QUESTION], max_new_tokens=3)) == 1
+    assert model.visual_importance(visual.embeds, QUESTION, layer=0).shape == (6,)
 
 
 def test_token_count_matches_processor_for_large_scenes():

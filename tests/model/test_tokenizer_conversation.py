@@ -7,6 +7,15 @@ import torch
 from transformers import AutoTokenizer
 
 from uhr.model import IGNORE_INDEX, build_tiny_tokenizer, build_tokenizer, tokenize_conversation
+from uhr.model.tokenizer import render_chat
+
+# A processor template in llava-hf's style: typed content parts, the image placeholder written by the template.
+TYPED_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
 def test_build_tokenizer_roundtrip(tmp_path):
@@ -97,3 +106,19 @@ def test_tokenize_conversation_truncation_and_errors():
     )
     assert tokenizer.decode(system["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert _labelled_text(tokenizer, system) == "red<|im_end|>\n"
+
+
+def test_processor_templates_get_typed_content():
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = TYPED_TEMPLATE
+    user = {"role": "user", "content": "<image>\nHow many ships?"}
+    # Given the string, the template renders nothing of it; given parts, the image and the question.
+    assert tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True) == "USER: ASSISTANT:"
+    assert render_chat(tokenizer, [user], add_generation_prompt=True) == "USER: <image>\nHow many ships? ASSISTANT:"
+    conversation = [{"from": "human", "value": "<image>\nHow many ships?"}, {"from": "gpt", "value": "three"}]
+    row = tokenize_conversation(tokenizer, conversation, max_length=512)
+    assert int((row["input_ids"] == tokenizer.image_token_id).sum()) == 1
+    assert _labelled_text(tokenizer, row).strip() == "three"
+    tokenizer.chat_template = "{% for message in messages %}{{ message['role'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="renders neither string nor typed"):
+        render_chat(tokenizer, [user])

@@ -48,6 +48,7 @@ from uhr.config import ConfigError, merge_trees
 from uhr.eval.benchmarks import Benchmark, BenchmarkSpec, MmePromptStyle, load_benchmark
 from uhr.eval.report import REPORT_JSON, REPORT_MD, REPORT_PLOT, Report, _pct, evaluate, join_answers, write_report
 from uhr.eval.scoring import judge
+from uhr.eval.wordnet import load_wordnet
 from uhr.model import load_model_config
 from uhr.model.config import UhrConfig
 from uhr.model.pruning.config import StrategyName
@@ -621,6 +622,8 @@ def run_evaluation(config: EvaluateConfig, wordnet: WordNetCorpusReader | None =
         items = items.slice(0, config.limit)
     if items.num_rows == 0:
         raise ConfigError(f"benchmark {spec.name.value} at {redact(spec.uri)} has no items")
+    if wordnet is None and "open" in items.column("form").to_pylist():
+        wordnet = load_wordnet()  # a missing WordNet stops the job now, not after every run has answered
     model_uri = config.vqa.model or default_model()
     model_config = load_model_config(model_uri, storage=storage)
     questions_uri = join_uri(config.output, QUESTIONS_NAME)

@@ -219,7 +219,8 @@ class LrsVqaScore:
         return []
 
     def summary_columns(self) -> dict[str, float | None]:
-        columns = {"OA": self.pooled.oa, "AA": self.pooled.aa}
+        # Labelled "pooled": the authors report OA and AA per source only.
+        columns = {"pooled OA": self.pooled.oa, "pooled AA": self.pooled.aa}
         for name, subset in self.subsets.items():
             columns[f"{name} OA"] = subset.oa
             columns[f"{name} AA"] = subset.aa

@@ -20,6 +20,7 @@ is returned in `model.config.pruning_defaults`, a partial `PruningConfig`.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import hashlib
 import json
@@ -53,6 +54,7 @@ from uhr.cache import default_cache_dir
 from uhr.errors import UhrError
 from uhr.model.config import UhrConfig
 from uhr.model.modeling import UhrForConditionalGeneration
+from uhr.model.pruning.none import anyres_max_tokens
 from uhr.model.tokenizer import CHATML_TEMPLATE, IMAGE_TOKEN, build_tokenizer
 from uhr.storage import StorageConfig, is_remote, redact
 
@@ -256,9 +258,13 @@ def _copy_mapped(
 
 
 def _empty_model(config: UhrConfig, dtype: torch.dtype | None) -> UhrForConditionalGeneration:
-    """A model whose weights are allocated but not initialised (they are about to be overwritten)."""
+    """A model whose weights are allocated but not initialised (they are about to be overwritten).
+
+    Tied already, so that a tied LM head is one parameter with the embeddings it shares.
+    """
     with init.no_init_weights():
         model = UhrForConditionalGeneration._from_config(config, dtype=dtype or torch.float32)
+    model.tie_weights()
     return model.eval()
 
 
@@ -316,15 +322,24 @@ def _llava_next_config(raw: dict[str, Any], location: str) -> UhrConfig:
         raise CheckpointError(location, f"vision_feature_select_strategy {hf.vision_feature_select_strategy!r} (only 'default': CLS dropped)")
     if not getattr(hf, "multimodal_projector_bias", True):
         raise CheckpointError(location, "a projector without biases is not supported")
+    # LLaVA-NeXT's LM head sits beside the LM and is tied by the top-level flag, not the LM's own.
+    text_config = copy.deepcopy(hf.text_config)
+    text_config.tie_word_embeddings = hf.tie_word_embeddings
     return UhrConfig(
         vision_config=hf.vision_config,
-        text_config=hf.text_config,
+        text_config=text_config,
         vision_feature_layer=hf.vision_feature_layer,
         projector_hidden_act=hf.projector_hidden_act,
         image_token_id=hf.image_token_id,
         image_grid_pinpoints=[list(p) for p in hf.image_grid_pinpoints],
-        pruning_defaults={"strategy": "none"},
+        pruning_defaults=_anyres_defaults(hf.image_grid_pinpoints, hf.vision_config),
     )
+
+
+def _anyres_defaults(pinpoints: list[list[int]], vision: CLIPVisionConfig) -> dict[str, Any]:
+    """`none` with a budget that every scene's LLaVA-NeXT tokens fit (the default budget fits none)."""
+    tile = vision.image_size
+    return {"strategy": "none", "budget": anyres_max_tokens(pinpoints, tile, tile // vision.patch_size)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,8 +406,9 @@ def _longva_config(raw: dict[str, Any], tensors: _CheckpointTensors, location: s
     if projector != "mlp2x_gelu":
         raise CheckpointError(location, f"mm_projector_type {projector!r} is not supported (only mlp2x_gelu)")
     select_feature = raw.get("mm_vision_select_feature", "patch")
-    if select_feature not in ("patch", "cls_patch"):
-        raise CheckpointError(location, f"mm_vision_select_feature {select_feature!r} is not supported")
+    if select_feature != "patch":
+        # 'cls_patch' hands the projector each tile's CLS token too; uhr's visual tokens are patches only.
+        raise CheckpointError(location, f"mm_vision_select_feature {select_feature!r} is not supported (only 'patch')")
     tile = vision_config.image_size
     aspect = str(raw.get("image_aspect_ratio", "square"))
     pinpoints = raw.get("image_grid_pinpoints")
@@ -401,7 +417,8 @@ def _longva_config(raw: dict[str, Any], tensors: _CheckpointTensors, location: s
     if aspect.startswith("anyres"):
         if not pinpoints:
             raise CheckpointError(location, f"image_aspect_ratio {aspect!r} without image_grid_pinpoints")
-        pinpoints = [[int(h), int(w)] for h, w in pinpoints]
+        # LLaVA's own code (LongVA, GeoLLaVA-8K) lists grids as (width, height); ours are (height, width).
+        pinpoints = [[int(h), int(w)] for w, h in pinpoints]
     else:
         pinpoints = [[tile, tile]]
 
@@ -420,7 +437,7 @@ def _longva_config(raw: dict[str, Any], tensors: _CheckpointTensors, location: s
             },
         }
     elif merge.startswith("spatial_unpad") and aspect.startswith("anyres"):
-        pruning = {"strategy": "none"}
+        pruning = _anyres_defaults(pinpoints, vision_config)
     elif not aspect.startswith("anyres"):
         pruning = {"strategy": "downsample", "scales": [tile]}
     return UhrConfig(
@@ -627,9 +644,14 @@ def load_model(
     files, safetensors = _weight_files(directory, allow_pickle)
 
     if model_type == UhrConfig.model_type:
-        model = UhrForConditionalGeneration.from_pretrained(
-            str(directory), dtype=dtype, local_files_only=True, use_safetensors=safetensors
+        model, info = UhrForConditionalGeneration.from_pretrained(
+            str(directory), dtype=dtype, local_files_only=True, use_safetensors=safetensors, output_loading_info=True
         )
+        # As strict as (a) and (b): an export is the whole model, so any difference is damage.
+        kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
+        mismatch = {kind: sorted(map(str, keys))[:10] for kind in kinds if (keys := info.get(kind))}
+        if mismatch:
+            raise CheckpointError(location, f"weights do not match the model its config describes: {mismatch}")
         tokenizer = _load_tokenizer(directory, location, model.config)
     elif model_type == "llava_next" or model_type in _LONGVA_TEXT_TYPES:
         with ExitStack() as stack:

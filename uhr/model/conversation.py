@@ -3,9 +3,10 @@
 A conversation is the GeoLLaVA-Data / SuperRS-VQA shape:
 `[{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]`, optionally
 opening with `{"from": "system", ...}`. It is rendered with the tokenizer's chat template (ChatML for
-ours and Qwen2's), so training sees exactly the prompts `answer` builds. Labels cover each
-assistant turn's text and its end-of-turn marker (`<|im_end|>\\n` in ChatML) and nothing else, as
-LLaVA's `preprocess_qwen` does.
+ours and Qwen2's; a processor's typed-content template too, `render_chat`), so training sees exactly
+the prompts `answer` builds. Labels cover each assistant turn's text and its end-of-turn marker
+(`<|im_end|>\\n` in ChatML) and nothing else: LLaVA's `preprocess_qwen` also labels every turn's
+`<|im_start|>`, `<|im_end|>` and newline tokens; uhr trains only on what the assistant says.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from uhr.model.modeling import IGNORE_INDEX
-from uhr.model.tokenizer import IMAGE_TOKEN
+from uhr.model.tokenizer import IMAGE_TOKEN, render_chat
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -57,14 +58,14 @@ def tokenize_conversation(
     if occurrences != 1 or messages[image_turns[0]]["role"] != "user":
         raise ValueError(f"conversation must hold exactly one {image_token!r}, in a human turn; found {occurrences}")
 
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = render_chat(tokenizer, messages, image_token=image_token)
     # Character spans of each assistant turn: its rendering minus the prompt that precedes it.
     spans = []
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-            end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
-            if text[start:end].find(message["content"]) != 0:
+            start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True, image_token=image_token))
+            end = len(render_chat(tokenizer, messages[: i + 1], image_token=image_token))
+            if not text[start:end].lstrip().startswith(message["content"]):
                 raise ValueError("the tokenizer's chat template does not render turns as prefixes of each other")
             spans.append((start, end))
 

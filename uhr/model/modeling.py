@@ -30,6 +30,7 @@ from uhr.model import tiling
 from uhr.model.config import UhrConfig
 from uhr.model.importance import DecoderPrefix, decoder_attention, decoder_prefix
 from uhr.model.pruning.base import PrunedTokens, TokenGrid
+from uhr.model.tokenizer import render_chat
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -297,14 +298,14 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         tokenizer, image_token = self.tokenizer, self.config.image_token
         if image_token in question:
             raise ValueError(f"question must not contain the image placeholder {image_token!r}: {question!r}")
-        content = f"{image_token}\n{question}"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        messages = [{"role": "user", "content": f"{image_token}\n{question}"}]
+        text = render_chat(tokenizer, messages, add_generation_prompt=True, image_token=image_token)
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = encoding["input_ids"]
         image_positions = [i for i, token in enumerate(ids) if token == self.config.image_token_id]
         if len(image_positions) != 1:
             raise ValueError(f"prompt holds {len(image_positions)} image tokens, expected 1: {text!r}")
-        start = text.index(content) + len(image_token) + 1
+        start = text.index(question, text.index(image_token) + len(image_token))
         end = start + len(question)
         question_tokens = [i for i, (a, b) in enumerate(encoding["offset_mapping"]) if a < end and b > start]
         return ids, image_positions[0], question_tokens

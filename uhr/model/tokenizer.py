@@ -4,6 +4,8 @@ Used by the tests and the demo model: `build_tokenizer(corpus, vocab_size)` retu
 `PreTrainedTokenizerFast` that behaves like Qwen2's for our purposes (byte-level BPE, ChatML turns,
 `<|im_end|>` as eos, `<|endoftext|>` as pad) and knows the `<image>` placeholder as one special
 token. Save it with `save_pretrained(dir)`, load it with `AutoTokenizer.from_pretrained(dir)`.
+
+`render_chat` renders messages through any checkpoint's chat template, ours or a processor's.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -72,4 +74,59 @@ def build_tokenizer(
     )
 
 
-__all__ = ["CHATML_TEMPLATE", "IMAGE_TOKEN", "IM_END", "IM_START", "PAD_TOKEN", "SPECIAL_TOKENS", "build_tokenizer"]
+def _typed_parts(content: str, image_token: str) -> list[dict[str, str]]:
+    """The typed parts a processor template takes: `<image>` + newline + Q -> an image part, then a text part Q."""
+    parts: list[dict[str, str]] = []
+    for i, piece in enumerate(content.split(image_token)):
+        if i > 0:
+            parts.append({"type": "image"})
+            piece = piece.removeprefix("\n")  # processor templates write "<image>\n" themselves
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def _renders_all(text: str, messages: list[dict[str, str]], image_token: str) -> bool:
+    """Whether `text` holds each message's text and as many image tokens as the messages."""
+    images = sum(m["content"].count(image_token) for m in messages)
+    pieces = (piece.strip() for m in messages for piece in m["content"].split(image_token))
+    return text.count(image_token) == images and all(piece in text for piece in pieces)
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    *,
+    add_generation_prompt: bool = False,
+    image_token: str = IMAGE_TOKEN,
+) -> str:
+    """`messages` (string contents, the image written as `image_token`) through the tokenizer's chat template.
+
+    Text templates (ChatML: ours, Qwen2's, LongVA's) take each content as one string. Processor
+    templates (llava-hf's `chat_template.json`) take lists of typed parts and write the image
+    placeholder themselves; given a string they render nothing of it, so the messages are handed to
+    them as parts. Raises ValueError when neither form renders every message's text and image.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if _renders_all(text, messages, image_token):
+        return text
+    typed = [{"role": m["role"], "content": _typed_parts(m["content"], image_token)} for m in messages]
+    text = tokenizer.apply_chat_template(typed, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if _renders_all(text, messages, image_token):
+        return text
+    raise ValueError(
+        f"the tokenizer's chat template renders neither string nor typed message contents with their text and "
+        f"{image_token!r}; got {text!r}"
+    )
+
+
+__all__ = [
+    "CHATML_TEMPLATE",
+    "IMAGE_TOKEN",
+    "IM_END",
+    "IM_START",
+    "PAD_TOKEN",
+    "SPECIAL_TOKENS",
+    "build_tokenizer",
+    "render_chat",
+]

@@ -51,6 +51,14 @@ def anyres_token_count(width: int, height: int, pinpoint: tuple[int, int], tile:
     return patch_grid * patch_grid + rows * (cols + 1)
 
 
+def anyres_max_tokens(pinpoints: list[list[int]], tile: int, patch_grid: int) -> int:
+    """The most visual tokens LLaVA-NeXT gives any image on these grids: thumbnail + the largest grid
+    whole (unpadding only removes rows or columns) with one newline per row. A budget that lets
+    `none` keep every scene's tokens."""
+    cells = [(height // tile * patch_grid, width // tile * patch_grid) for height, width in pinpoints]
+    return patch_grid * patch_grid + max(rows * (cols + 1) for rows, cols in cells)
+
+
 @dataclass
 class NoneEncoding(SceneEncoding):
     """`SceneEncoding` of `none`: nothing depends on the question, so the tokens are final here."""
