@@ -69,6 +69,25 @@ _GDAL_PREFIXES = {
 }
 
 
+# GDAL config options whose values are secrets or carry them (GS_SECRET_ACCESS_KEY,
+# AZURE_STORAGE_ACCESS_KEY, AZURE_STORAGE_SAS_TOKEN, GDAL_HTTP_USERPWD, GS_OAUTH2_REFRESH_TOKEN, ...);
+# options naming a file (`*_FILE`) hold a path, not the secret.
+_CREDENTIAL_OPTION = re.compile(
+    r"SECRET|PASSWORD|USERPWD|TOKEN|ACCESS_KEY|CONNECTION_STRING|(^|_)SAS(_|$)|PRIVATE_KEY|CREDENTIAL|BEARER", re.IGNORECASE
+)
+_CREDENTIAL_HEADER = re.compile(r"authorization|cookie|token|secret|key", re.IGNORECASE)
+
+
+def _holds_credential(name: str, value: str) -> bool:
+    """True when a GDAL option looks like a credential: by its name, a header that may carry one
+    (`GDAL_HTTP_HEADERS`), or a value `redact` would mask."""
+    if _CREDENTIAL_OPTION.search(name) and not name.upper().endswith("_FILE"):
+        return True
+    if name.upper() == "GDAL_HTTP_HEADERS" and _CREDENTIAL_HEADER.search(str(value)):
+        return True
+    return redact(str(value)) != str(value)
+
+
 def _endpoint_from_env() -> str | None:
     # The service-specific variable wins, as in the AWS SDKs.
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -131,9 +150,13 @@ class StorageConfig(BaseModel):
     @field_validator("gdal_options")
     @classmethod
     def _check_gdal_options(cls, value: dict[str, str]) -> dict[str, str]:
-        forbidden = sorted(set(value) & set(CREDENTIAL_ENV_VARS))
+        forbidden = sorted(name for name, option in value.items() if name in CREDENTIAL_ENV_VARS or _holds_credential(name, option))
         if forbidden:
-            raise ValueError(f"gdal_options must not hold credentials ({', '.join(forbidden)}); use the environment")
+            raise ValueError(
+                f"gdal_options must not hold credentials ({', '.join(forbidden)}): options travel to run manifests "
+                "and Ray runtime environments. Set them in the environment of the driver and the nodes (or use "
+                "instance / pod identity), where GDAL finds them; request headers go in GDAL_HTTP_HEADER_FILE"
+            )
         if "GDAL_CACHEMAX" in value:
             raise ValueError("set the GDAL block cache with gdal_cache_mb, not gdal_options")
         return value

@@ -66,18 +66,25 @@ class ActorStageConfig(BaseModel):
 class VqaConfig(BaseModel):
     """Everything `python -m jobs.vqa` needs. Every field can be set in YAML or as `key=value`."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Inputs stay out of validation errors: a rejected value may be a presigned URI or a secret.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
     model: str | None = Field(
         None, description="Model directory or object-store URI (our export, LLaVA-NeXT or LongVA/GeoLLaVA-8K); None: the default model."
     )
     scenes: str | None = Field(
-        None, description="Scene prefix (local dir or s3://...) or a text file listing scene URIs; with `questions`, relative scene names resolve against it."
+        None,
+        description="Scene prefix (local dir or s3://...) or a .txt/.lst file listing scene URIs, one a line. Relative "
+        "scene names (a list's lines, or with `questions` the table's `scene` column) resolve against the prefix, or "
+        "against the list file's folder.",
     )
     questions: str | None = Field(
         None, description="Questions table (Parquet, JSONL or CSV: question_id, scene, question, optional choices, bbox)."
     )
-    ask: list[str] = Field(default_factory=list, description="Questions asked of every scene (instead of `questions`).")
+    ask: list[str] = Field(
+        default_factory=list,
+        description="Questions asked of every scene (instead of `questions`); a text or scene given twice is asked once.",
+    )
     output: str = Field("outputs/vqa", description="Output dataset URI (local or s3://). Re-running on it resumes.")
     overwrite: bool = Field(False, description="Delete what `output` holds and start afresh.")
     pruning: PruningConfig = Field(default_factory=PruningConfig, description="Strategy and token budget.")

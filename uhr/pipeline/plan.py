@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
+import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -20,7 +23,9 @@ import pyarrow.parquet as pq
 
 from uhr.config import ConfigError
 from uhr.scenes import list_scenes
-from uhr.storage import StorageConfig, join_uri, redact, uri_protocol
+from uhr.storage import StorageConfig, absolute_uri, join_uri, redact, uri_protocol
+
+logger = logging.getLogger(__name__)
 
 QUESTIONS_SCHEMA = pa.schema(
     [
@@ -35,6 +40,9 @@ QUESTIONS_SCHEMA = pa.schema(
     ]
 )
 REQUIRED_COLUMNS = ("question_id", "scene", "question")
+# Columns CSV cells are read as text (no type inference: id 007 stays "007", not 7).
+TEXT_COLUMNS = ("question_id", "scene", "question", "choices", "bbox", "prompt", "answer")
+SCENE_LIST_SUFFIXES = (".txt", ".lst")
 
 
 class InputError(ConfigError):
@@ -44,7 +52,13 @@ class InputError(ConfigError):
 def _read_table(uri: str, storage: StorageConfig) -> pa.Table:
     fs = storage.filesystem(uri)
     suffix = uri.rsplit(".", 1)[-1].lower() if "." in uri.rsplit("/", 1)[-1] else ""
-    readers = {"parquet": pq.read_table, "jsonl": pajson.read_json, "json": pajson.read_json, "csv": pacsv.read_csv}
+    as_text = pacsv.ConvertOptions(column_types={name: pa.string() for name in TEXT_COLUMNS})
+    readers = {
+        "parquet": pq.read_table,
+        "jsonl": pajson.read_json,
+        "json": pajson.read_json,
+        "csv": lambda handle: pacsv.read_csv(handle, convert_options=as_text),
+    }
     if suffix not in readers:
         raise InputError(f"questions file {redact(uri)}: unknown format {suffix!r}; use .parquet, .jsonl or .csv")
     try:
@@ -132,8 +146,23 @@ def question_id(scene: str, text: str) -> str:
     return hashlib.sha1(f"{scene}\n{text}".encode()).hexdigest()[:16]
 
 
+def _unique(items: Iterable[str], what: str) -> list[str]:
+    """`items` in order without repeats, with a warning naming those given more than once."""
+    seen: dict[str, int] = {}
+    for item in items:
+        seen[item] = seen.get(item, 0) + 1
+    repeated = [item for item, count in seen.items() if count > 1]
+    if repeated:
+        logger.warning("%d %s given more than once, each asked once: %s", len(repeated), what, redact(", ".join(repeated[:5])))
+    return list(seen)
+
+
 def questions_from_ask(scenes: Iterable[str], asks: list[str]) -> pa.Table:
-    """Every question of `asks` asked of every scene, with ids derived from scene and text."""
+    """Every question of `asks` asked of every scene, with ids derived from scene and text.
+
+    A scene or a question given twice is asked once (with a warning): one row per question id.
+    """
+    scenes, asks = _unique(scenes, "scene(s)"), _unique(asks, "question(s)")
     rows = [(question_id(scene, text), scene, text) for scene in scenes for text in asks]
     if not rows:
         raise InputError("no questions: the scene list is empty")
@@ -152,9 +181,26 @@ def questions_from_ask(scenes: Iterable[str], asks: list[str]) -> pa.Table:
     )
 
 
+def is_scene_list(scenes: str) -> bool:
+    """True when `scenes` names a text file listing scenes rather than a prefix."""
+    return scenes.lower().endswith(SCENE_LIST_SUFFIXES)
+
+
+def scenes_root(scenes: str) -> str:
+    """What relative scene names resolve against: the prefix itself, or a scene list's folder."""
+    if not is_scene_list(scenes):
+        return scenes
+    if uri_protocol(scenes) is None:
+        return os.path.dirname(os.path.abspath(scenes))
+    return posixpath.dirname(scenes)
+
+
 def scene_uris(scenes: str, storage: StorageConfig) -> list[str]:
-    """The scenes named by `scenes`: a prefix (listed) or a text file with one URI per line."""
-    if scenes.lower().endswith((".txt", ".lst")):
+    """The scenes named by `scenes`: a prefix (listed) or a text file with one URI per line.
+
+    Relative names in a list resolve against the list file's folder.
+    """
+    if is_scene_list(scenes):
         fs = storage.filesystem(scenes)
         try:
             with fs.open(scenes, "rt") as handle:
@@ -163,7 +209,7 @@ def scene_uris(scenes: str, storage: StorageConfig) -> list[str]:
             raise InputError(f"scene list {redact(scenes)} does not exist") from err
         if not uris:
             raise InputError(f"scene list {redact(scenes)} is empty")
-        return uris
+        return [resolve_scene(uri, scenes_root(scenes)) for uri in uris]
     uris = list_scenes(scenes, storage=storage)
     if not uris:
         raise InputError(f"no scenes found under {redact(scenes)}")
@@ -171,10 +217,11 @@ def scene_uris(scenes: str, storage: StorageConfig) -> list[str]:
 
 
 def resolve_scene(scene: str, scenes_prefix: str | None) -> str:
-    """Absolute URI of a questions-table scene: relative names resolve against `scenes_prefix`."""
+    """Absolute URI of a questions-table scene: relative names resolve against `scenes_prefix` (a
+    prefix, or a scene list's folder), and a local path with no prefix against the working directory."""
     if uri_protocol(scene) is not None or scene.startswith("/") or scenes_prefix is None:
-        return scene
-    return join_uri(scenes_prefix, scene)
+        return absolute_uri(scene)
+    return absolute_uri(join_uri(scenes_root(scenes_prefix), scene))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,70 @@
+"""Planning a run on the driver: questions as given, one row per question, scenes resolved where workers find them."""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+
+from uhr.config import ConfigError
+from uhr.pipeline import VqaConfig
+from uhr.pipeline.plan import load_questions, make_plan, questions_from_ask, resolve_scene, scene_uris
+from uhr.storage import StorageConfig
+
+from .helpers import config
+
+
+def test_csv_ids_and_scenes_stay_text(tmp_path):
+    # Type inference would read 007 as 7 and 1e3 as 1000.0: two questions would share an id.
+    ids = ["007", "7", "0100", "1e3", "1000"]
+    table = pa.table({"question_id": ids, "scene": ["001.tif", "1.tif", "a.tif", "b.tif", "c.tif"],
+                      "question": ["How many?", "0042", "Where?", "What?", "Why?"]})  # fmt: skip
+    pacsv.write_csv(table, tmp_path / "q.csv", pacsv.WriteOptions(quoting_style="none"))
+    questions = load_questions(str(tmp_path / "q.csv"), StorageConfig())
+    assert questions["question_id"].to_pylist() == ids
+    assert questions["scene"].to_pylist()[:2] == ["001.tif", "1.tif"] and questions["question"][1].as_py() == "0042"
+
+
+def test_a_scene_or_question_given_twice_is_asked_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="uhr.pipeline.plan"):
+        questions = questions_from_ask(["s3://b/a.tif", "s3://b/b.tif", "s3://b/a.tif"], ["Ships?", "Roads?", "Ships?"])
+    ids = questions["question_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 4
+    assert make_plan(questions, None, set()).pending == 4
+    assert "1 scene(s) given more than once" in caplog.text and "1 question(s) given more than once" in caplog.text
+
+
+def test_relative_scenes_resolve_against_a_scene_lists_folder(tmp_path, monkeypatch):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "scenes.txt").write_text("# two scenes\nscene_0000.tif\n/elsewhere/scene_0001.tif\ns3://b/scene_0002.tif\n")
+    assert scene_uris(str(lists / "scenes.txt"), StorageConfig()) == [
+        str(lists / "scene_0000.tif"), "/elsewhere/scene_0001.tif", "s3://b/scene_0002.tif"
+    ]
+    # A questions table's scene names, with --scenes naming a list: the list's folder, not "scenes.txt/...".
+    assert resolve_scene("scene_0000.tif", "s3://bucket/lists/scenes.txt") == "s3://bucket/lists/scene_0000.tif"
+    assert resolve_scene("scene_0000.tif", "s3://bucket/archive") == "s3://bucket/archive/scene_0000.tif"
+    # Relative local names end up absolute, whatever directory the workers run in.
+    monkeypatch.chdir(tmp_path)
+    assert scene_uris("lists/scenes.txt", StorageConfig())[0] == str(lists / "scene_0000.tif")
+    assert resolve_scene("scene_0000.tif", "lists/scenes.txt") == str(lists / "scene_0000.tif")
+    assert resolve_scene("archive/scene_0000.tif", None) == str(tmp_path / "archive" / "scene_0000.tif")
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["GS_SECRET_ACCESS_KEY", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_SAS_TOKEN", "GDAL_HTTP_USERPWD", "GDAL_HTTP_HEADERS"],
+)
+def test_credentials_in_gdal_options_are_refused_without_echoing_them(option):
+    value = "Authorization: Bearer tok-0123456789abcdef" if option == "GDAL_HTTP_HEADERS" else "s3cr3t-0123456789abcdef"
+    with pytest.raises(ConfigError, match=rf"must not hold credentials \({option}\).*environment") as caught:
+        config(storage={"gdal_options": {option: value}})
+    assert "0123456789abcdef" not in str(caught.value)
+    with pytest.raises(ValueError) as direct:  # built in code, not from the command line
+        VqaConfig(storage={"gdal_options": {option: value}})
+    assert "0123456789abcdef" not in str(direct.value)
+    # Tuning options and file paths are not credentials.
+    fine = {"VSI_CACHE_SIZE": "1048576", "GDAL_HTTP_HEADER_FILE": "/etc/gdal/headers", "GDAL_HTTP_HEADERS": "User-Agent: uhr"}
+    assert VqaConfig(storage={"gdal_options": fine}).storage.gdal_options == fine
