@@ -12,11 +12,24 @@ from typing import Any
 import numpy as np
 import ray
 
+from uhr.errors import SceneError
 from uhr.pipeline.config import VqaConfig
 from uhr.scenes import open_scene
 from uhr.scenes.metering import ReadMeter
 from uhr.scenes.normalize import NormalizeConfig
 from uhr.storage import StorageConfig
+
+
+def task_error_cause(error: BaseException) -> BaseException:
+    """The exception a Ray task raised, out of the `RayTaskError` that carries it (whose text is the
+    remote traceback, with terminal colour codes); other errors as they are."""
+    cause = getattr(error, "cause", None) if isinstance(error, ray.exceptions.RayTaskError) else None
+    return cause if isinstance(cause, BaseException) else error
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def decode_views(row: dict[str, Any]) -> dict[int, np.ndarray]:
@@ -81,7 +94,11 @@ class StagedSource:
     def read_windows(
         self, windows: list[tuple[int, int, int, int]], out_size: tuple[int, int] | None = None
     ) -> list[np.ndarray]:
-        """Read `windows` with CPU tasks, `read.windows_per_task` per task, all at once."""
+        """Read `windows` with CPU tasks, `read.windows_per_task` per task, all at once.
+
+        A failed read raises `SceneError` naming the scene and the reason (the task's own
+        `SceneError` when it raised one); its time still counts in `take_reads()`.
+        """
         if not windows:
             return []
         read = self._config.read
@@ -89,10 +106,22 @@ class StagedSource:
         per_task = read.windows_per_task
         chunks = [windows[i : i + per_task] for i in range(0, len(windows), per_task)]
         task = read_windows_task.options(num_cpus=read.window_num_cpus)
-        results = ray.get(
-            [task.remote(self.uri, chunk, out_size, self._config.storage, self._config.normalize) for chunk in chunks]
-        )
+        refs = [task.remote(self.uri, chunk, out_size, self._config.storage, self._config.normalize) for chunk in chunks]
+        results, failure = [], None
+        # Every task's outcome is fetched, failed ones too: Ray logs an error nobody fetched, raw
+        # traceback and all, which could carry what `redact` would have masked.
+        for ref in refs:
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayError as error:
+                failure = failure or error
         self._ms += (time.perf_counter() - start) * 1000
+        if failure is not None:
+            cause = task_error_cause(failure)
+            if isinstance(cause, SceneError):
+                raise cause from None
+            reason = f"reading {len(windows)} window(s): {type(cause).__name__}: {_first_line(cause)}"
+            raise SceneError(self.uri, reason) from None
         counts = [count for _, count in results]
         self._bytes = None if self._bytes is None or None in counts else self._bytes + sum(counts)
         return [array for arrays, _ in results for array in arrays]

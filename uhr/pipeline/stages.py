@@ -19,7 +19,9 @@ read, its selection, its answer), so summing a column over rows gives the run's 
 from __future__ import annotations
 
 import logging
+import re
 import time
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +35,7 @@ from uhr.model.config import UhrConfig
 from uhr.model.pruning import PrunedTokens, build_strategy
 from uhr.model.pruning.config import PruningConfig
 from uhr.pipeline.config import VqaConfig
-from uhr.pipeline.reads import StagedSource
+from uhr.pipeline.reads import StagedSource, task_error_cause
 from uhr.pipeline.output import OUTPUT_SCHEMA
 from uhr.prompts import xlrs_prompt
 from uhr.scenes import open_scene
@@ -44,10 +46,27 @@ from uhr.storage import StorageConfig, redact
 logger = logging.getLogger(__name__)
 
 
-def _error_text(uri: str, error: BaseException) -> str:
-    """One line naming what failed and why, with credentials masked."""
-    text = str(error) if uri in str(error) else f"scene {uri}: {type(error).__name__}: {error}"
-    return redact(text.splitlines()[0] if text else type(error).__name__)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _error_text(uri: str, error: BaseException, step: str = "") -> str:
+    """One line naming the scene, the step that failed and why, with credentials masked.
+
+    A Ray task's error is unwrapped to the exception the task raised; a message that already names
+    the scene (`SceneError`) is kept as it is.
+    """
+    error = task_error_cause(error)
+    lines = _ANSI.sub("", str(error)).strip().splitlines()
+    first = redact(lines[0]) if lines else ""
+    if redact(uri) in first:
+        return first
+    return redact(f"scene {uri}: {step}{type(error).__name__}" + (f": {first}" if first else ""))
+
+
+def _log_failure(what: str, error: BaseException) -> None:
+    """Log a failure with its traceback, credentials masked (a presigned URL may be in the message)."""
+    trace = _ANSI.sub("", "".join(traceback.format_exception(error)))
+    logger.error("%s failed:\n%s", redact(what), redact(trace))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,9 +188,10 @@ def _base_row(scene: dict[str, Any], question: dict[str, Any], config: VqaConfig
 class _ModelStage:
     """Loads the model once per actor (the expensive part), as Ray's batch-inference examples do."""
 
-    def __init__(self, config: VqaConfig, model_uri: str, run_id: str, num_gpus: float):
+    def __init__(self, config: VqaConfig, model_uri: str, run_id: str, num_gpus: float, model_id: str | None = None):
         self.config = config
-        self.model_id = model_uri
+        # What rows name the model by: its URI, redacted (the driver's redaction when it passes one).
+        self.model_id = model_id or redact(model_uri)
         self.run_id = run_id
         self.device = _device(num_gpus)
         self.model, _ = load_model(
@@ -193,8 +213,8 @@ class _ModelStage:
 class EncodeStage(_ModelStage):
     """Encode + prune each scene once, select per question, and (fused) answer; yields rows per scene."""
 
-    def __init__(self, config: VqaConfig, model_uri: str, run_id: str, fused: bool):
-        super().__init__(config, model_uri, run_id, config.encode.num_gpus)
+    def __init__(self, config: VqaConfig, model_uri: str, run_id: str, fused: bool, model_id: str | None = None):
+        super().__init__(config, model_uri, run_id, config.encode.num_gpus, model_id)
         self.fused = fused
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
@@ -217,9 +237,9 @@ class EncodeStage(_ModelStage):
             with torch.inference_mode():
                 encoding = self.strategy.encode(self.model, source)
         except Exception as error:
-            logger.exception("encoding %s failed", redact(scene["scene"]))
+            _log_failure(f"encoding {scene['scene']}", error)
             for row in rows:
-                row["error"] = _error_text(scene["scene"], error)
+                row["error"] = _error_text(scene["scene"], error, "encoding: ")
             return rows
         extra_bytes, extra_read_ms = source.take_reads()
         scene_encode_ms = (time.perf_counter() - start) * 1000 - extra_read_ms
@@ -233,8 +253,14 @@ class EncodeStage(_ModelStage):
                 with torch.inference_mode():
                     tokens = self.strategy.select(self.model, encoding, question_prompt(question))
             except Exception as error:
-                logger.exception("selecting tokens for %s failed", question["question_id"])
-                row["error"] = f"question {question['question_id']}: {type(error).__name__}: {redact(str(error))}"
+                _log_failure(f"selecting tokens for question {question['question_id']} of {scene['scene']}", error)
+                row["error"] = f"question {question['question_id']}: " + _error_text(scene["scene"], error, "selecting tokens: ")
+                # What its failed reads cost is this question's, not the next one's.
+                own_bytes, own_read_ms = source.take_reads()
+                row.update(
+                    bytes_read=_add(None if scene_bytes is None else round(scene_bytes / count), own_bytes),
+                    read_ms=scene_read_ms / count + own_read_ms,
+                )
                 continue
             own_bytes, own_read_ms = source.take_reads()
             per_scale = tokens.per_scale()
@@ -262,9 +288,9 @@ class EncodeStage(_ModelStage):
             try:
                 answers, per_question_ms = self._answer([t for _, t, _ in chunk], [p for _, _, p in chunk])
             except Exception as error:
-                logger.exception("answering failed")
+                _log_failure(f"answering {len(chunk)} question(s) of {chunk[0][0]['scene']}", error)
                 for row, _, _ in chunk:
-                    row["error"] = f"answer: {type(error).__name__}: {redact(str(error))}"
+                    row["error"] = _error_text(row["scene"], error, "answering: ")
                 continue
             for (row, _, _), answer in zip(chunk, answers):
                 self._finish(row, answer)["answer_ms"] = per_question_ms
@@ -273,8 +299,8 @@ class EncodeStage(_ModelStage):
 class AnswerStage(_ModelStage):
     """Answer questions from their pruned tokens (split mode): a batch of token rows -> answer rows."""
 
-    def __init__(self, config: VqaConfig, model_uri: str, run_id: str):
-        super().__init__(config, model_uri, run_id, config.answer.num_gpus)
+    def __init__(self, config: VqaConfig, model_uri: str, run_id: str, model_id: str | None = None):
+        super().__init__(config, model_uri, run_id, config.answer.num_gpus, model_id)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -285,9 +311,9 @@ class AnswerStage(_ModelStage):
                 for (row, _), answer in zip(ready, answers):
                     self._finish(row, answer)["answer_ms"] = per_question_ms
             except Exception as error:
-                logger.exception("answering failed")
+                _log_failure(f"answering {len(ready)} question(s)", error)
                 for row, _ in ready:
-                    row["error"] = f"answer: {type(error).__name__}: {redact(str(error))}"
+                    row["error"] = _error_text(row["scene"], error, "answering: ")
         return pa.Table.from_pylist([{name: row[name] for name in OUTPUT_SCHEMA.names} for row in rows], schema=OUTPUT_SCHEMA)
 
 
