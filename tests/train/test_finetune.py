@@ -125,6 +125,17 @@ def test_the_run_survives_a_killed_worker_and_ends_at_the_configured_step(killed
     assert [step for step, _ in summary.history] == list(range(1, MAX_STEPS + 1))
 
 
+def test_the_interrupted_epoch_goes_on_where_it_stopped(killed_run, manifest_with_bad_rows):
+    _, summary, _ = killed_run
+    _, good, _ = manifest_with_bad_rows
+    # Each worker holds half the usable rows, one per micro-batch, two micro-batches a step. Had the
+    # restart read the interrupted epoch from its start again, it would end an epoch later and the
+    # run would finish in an earlier epoch than an uninterrupted one.
+    steps_per_epoch = good // 2 // 2
+    assert MAX_STEPS > steps_per_epoch > 0
+    assert summary.epochs == (MAX_STEPS - 1) // steps_per_epoch
+
+
 def test_workers_ran_one_per_node(killed_run, cluster):
     _, summary, _ = killed_run
     assert sorted(summary.nodes) == sorted(cluster)

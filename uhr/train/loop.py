@@ -9,8 +9,10 @@ trains, the tower), and steps a DeepSpeed engine (ZeRO-2 by default: optimizer s
 partitioned over the ranks). Every `checkpoint_every_steps` all ranks write their part of a
 DeepSpeed checkpoint and report it, so Ray Train merges the parts into one checkpoint directory.
 A restarted worker group (lost worker, re-run of the same command) resumes from the latest one:
-the step count and schedule continue exactly; the interrupted epoch's data is read from its start
-again (Ray Data cannot skip rows without reading them).
+the step count and schedule continue exactly, and the interrupted epoch goes on where it stopped:
+each worker reads past the micro-batches that epoch had already trained (Ray Data cannot skip rows
+without reading them), so every epoch trains its share of steps once and a run of `epochs` passes
+ends after them, not a partial epoch early.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class TrainState:
 
     step: int = 0
     epoch: int = 0
+    epoch_start: int = 0
+    """Step count when the current epoch began: a resume skips the micro-batches of the steps since."""
     history: list[tuple[int, float]] = field(default_factory=list)
     """(step, loss) of every optimizer step, loss averaged over the step's micro-batches and ranks."""
     resumed_from: list[int] = field(default_factory=list)
@@ -173,6 +177,7 @@ def restore_checkpoint(engine: DeepSpeedEngine, checkpoint: ray.train.Checkpoint
     return TrainState(
         step=saved["step"],
         epoch=saved["epoch"],
+        epoch_start=saved.get("epoch_start", saved["step"]),
         history=[tuple(item) for item in saved["history"]],
         resumed_from=[*saved["resumed_from"], saved["step"]],
         grounding=[tuple(item) for item in saved.get("grounding", [])],
@@ -273,8 +278,9 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
     step_losses: list[float] = []
     step_grounding: list[float] = []
     last_saved = state.step
+    # Micro-batches the interrupted epoch trained before the checkpoint this run resumed from.
+    skip = (state.step - state.epoch_start) * accumulation
     while state.step < plan.total_steps and (config.max_steps is not None or state.epoch < config.epochs):
-        steps_before = state.step
         batches = shard.iter_batches(
             batch_size=config.micro_batch_size,
             batch_format="pyarrow",
@@ -284,6 +290,9 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
         )
         started = time.perf_counter()
         for batch in batches:
+            if skip:
+                skip -= 1
+                continue
             samples = batch.to_pylist()
             loss, grounding, kept = micro_step(engine, strategy, samples, config)
             samples_seen += len(samples)
@@ -323,13 +332,15 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
                 break
         else:
             busy_s += time.perf_counter() - started
-        if state.step == steps_before:
+        skip = 0  # a shorter epoch than the checkpoint's (the manifest changed) skips no further
+        if state.step == state.epoch_start:
             raise RuntimeError(
                 f"epoch {state.epoch} gave this worker no full optimizer step ({config.batch_size} samples over "
                 f"{dist.get_world_size()} workers): too few usable samples in the manifest"
             )
         if state.step < plan.total_steps:
             state.epoch += 1
+            state.epoch_start = state.step
     if last_saved != state.step:  # the epochs ran out before total_steps (skipped samples)
         save_checkpoint(engine, state, {"step": state.step, "epoch": state.epoch, "loss": state.history[-1][1]})
 
