@@ -17,7 +17,8 @@ from pathlib import Path
 import ray
 import torch
 
-from uhr.model import load_model, save_model
+from uhr.model import UhrConfig, load_model, save_model
+from uhr.model.modeling import UhrForConditionalGeneration
 from uhr.model.pruning.config import PruningConfig
 from uhr.storage import StorageConfig, redact
 from uhr.train.loop import CHECKPOINT_TAG
@@ -37,7 +38,10 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: str = CHECKPOINT_TA
         raise FileNotFoundError(f"{checkpoint_dir} holds no DeepSpeed model states ({tag}/{MODEL_STATES})")
     # Our own checkpoints hold DeepSpeed's bookkeeping objects besides tensors: not weights-only.
     module = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
-    state = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in module.items()}
+    state = {}
+    for name in list(module):  # each training-precision tensor freed once its float32 copy exists
+        tensor = module.pop(name)
+        state[name] = tensor.float() if tensor.is_floating_point() else tensor
     if any(directory.glob("zero_pp_rank_*_optim_states.pt")):
         masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, exclude_frozen_parameters=True)
         unknown = sorted(set(masters) - set(state))
@@ -69,6 +73,15 @@ def export_model(
     return export_uri
 
 
+def export_memory_bytes(config: UhrConfig) -> int:
+    """Memory the export reserves: the model's parameters in float32 three times (the base model it
+    loads, the consolidated state, the master weights being merged into it) plus 2 GiB of headroom,
+    so Ray places it on a node that holds it (about 97 GB for a 7B model) rather than a small one."""
+    with torch.device("meta"):  # shapes only, no memory
+        parameters = sum(p.numel() for p in UhrForConditionalGeneration(config).parameters())
+    return 3 * 4 * parameters + (2 << 30)
+
+
 @ray.remote(num_cpus=1)
 def export_task(
     checkpoint: ray.train.Checkpoint,
@@ -82,4 +95,4 @@ def export_task(
         return export_model(directory, base_model, export_uri, storage, pruning)
 
 
-__all__ = ["MODEL_STATES", "consolidated_state_dict", "export_model", "export_task"]
+__all__ = ["MODEL_STATES", "consolidated_state_dict", "export_memory_bytes", "export_model", "export_task"]

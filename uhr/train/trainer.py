@@ -36,7 +36,7 @@ from uhr.train.data import (
 )
 from uhr.train.deepspeed_config import fill_deepspeed_config, load_deepspeed_json
 from uhr.train.defaults import training_archive
-from uhr.train.export import export_task
+from uhr.train.export import export_memory_bytes, export_task
 from uhr.train.loop import TrainPlan, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,9 @@ def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
     if result.checkpoint is None:
         raise RuntimeError(f"training run {redact(run_uri)} finished without a checkpoint to export")
     export = ray.get(
-        export_task.options(runtime_env=runtime_env).remote(result.checkpoint, model_uri, export_uri, storage, config.pruning)
+        export_task.options(runtime_env=runtime_env, memory=export_memory_bytes(model_config)).remote(
+            result.checkpoint, model_uri, export_uri, storage, config.pruning
+        )
     )
     done: dict[str, Any] = result.return_value
     return FinetuneSummary(
