@@ -229,6 +229,33 @@ def test_internal_mask_band_is_honoured(tmp_path):
     np.testing.assert_array_equal(window[100:], hwc(data)[100:])
 
 
+def test_side_car_mask_overviews_and_georeferencing_of_a_local_scene_are_read(tmp_path):
+    """`.msk`, `.ovr` and `.aux.xml` beside a local file belong to it (an object store's are not looked for)."""
+    data = pixels(600, 400, 3, "uint8", seed=13)
+    mask = np.full((400, 600), 255, np.uint8)
+    mask[:, :200] = 0
+    path = tmp_path / "tiled.tif"
+    profile = {"driver": "GTiff", "width": 600, "height": 400, "count": 3, "dtype": "uint8", "tiled": True}
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK="NO"), rasterio.open(path, "w", blockxsize=256, blockysize=256, **profile) as ds:
+        ds.write(data)
+        ds.write_mask(mask)
+    with rasterio.Env(TIFF_USE_OVR="YES"), rasterio.open(path, "r+") as ds:
+        ds.build_overviews([2, 4], Resampling.average)
+        ds.crs, ds.transform = CRS, TRANSFORM  # a GTiff opened r+ keeps them in its own header
+    png = tmp_path / "scene.png"
+    write_raster(png, data, driver="PNG")  # georeferenced: CRS and transform go to scene.png.aux.xml
+    assert {"scene.png.aux.xml", "tiled.tif.msk", "tiled.tif.ovr"} <= {p.name for p in tmp_path.iterdir()}
+    with open_scene(path, normalize=NormalizeConfig(fill=5)) as scene:
+        assert scene.overviews == [2, 4]
+        window = scene.read_window(0, 0, 600, 400)
+        view = scene.read_view(150)
+    assert (window[:, :200] == 5).all()
+    np.testing.assert_array_equal(window[:, 200:], hwc(data)[:, 200:])
+    assert (view[:, :50] == 5).all()
+    with open_scene(png) as scene:
+        assert scene.crs == rasterio.crs.CRS.from_string(CRS) and scene.footprint is not None
+
+
 def test_four_band_rgbn_shows_rgb_by_default_and_maps_false_colour(tmp_path):
     data = pixels(256, 256, 4, "uint8", seed=13)
     path = write_raster(tmp_path / "rgbn.tif", data)

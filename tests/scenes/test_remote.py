@@ -7,6 +7,8 @@ import pytest
 
 from uhr.errors import SceneError
 from uhr.scenes import open_scene
+from uhr.scenes.metering import ReadMeter
+from uhr.storage import StorageConfig
 from uhr.testing.s3_server import FAKE_SHAPED_KEY_ID
 
 from .data import pixels, write_raster
@@ -96,8 +98,27 @@ def test_truncated_remote_cog_fails_on_read_with_the_reason(s3_server, bucket, t
     source = write_raster(tmp_path / "whole.tif", pixels(1024, 1024, 3, "uint8", seed=22))
     s3_server.client.put_object(Bucket=bucket, Key="bad/cut.tif", Body=source.read_bytes()[:40_000])
     with open_scene(f"s3://{bucket}/bad/cut.tif") as scene:
-        with pytest.raises(SceneError, match="cut.tif: corrupt or truncated raster data"):
+        # A short read of an object: GDAL cannot tell a dropped connection from a cut object.
+        with pytest.raises(SceneError, match="cut.tif: read failed: network error or truncated object"):
             scene.read_window(0, 0, 1024, 1024)
+
+
+def test_an_unreachable_endpoint_is_a_network_error(bucket):
+    storage = StorageConfig(endpoint_url="http://127.0.0.1:1")  # nothing listens on port 1
+    with pytest.raises(SceneError, match="network error while opening"):
+        open_scene(f"s3://{bucket}/archive/scene_8k.tif", storage=storage)
+
+
+def test_bytes_are_metered_per_object_whichever_protocol_came_first(s3_server, bucket, tmp_path):
+    """GDAL keeps one statistics entry per network handler (vsis3, vsicurl) used in the process."""
+    path = write_raster(tmp_path / "metered.tif", pixels(1024, 1024, 3, "uint8", seed=23))
+    for key in ("metered/a.tif", "metered/b.tif"):
+        s3_server.client.upload_file(str(path), bucket, key)
+    signed = s3_server.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "metered/b.tif"})
+    for uri in (f"s3://{bucket}/metered/a.tif", signed):
+        with s3_server.measure() as served, ReadMeter(uri) as meter, open_scene(uri) as scene:
+            scene.read_view(256)
+        assert meter.bytes == served.bytes_sent > 0, uri
 
 
 def test_credentials_in_uris_never_reach_the_message(s3_server, bucket):

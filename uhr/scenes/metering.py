@@ -51,10 +51,12 @@ def gdal_downloaded_bytes(uri: str) -> int | None:
     finally:
         library.VSIFree(pointer)
     path = to_gdal_path(uri)
-    for handler in stats.get("handlers", {}).values():
-        methods = handler.get("files", {}).get(path, {}).get("methods", {})
-        return sum(method.get("downloaded_bytes", 0) for method in methods.values())
-    return 0
+    # One entry per network handler this process used (vsis3, vsicurl, ...); the file is under its own.
+    return sum(
+        method.get("downloaded_bytes", 0)
+        for handler in stats.get("handlers", {}).values()
+        for method in handler.get("files", {}).get(path, {}).get("methods", {}).values()
+    )
 
 
 class ReadMeter:

@@ -48,6 +48,9 @@ _WARN_TILES = 1_000_000
 _FOOTPRINT_POINTS_PER_EDGE = 16
 # A decimated read that would decode more than this goes strip by strip (bounded memory).
 _STRIP_BYTES = 32 * 1024 * 1024
+# Lower-cased words of GDAL messages that tell a network failure or missing credentials from damage.
+_NETWORK_WORDS = ("http", "curl", "connect", "timed out", "timeout", "could not resolve", "ssl")
+_CREDENTIAL_WORDS = ("secret_access_key", "no_sign_request", "credentials")
 
 
 class _MaskKind(Enum):
@@ -90,6 +93,10 @@ class Scene:
         self.storage = storage if storage is not None else StorageConfig()
         self.normalize = normalize if normalize is not None else NormalizeConfig()
         self._gdal_env = self.storage.gdal_env()
+        if not is_remote(self.uri) and "GDAL_DISABLE_READDIR_ON_OPEN" not in self.storage.gdal_options:
+            # The object-store default hides side-car files; a local scene's `.msk`, `.ovr` and
+            # `.aux.xml` are part of it and cost nothing to find.
+            self._gdal_env["GDAL_DISABLE_READDIR_ON_OPEN"] = "FALSE"
         self._stretch: Stretch | None = None
         self._stretch_done = False
         try:
@@ -381,18 +388,24 @@ class Scene:
 
     def _reason(self, error: BaseException, opening: bool) -> str:
         message = _gdal_message(error)
-        network = any(word in message for word in ("HTTP", "curl", "Connection", "timed out"))
+        lowered = message.lower()
+        network = any(word in lowered for word in _NETWORK_WORDS)
         if opening:
             found = self._probe()
             if found is not None:
                 return found
             if "not recognized as" in message or "not recognised as" in message:
                 return f"not a raster format GDAL can read ({message})"
+            if any(word in lowered for word in _CREDENTIAL_WORDS):
+                return f"no credentials for the object store ({message})"
             if network:
                 return f"network error while opening ({message})"
             return f"corrupt or truncated header ({message})"
         if network:
             return f"network error while reading ({message})"
+        if is_remote(self.uri) and "read error" in lowered:
+            # A short read of an object: the connection dropped, or the object is truncated.
+            return f"read failed: network error or truncated object ({message})"
         return f"corrupt or truncated raster data ({message})"
 
     def _probe(self) -> str | None:
