@@ -82,6 +82,28 @@ def test_gdal_options_refuse_credentials_and_the_cache_size(clean_env):
         StorageConfig(endpoint="http://h:1")
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"key": FAKE_SHAPED_KEY_ID, "secret": "uhr/NOT+A+REAL+SECRET"},  # s3fs's own arguments
+        {"client_kwargs": {"aws_secret_access_key": "uhr/NOT+A+REAL+SECRET"}},  # botocore's, nested
+        {"token": "uhr-NOT-A-REAL-SESSION-TOKEN"},
+        {"account_key": "x"},
+        {"sas_token": "sv=2020&sig=x"},
+        {"connection_string": "AccountKey=x"},
+    ],
+)
+def test_fs_options_refuse_credentials(clean_env, options):
+    with pytest.raises(ValidationError, match="fs_options must not hold credentials") as caught:
+        StorageConfig(fs_options=options)
+    assert "NOT+A+REAL" not in str(caught.value) and "NOT-A-REAL" not in str(caught.value)
+
+
+def test_fs_options_keep_what_is_no_secret(clean_env):
+    for options in ({"requester_pays": True}, {"token": "anon"}, {"token": "/keys/service-account.json"}):
+        assert StorageConfig(fs_options=options).fs_options == options
+
+
 def test_worker_env_vars_pass_credentials_through_only_when_set(clean_env):
     storage = StorageConfig(endpoint_url="http://127.0.0.1:5000", region="us-east-1", gdal_cache_mb=64)
     env = storage.worker_env_vars()
@@ -150,6 +172,14 @@ def test_join_uri():
         ("Authorization: AWS4-HMAC-SHA256 Credential=AKIA/2025, Signature=deadbeef", "deadbeef"),
         ("aws_secret_access_key = uhr/NOT+A+REAL+SECRET", "uhr/NOT+A+REAL+SECRET"),
         (f"key id {FAKE_SHAPED_KEY_ID} failed", FAKE_SHAPED_KEY_ID),
+        ("oauth client_secret=uhr-not-a-real-secret", "uhr-not-a-real-secret"),
+        ("GS_SECRET_ACCESS_KEY=uhr-not-a-real-secret", "uhr-not-a-real-secret"),
+        ("AccountName=x;AccountKey=dWhyLW5vdC1yZWFs==;EndpointSuffix=core", "dWhyLW5vdC1yZWFs=="),
+        ('{"private_key": "-----BEGIN PRIVATE KEY-----\\nuhrNOTREAL\\n-----END PRIVATE KEY-----\\n"}', "uhrNOTREAL"),
+        ("Bearer uhr.not.a-real-jwt", "uhr.not.a-real-jwt"),
+        ("refresh_token=1//uhr-not-real", "1//uhr-not-real"),
+        ("{'SecretAccessKey': 'uhr/not+real', 'SessionToken': 'uhr-not-real'}", "uhr/not+real"),
+        (f"s3://{FAKE_SHAPED_KEY_ID}:uhr/NOT+A+REAL+SECRET@bucket/x.tif", "uhr/NOT+A+REAL+SECRET"),
     ],
 )
 def test_redact_masks_credentials(text, secret):
@@ -164,7 +194,13 @@ def test_redact_masks_the_environment_secret_wherever_it_appears(monkeypatch):
 
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60))
 def test_redact_leaves_text_without_credentials_alone(text):
-    if "@" not in text and "=" not in text and ":" not in text and "AKIA" not in text and "ASIA" not in text:
+    shapes = ("AKIA", "ASIA", "GOOG1", "ghp_", "hf_", "Bearer", "PRIVATE KEY")
+    if "@" not in text and "=" not in text and ":" not in text and not any(shape in text for shape in shapes):
+        assert redact(text) == text
+
+
+def test_redact_leaves_counts_and_paths_alone():
+    for text in ("tokens_kept=900 tokens_dense: 2000 max_new_tokens=64", "s3://bucket/dir/a@2x.tif", "/data/key/a.tif"):
         assert redact(text) == text
 
 

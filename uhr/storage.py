@@ -73,7 +73,9 @@ _GDAL_PREFIXES = {
 # AZURE_STORAGE_ACCESS_KEY, AZURE_STORAGE_SAS_TOKEN, GDAL_HTTP_USERPWD, GS_OAUTH2_REFRESH_TOKEN, ...);
 # options naming a file (`*_FILE`) hold a path, not the secret.
 _CREDENTIAL_OPTION = re.compile(
-    r"SECRET|PASSWORD|USERPWD|TOKEN|ACCESS_KEY|CONNECTION_STRING|(^|_)SAS(_|$)|PRIVATE_KEY|CREDENTIAL|BEARER", re.IGNORECASE
+    r"SECRET|PASSWORD|USERPWD|TOKEN|ACCESS_KEY|ACCOUNT_KEY|SWIFT_KEY|DELEGATION|CONNECTION_STRING|(^|_)SAS(_|$)|"
+    r"PRIVATE_KEY|CREDENTIAL|BEARER",
+    re.IGNORECASE,
 )
 _CREDENTIAL_HEADER = re.compile(r"authorization|cookie|token|secret|key", re.IGNORECASE)
 
@@ -86,6 +88,27 @@ def _holds_credential(name: str, value: str) -> bool:
     if name.upper() == "GDAL_HTTP_HEADERS" and _CREDENTIAL_HEADER.search(str(value)):
         return True
     return redact(str(value)) != str(value)
+
+
+# fsspec keyword arguments that carry secrets (s3fs `key`/`secret`/`token`, botocore's client
+# arguments, adlfs `account_key`/`sas_token`/`connection_string`, ...), matched at any depth.
+_FS_CREDENTIAL_KEYS = frozenset({"key", "secret", "password", "credential", "credentials"})
+# gcsfs `token` modes (and a service-account file's path) are no secrets.
+_GCSFS_TOKEN_MODES = frozenset({"anon", "google_default", "cache", "cloud", "browser"})
+
+
+def _fs_credentials(options: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the `fs_options` entries that hold credentials."""
+    found = []
+    for name, value in options.items():
+        dotted = f"{prefix}{name}"
+        if isinstance(value, dict):
+            found += _fs_credentials(value, f"{dotted}.")
+        elif name == "token" and (value is None or value in _GCSFS_TOKEN_MODES or str(value).endswith(".json")):
+            continue
+        elif name.lower() in _FS_CREDENTIAL_KEYS or _holds_credential(name, str(value)):
+            found.append(dotted)
+    return found
 
 
 def _endpoint_from_env() -> str | None:
@@ -146,6 +169,18 @@ class StorageConfig(BaseModel):
         if parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError(f"endpoint_url must have no path or query, got {redact(value)!r}")
         return f"{parts.scheme}://{parts.netloc}"
+
+    @field_validator("fs_options")
+    @classmethod
+    def _check_fs_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        forbidden = _fs_credentials(value)
+        if forbidden:
+            raise ValueError(
+                f"fs_options must not hold credentials ({', '.join(forbidden)}): options travel to run manifests and "
+                "Ray runtime environments, and GDAL would not see them anyway. Set them in the environment of the "
+                "driver and the nodes (or use instance / pod identity), where fsspec and GDAL both find them"
+            )
+        return value
 
     @field_validator("gdal_options")
     @classmethod
@@ -275,8 +310,13 @@ def join_uri(base: str | os.PathLike[str], *parts: str) -> str:
 
 _REDACTED = "***"
 _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # user:pass@ (or token@) in any URI.
-    (re.compile(r"(?P<keep>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@"), rf"\g<keep>{_REDACTED}@"),
+    # PEM private keys (a service-account JSON's "private_key" among them), before the pairs below.
+    (
+        re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.DOTALL),
+        _REDACTED,
+    ),
+    # user:pass@ (or token@) in any URI; a password may hold "/", as AWS secret keys do.
+    (re.compile(r"(?P<keep>[A-Za-z][A-Za-z0-9+.-]*://)(?:[^/\s@:]+:[^\s@]*|[^/\s@]+)@"), rf"\g<keep>{_REDACTED}@"),
     # Signed-URL query parameters (S3 presigned, GCS signed, Azure SAS) and similar.
     (
         re.compile(
@@ -286,19 +326,21 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
         ),
         rf"\g<keep>{_REDACTED}",
     ),
-    # Authorization headers as they appear in HTTP traces.
+    # Authorization headers as they appear in HTTP traces, and bearer tokens wherever they appear.
     (re.compile(r"(?P<keep>Authorization\s*[:=]\s*)[^\r\n]+", re.IGNORECASE), rf"\g<keep>{_REDACTED}"),
-    # name=value / name: value pairs of secret-looking names.
+    (re.compile(r"(?P<keep>\bBearer\s+)[A-Za-z0-9._~+/-]+=*"), rf"\g<keep>{_REDACTED}"),
+    # name=value / name: value pairs whose name ends in a secret word: client_secret, refresh_token,
+    # GS_SECRET_ACCESS_KEY, api_key, 'SecretAccessKey': ..., AccountKey=... (but not tokens_kept=).
     (
         re.compile(
-            r"(?P<keep>\b(?:aws_secret_access_key|aws_session_token|aws_access_key_id|secret_key|"
-            r"secret|password|passwd|token)\b[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&]+",
+            r"(?P<keep>\b[\w-]*(?:secret|password|passwd|token|api_?key|access_?key|private_?key|account_?key|"
+            r"access_?key_?id)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&]+",
             re.IGNORECASE,
         ),
         rf"\g<keep>{_REDACTED}",
     ),
-    # AWS access key ids.
-    (re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"), _REDACTED),
+    # Access key ids and tokens recognisable by their shape: AWS, Google HMAC, GitHub, Hugging Face.
+    (re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b|\bGOOG1[A-Z0-9]{20,}\b|\b(?:ghp|hf)_[A-Za-z0-9]{30,}\b"), _REDACTED),
 )
 
 
