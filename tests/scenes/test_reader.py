@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import rasterio
+import rasterio.warp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rasterio.enums import ColorInterp, Resampling
@@ -39,6 +40,30 @@ def test_metadata_of_a_georeferenced_cog(rgb_cog):
         assert 0.003 < east - west < 0.006 and 0.001 < north - south < 0.003  # 350 m x 250 m at 41.5 N
         assert scene.footprint.is_valid and len(scene.footprint.exterior.coords) > 60
     assert scene.closed
+
+
+@pytest.mark.parametrize("centre_lon", [179.995, -179.995])
+def test_a_footprint_across_the_antimeridian_is_split_there(tmp_path, centre_lon):
+    """A 1-km UTM zone 60/1 scene straddling +-180 deg: two valid parts, not a ring round the globe."""
+    crs = "EPSG:32660" if centre_lon > 0 else "EPSG:32601"
+    (x,), (y,) = rasterio.warp.transform("EPSG:4326", crs, [centre_lon], [65.0])
+    (x_near,), (y_near,) = rasterio.warp.transform("EPSG:4326", crs, [centre_lon - np.sign(centre_lon) * 2], [65.0])
+    areas = []
+    for name, (cx, cy) in [("across", (x, y)), ("near", (x_near, y_near))]:
+        profile = {"driver": "GTiff", "width": 200, "height": 200, "count": 3, "dtype": "uint8", "crs": crs}
+        path = tmp_path / f"{name}.tif"
+        with rasterio.open(path, "w", transform=rasterio.transform.from_origin(cx - 500, cy + 500, 5, 5), **profile) as ds:
+            ds.write(pixels(200, 200, 3, "uint8", seed=14))
+        with open_scene(path) as scene:
+            footprint = scene.footprint
+        assert footprint.is_valid
+        areas.append(footprint.area)
+        if name == "across":
+            assert footprint.geom_type == "MultiPolygon" and len(footprint.geoms) == 2
+            assert footprint.bounds[0] == -180.0 and footprint.bounds[2] == 180.0
+        else:
+            assert footprint.geom_type == "Polygon" and footprint.bounds[2] - footprint.bounds[0] < 0.05
+    assert areas[0] == pytest.approx(areas[1], rel=1e-3)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -28,7 +28,8 @@ from rasterio.session import DummySession
 from rasterio.transform import from_gcps
 from rasterio.warp import transform as transform_coords
 from rasterio.windows import Window
-from shapely.geometry import Polygon
+from shapely import affinity
+from shapely.geometry import MultiPolygon, Polygon, box
 
 from uhr.errors import SceneError, SceneWarning
 from uhr.scenes.normalize import NormalizeConfig, Stretch, StretchMode, compute_stretch, to_rgb, valid_from_nodata
@@ -51,6 +52,22 @@ _STRIP_BYTES = 32 * 1024 * 1024
 # Lower-cased words of GDAL messages that tell a network failure or missing credentials from damage.
 _NETWORK_WORDS = ("http", "curl", "connect", "timed out", "timeout", "could not resolve", "ssl")
 _CREDENTIAL_WORDS = ("secret_access_key", "no_sign_request", "credentials")
+
+
+def lonlat_polygon(lons: np.ndarray, lats: np.ndarray) -> Polygon | MultiPolygon:
+    """The ring (lons, lats) in degrees as a valid polygon; one that crosses the antimeridian is
+    split there into a MultiPolygon (RFC 7946 3.1.9) instead of wrapping round the globe."""
+    # A step of more than 180 degrees between neighbours is the ring crossing +-180: unwrap it.
+    steps = np.diff(lons, prepend=lons[0])
+    unwrapped = lons - 360.0 * np.cumsum(np.round(steps / 360.0))
+    ring = Polygon(zip(unwrapped, lats))
+    west, _, east, _ = ring.bounds
+    if west >= -180.0 and east <= 180.0:
+        return ring
+    shift = 360.0 if west < -180.0 else -360.0
+    inside = ring.intersection(box(-180.0, -90.0, 180.0, 90.0))
+    across = affinity.translate(ring.intersection(box(-180.0 - shift, -90.0, 180.0 - shift, 90.0)), xoff=shift)
+    return MultiPolygon([inside, across])
 
 
 class _MaskKind(Enum):
@@ -134,7 +151,7 @@ class Scene:
         )
         self.overviews: list[int] = dataset.overviews(self.bands[0])
         self.crs, self.transform = self._georeferencing()
-        self.footprint: Polygon | None = self._footprint()
+        self.footprint: Polygon | MultiPolygon | None = self._footprint()
         self._box = Box(0, 0, self.width, self.height)
         self._warn_about_layout()
 
@@ -186,7 +203,7 @@ class Scene:
             return gcp_crs, from_gcps(gcps)
         return dataset.crs, dataset.transform
 
-    def _footprint(self) -> Polygon | None:
+    def _footprint(self) -> Polygon | MultiPolygon | None:
         if self.crs is None or self.transform.is_identity:
             return None
         # The pixel-corner outline, densified so that curved edges in EPSG:4326 are followed.
@@ -201,7 +218,7 @@ class Scene:
             # The pixels stay readable; only the index loses this scene's footprint.
             self._warn(f"no footprint: cannot transform {self.crs} to EPSG:4326 ({error})")
             return None
-        return Polygon(zip(lons, lats))
+        return lonlat_polygon(np.asarray(lons), np.asarray(lats))
 
     def _warn_about_layout(self) -> None:
         longest = max(self.width, self.height)
