@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The rows computed so far are written and counted in the manifest; a rerun resumes.
+        print("interrupted: the rows answered so far are written; run the same command again to resume", file=sys.stderr)
+        return 130
     print(summary.format())
     return 0 if summary.status == "completed" else 1
 

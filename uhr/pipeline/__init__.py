@@ -15,6 +15,7 @@ _EXPORTS = {
     "VqaConfig": "uhr.pipeline.config",
     "MANIFEST_NAME": "uhr.pipeline.output",
     "OUTPUT_SCHEMA": "uhr.pipeline.output",
+    "OutputError": "uhr.pipeline.output",
     "InputError": "uhr.pipeline.plan",
     "load_questions": "uhr.pipeline.plan",
     "RunSummary": "uhr.pipeline.vqa",

@@ -64,7 +64,11 @@ class ActorStageConfig(BaseModel):
 
 
 class VqaConfig(BaseModel):
-    """Everything `python -m jobs.vqa` needs. Every field can be set in YAML or as `key=value`."""
+    """Everything `python -m jobs.vqa` needs. Every field can be set in YAML or as `key=value`.
+
+    Relative local paths are made absolute against the driver's working directory before workers
+    see them.
+    """
 
     # Inputs stay out of validation errors: a rejected value may be a presigned URI or a secret.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
@@ -85,7 +89,11 @@ class VqaConfig(BaseModel):
         default_factory=list,
         description="Questions asked of every scene (instead of `questions`); a text or scene given twice is asked once.",
     )
-    output: str = Field("outputs/vqa", description="Output dataset URI (local or s3://). Re-running on it resumes.")
+    output: str = Field(
+        "outputs/vqa",
+        description="Output dataset URI (local or s3://). Re-running on it resumes: questions with a row are skipped, "
+        "those whose row is an error are asked again (the error row is replaced).",
+    )
     overwrite: bool = Field(False, description="Delete what `output` holds and start afresh.")
     pruning: PruningConfig = Field(default_factory=PruningConfig, description="Strategy and token budget.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store endpoint and GDAL tuning.")
@@ -103,6 +111,16 @@ class VqaConfig(BaseModel):
     precision: Precision = Field(Precision.FP32, description="Model weights and activations (bfloat16 on GPUs).")
     max_new_tokens: int = Field(64, ge=1, description="Greedy generation limit per answer (XLRS uses 64).")
     rows_per_file: int = Field(5000, ge=1, description="Answer rows per output Parquet file.")
-    flush_interval_s: float = Field(60.0, gt=0, description="Write buffered rows at least this often, so an interrupted run loses little.")
+    flush_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="Write buffered rows once they have waited this long (checked every second), so a killed driver "
+        "loses little; an exception or Ctrl-C writes them on the way out.",
+    )
     status_interval_s: float = Field(10.0, gt=0, description="Seconds between one-line status reports.")
-    run_id: str | None = Field(None, description="Identifier of this run; None: generated from the time.")
+    run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Identifier of this run, in part names and rows (letters, digits, '.', '_', '-'); None: generated "
+        "from the time. A fixed id may be reused: each run numbers its parts on from those already there.",
+    )

@@ -1,28 +1,41 @@
 """The VQA job's output: a GeoParquet dataset of answer rows and a run manifest, both resumable.
 
 Rows are written by the driver as they stream out of Ray Data, in part files named after the run
-(`part-<run_id>-<n>.parquet`). A part appears whole or not at all (local parts are renamed into
-place; object-store uploads become visible on completion), so an interrupted run leaves only
-complete parts and the next run skips exactly the questions they hold.
+(`part-<run_id>-<n>.parquet`, `n` counting on from the parts an earlier run of the same `run_id`
+left, so a rerun never replaces them). A part appears whole or not at all (local parts are renamed
+into place; object-store uploads become visible on completion), so an interrupted run leaves only
+complete parts and the next run skips exactly the questions they hold. Error rows are the exception:
+a resume takes them out of their parts (`drop_error_rows`, each part rewritten whole) and asks their
+questions again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from uhr.config import ConfigError
 from uhr.storage import StorageConfig, is_remote, join_uri, redact
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_run.json"
 PART_GLOB = "part-*.parquet"
+
+
+class OutputError(ConfigError):
+    """The output dataset cannot be read as a resume needs (the store failed, not the data): the job
+    stops before any work and changes nothing."""
+
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -81,24 +94,93 @@ def _part_paths(output: str, storage: StorageConfig) -> list[str]:
 DONE_COLUMNS = ("question_id", "error", "choice")
 
 
+def _read_part(path: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table | None:
+    """The rows of one part; None when its content is not Parquet (cut short, damaged).
+
+    The bytes are fetched first and parsed from memory, so an I/O error (a store that throttles or
+    times out, a part that cannot be opened) is told apart from a corrupt part: it raises
+    `OutputError` naming the part.
+    """
+    fs = storage.filesystem(path)
+    try:
+        with fs.open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as err:
+        raise OutputError(
+            f"output part {redact(path)} cannot be read ({type(err).__name__}: {redact(str(err))}); "
+            "nothing was changed: run again when the store answers"
+        ) from err
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    except (pa.ArrowException, OSError, ValueError):
+        return None
+
+
+def _set_aside(path: str, storage: StorageConfig) -> None:
+    logger.warning("output part %s is not valid Parquet; renamed *.unreadable, its questions will be answered again", redact(path))
+    storage.filesystem(path).mv(path, path + ".unreadable")
+
+
 def read_done(output: str, storage: StorageConfig) -> pa.Table:
     """`question_id`, `error` and `choice` of every row already in `output` (empty table if none).
 
-    A part that cannot be read (cut short by a crash of another writer, or damaged) is renamed
-    `*.unreadable` with a warning, so its questions are answered again instead of failing the run.
+    A part whose content is not valid Parquet (cut short by a crash of another writer, or damaged)
+    is renamed `*.unreadable` with a warning, so its questions are answered again instead of failing
+    the run. A part that cannot be fetched (an I/O error) stops the job with `OutputError`: hiding a
+    valid part would answer its questions twice.
     """
-    fs = storage.filesystem(output)
     tables = []
     for path in _part_paths(output, storage):
-        try:
-            with fs.open(path, "rb") as handle:
-                tables.append(pq.read_table(handle, columns=list(DONE_COLUMNS)))
-        except (pa.ArrowInvalid, OSError) as err:
-            logger.warning("output part %s is unreadable (%s); its questions will be answered again", redact(path), err)
-            fs.mv(path, path + ".unreadable")
+        table = _read_part(path, storage, list(DONE_COLUMNS))
+        if table is None:
+            _set_aside(path, storage)
+        else:
+            tables.append(table)
     if not tables:
         return pa.table({name: pa.array([], pa.string()) for name in DONE_COLUMNS})
     return pa.concat_tables(tables)
+
+
+def _write_part(path: str, table: pa.Table, storage: StorageConfig) -> None:
+    """Write `table` (`OUTPUT_SCHEMA`) at `path` with its GeoParquet metadata, whole or not at all."""
+    fs = storage.filesystem(path)
+    geo = geo_metadata(table.column("footprint").to_pylist())
+    table = table.replace_schema_metadata({b"geo": json.dumps(geo).encode()})
+    if is_remote(path):
+        # An object becomes visible only when its upload completes: no partial part is ever listed.
+        with fs.open(path, "wb") as handle:
+            pq.write_table(table, handle)
+    else:
+        staging = path + ".tmp"
+        with fs.open(staging, "wb") as handle:
+            pq.write_table(table, handle)
+        fs.mv(staging, path)
+
+
+def drop_error_rows(output: str, storage: StorageConfig, question_ids: set[str]) -> int:
+    """Take the error rows of `question_ids` out of `output`'s parts; returns how many were dropped.
+
+    Each part holding any is rewritten without them in one step (replaced whole, deleted when
+    nothing is left), so an interruption leaves every part either as it was or without those rows:
+    their questions are simply not done, and the next run asks them. Answered rows stay.
+    """
+    dropped = 0
+    fs = storage.filesystem(output)
+    wanted = pa.array(sorted(question_ids), pa.string())
+    for path in _part_paths(output, storage):
+        table = _read_part(path, storage)
+        if table is None:
+            continue
+        drop = pc.and_(pc.is_in(table["question_id"], wanted), pc.is_valid(table["error"]))
+        if not pc.any(drop).as_py():
+            continue
+        rest = table.filter(pc.invert(drop)).select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+        dropped += table.num_rows - rest.num_rows
+        if rest.num_rows:
+            _write_part(path, rest, storage)
+        else:
+            fs.rm(path)
+    return dropped
 
 
 def clear_output(output: str, storage: StorageConfig) -> None:
@@ -112,7 +194,13 @@ def clear_output(output: str, storage: StorageConfig) -> None:
 
 
 class ResultWriter:
-    """Buffers answer rows and writes them as GeoParquet part files under `output`."""
+    """Buffers answer rows and writes them as GeoParquet part files under `output`.
+
+    A part is written when `rows_per_file` rows are buffered, and, while the writer is open as a
+    context manager, by a timer whenever rows have waited `flush_interval_s` seconds; leaving the
+    context (normally or by an exception, Ctrl-C included) writes the rest. Part numbers continue
+    after those an earlier run of the same `run_id` left under `output`.
+    """
 
     def __init__(self, output: str, run_id: str, storage: StorageConfig, rows_per_file: int, flush_interval_s: float):
         self.output = output
@@ -121,43 +209,63 @@ class ResultWriter:
         self.fs = storage.filesystem(output)
         self.rows_per_file = rows_per_file
         self.flush_interval_s = flush_interval_s
+        self.rows_written = 0
         self._buffer: list[pa.Table] = []
         self._buffered = 0
-        self._parts = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._timer = threading.Thread(target=self._flush_when_due, name="uhr-writer", daemon=True)
         self._last_flush = time.monotonic()
         self.fs.makedirs(output, exist_ok=True)
+        self._parts = self._next_part_number()
+
+    def _next_part_number(self) -> int:
+        pattern = re.compile(rf"part-{re.escape(self.run_id)}-(\d+)\.parquet(\.unreadable)?$")
+        fs = self.fs
+        if is_remote(self.output):
+            fs.invalidate_cache()
+        names = [path.rsplit("/", 1)[-1] for path in fs.glob(join_uri(self.output, f"part-{self.run_id}-*"))]
+        numbers = [int(match.group(1)) for name in names if (match := pattern.match(name))]
+        return max(numbers, default=-1) + 1
+
+    def __enter__(self) -> ResultWriter:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._timer.join()
+        self.close()
 
     def write(self, rows: pa.Table) -> None:
         """Add rows (any column order; `OUTPUT_SCHEMA` columns) and flush when a file is full or due."""
-        self._buffer.append(rows.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA))
-        self._buffered += rows.num_rows
-        while self._buffered >= self.rows_per_file:
-            self._flush(self.rows_per_file)
-        if self._buffered and time.monotonic() - self._last_flush >= self.flush_interval_s:
-            self._flush(self._buffered)
+        with self._lock:
+            self._buffer.append(rows.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA))
+            self._buffered += rows.num_rows
+            while self._buffered >= self.rows_per_file:
+                self._flush(self.rows_per_file)
+            if self._buffered and time.monotonic() - self._last_flush >= self.flush_interval_s:
+                self._flush(self._buffered)
 
     def close(self) -> None:
         """Write whatever is buffered."""
-        if self._buffered:
-            self._flush(self._buffered)
+        with self._lock:
+            if self._buffered:
+                self._flush(self._buffered)
+
+    def _flush_when_due(self) -> None:
+        while not self._stop.wait(min(self.flush_interval_s, 1.0)):
+            with self._lock:
+                if self._buffered and time.monotonic() - self._last_flush >= self.flush_interval_s:
+                    self._flush(self._buffered)
 
     def _flush(self, count: int) -> None:
         table = pa.concat_tables(self._buffer)
         part, rest = table.slice(0, count), table.slice(count)
+        _write_part(join_uri(self.output, f"part-{self.run_id}-{self._parts:05d}.parquet"), part, self.storage)
         self._buffer, self._buffered = ([rest] if rest.num_rows else []), rest.num_rows
-        geo = geo_metadata(part.column("footprint").to_pylist())
-        part = part.replace_schema_metadata({b"geo": json.dumps(geo).encode()})
-        path = join_uri(self.output, f"part-{self.run_id}-{self._parts:05d}.parquet")
-        if is_remote(path):
-            # An object becomes visible only when its upload completes: no partial part is ever listed.
-            with self.fs.open(path, "wb") as handle:
-                pq.write_table(part, handle)
-        else:
-            staging = path + ".tmp"
-            with self.fs.open(staging, "wb") as handle:
-                pq.write_table(part, handle)
-            self.fs.mv(staging, path)
         self._parts += 1
+        self.rows_written += part.num_rows
         self._last_flush = time.monotonic()
 
 

@@ -30,7 +30,7 @@ from uhr.model.config import UhrConfig
 from uhr.model.pruning.config import PruningConfig
 from uhr.pipeline.config import VqaConfig
 from uhr.pipeline.defaults import default_model, sample_archive
-from uhr.pipeline.output import ResultWriter, RunManifest, clear_output, read_done
+from uhr.pipeline.output import ResultWriter, RunManifest, clear_output, drop_error_rows, read_done
 from uhr.pipeline.plan import (
     InputError,
     Plan,
@@ -41,7 +41,7 @@ from uhr.pipeline.plan import (
     scene_uris,
 )
 from uhr.pipeline.stages import AnswerStage, EncodeStage, read_scene
-from uhr.storage import CREDENTIAL_ENV_VARS, StorageConfig, redact
+from uhr.storage import CREDENTIAL_ENV_VARS, StorageConfig, absolute_uri, redact
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def build_vqa_dataset(
     """The lazy pipeline over scene groups: read (CPU tasks) -> encode + prune [+ answer] -> [answer]."""
     runtime_env = worker_env(config.storage)
     read, encode, answer = config.read, config.encode, config.answer
+    stage_kwargs = {"config": config, "model_uri": model_uri, "run_id": run_id, "model_id": redact(model_uri)}
     ds = ray.data.from_items(groups, override_num_blocks=max(1, len(groups)))
     # Ray Data spreads its tasks over the nodes itself (DataContext.scheduling_strategy, SPREAD by
     # default): scene reads fan out without a strategy of ours.
@@ -87,7 +88,7 @@ def build_vqa_dataset(
     )
     ds = ds.map_batches(
         EncodeStage,
-        fn_constructor_kwargs={"config": config, "model_uri": model_uri, "run_id": run_id, "fused": config.fused},
+        fn_constructor_kwargs={**stage_kwargs, "fused": config.fused},
         batch_size=encode.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
@@ -101,7 +102,7 @@ def build_vqa_dataset(
     if not config.fused:
         ds = ds.map_batches(
             AnswerStage,
-            fn_constructor_kwargs={"config": config, "model_uri": model_uri, "run_id": run_id},
+            fn_constructor_kwargs=stage_kwargs,
             batch_size=answer.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(
@@ -137,6 +138,8 @@ class RunSummary:
     # over every row the output holds for the run's questions, earlier runs' included.
     scored: int = 0
     correct: int = 0
+    # Questions whose earlier row was an error, asked again by this run (counted in `rows`, not `skipped`).
+    retried: int = 0
 
     @property
     def accuracy(self) -> float | None:
@@ -157,11 +160,12 @@ class RunSummary:
             else "n/a"
         )
         earlier = ", earlier runs' rows included" if self.skipped else ""
+        retried = f" ({self.retried} earlier error rows asked again)" if self.retried else ""
         return "\n".join(
             [
                 f"run {self.run_id}: {self.status}",
                 f"  rows written   {self.rows} ({self.answered} answered, {self.errors} errors); "
-                f"{self.skipped} already done, {self.total} questions in all",
+                f"{self.skipped} already done{retried}, {self.total} questions in all",
                 f"  throughput     {self.scenes_per_s:.3f} scenes/s, {self.questions_per_s:.3f} questions/s "
                 f"({self.scenes} scenes in {self.wall_s:.1f} s)",
                 f"  visual tokens  {tokens} (mean per answered question)",
@@ -306,14 +310,42 @@ def _check_resumable(output: str, earlier: dict[str, Any] | None, settings: dict
     )
 
 
+def redacted_tree(value: Any) -> Any:
+    """`value` (a config dump) with every string passed through `redact`: what a manifest may hold."""
+    if isinstance(value, dict):
+        return {key: redacted_tree(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redacted_tree(item) for item in value]
+    return redact(value) if isinstance(value, str) else value
+
+
+def _absolute_paths(config: VqaConfig) -> VqaConfig:
+    """`config` with relative local paths made absolute against the driver's working directory:
+    workers (on a cluster started elsewhere) run in other directories."""
+    fields = ("scenes", "questions", "model", "output")
+    return config.model_copy(update={key: absolute_uri(value) for key in fields if (value := getattr(config, key))})
+
+
+def _error_ids(done: pa.Table, questions: pa.Table) -> set[str]:
+    """Ids of this run's questions whose row in the output is an error (and none answered): a resume
+    asks them again. Error rows of questions this run does not ask stay as they are."""
+    errors = done.filter(pc.is_valid(done["error"]))["question_id"]
+    answered = done.filter(pc.is_null(done["error"]))["question_id"]
+    return set(pc.filter(errors, pc.is_in(errors, questions["question_id"])).to_pylist()) - set(answered.to_pylist())
+
+
 def run_vqa(config: VqaConfig) -> RunSummary:
     """Answer every pending question of the run's inputs and write them under `config.output`.
 
     Inputs are checked before Ray starts (`InputError`, `ConfigError`); re-running on the same
-    output skips the questions it already holds.
+    output skips the questions it already holds, except those whose row is an error: those rows
+    are taken out of the output (`drop_error_rows`) and their questions asked again, so the output
+    keeps one row per question. Rows computed before an interruption are written on the way out.
     """
     storage = config.storage
     run_id = config.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    given_output = config.output
+    config = _absolute_paths(config)
     questions, scenes_prefix = _questions(config)
     model_uri = config.model or default_model()
     model_config = load_model_config(model_uri, storage=storage)
@@ -321,12 +353,18 @@ def run_vqa(config: VqaConfig) -> RunSummary:
     if config.overwrite:
         clear_output(config.output, storage)
     done = read_done(config.output, storage)
-    plan: Plan = make_plan(questions, scenes_prefix, set(done["question_id"].to_pylist()))
+    retry = _error_ids(done, questions)
 
     manifest = RunManifest.load(config.output, storage)
     settings = answer_settings(config, model_config)
     if done.num_rows:
         _check_resumable(config.output, manifest.data.get("answer_settings"), settings)
+    if retry:
+        dropped = drop_error_rows(config.output, storage, retry)
+        logger.info("asking %d questions again: their rows in the output were errors (%d rows dropped)", len(retry), dropped)
+        retried = pc.and_(pc.is_in(done["question_id"], pa.array(sorted(retry), pa.string())), pc.is_valid(done["error"]))
+        done = done.filter(pc.invert(retried))
+    plan: Plan = make_plan(questions, scenes_prefix, set(done["question_id"].to_pylist()))
     manifest.data["answer_settings"] = settings
     for earlier in manifest.data["runs"]:
         if earlier.get("status") == "running":
@@ -338,8 +376,9 @@ def run_vqa(config: VqaConfig) -> RunSummary:
         "pending": plan.pending,
         "scenes": len(plan.groups),
     }
+    # Redacted: a presigned questions or model URI carries its signature.
     manifest.data.update(
-        config={**config.model_dump(mode="json"), "model": model_uri, "run_id": run_id}, versions=_versions()
+        config=redacted_tree({**config.model_dump(mode="json"), "model": model_uri, "run_id": run_id}), versions=_versions()
     )
     manifest.data["runs"].append(entry)
     manifest.save()
@@ -352,25 +391,30 @@ def run_vqa(config: VqaConfig) -> RunSummary:
     status = "failed"
     stats = ""
     try:
-        if plan.groups:
-            connect_ray()
-            ds = build_vqa_dataset(plan.groups, config, model_uri, model_config, run_id)
-            with progress:
-                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    writer.write(batch)
-                    progress.add(batch)
-            stats = ds.stats()
-        writer.close()
+        # Leaving the writer's context writes what it buffered, also on an exception or Ctrl-C.
+        with writer:
+            if plan.groups:
+                connect_ray()
+                ds = build_vqa_dataset(plan.groups, config, model_uri, model_config, run_id)
+                with progress:
+                    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                        writer.write(batch)
+                        progress.add(batch)
+                stats = ds.stats()
         status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
     finally:
         wall = time.monotonic() - start
         summary = RunSummary(
-            output=config.output,
+            output=given_output,
             run_id=run_id,
             status=status,
             total=plan.total,
             skipped=plan.done,
-            rows=progress.rows,
+            # What reached the output: rows still buffered when writing failed are not counted.
+            rows=writer.rows_written,
             answered=progress.answered,
             errors=progress.errors,
             scenes=len(plan.groups),
@@ -379,13 +423,14 @@ def run_vqa(config: VqaConfig) -> RunSummary:
             mean_tokens_dense=progress.dense / progress.answered if progress.answered else None,
             scored=progress.scored,
             correct=progress.correct,
+            retried=len(retry),
         )
         entry.update(
             {k: v for k, v in asdict(summary).items() if k not in ("output", "run_id")},
             finished=datetime.now(timezone.utc).isoformat(),
             stats=stats,
         )
-        rows_total = plan.done + progress.rows
+        rows_total = plan.done + writer.rows_written
         manifest.data["counts"] = {"questions": plan.total, "rows": rows_total, "runs": len(manifest.data["runs"])}
         manifest.data["status"] = "complete" if rows_total >= plan.total and status == "completed" else "incomplete"
         manifest.save()

@@ -1,0 +1,57 @@
+"""The output dataset on resume: a corrupt part is set aside, a part that cannot be fetched stops the job."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from uhr.pipeline import OUTPUT_SCHEMA
+from uhr.pipeline.output import OutputError, ResultWriter, read_done
+from uhr.storage import StorageConfig
+from uhr.testing.waiting import wait_for
+
+
+def _rows(ids: list[str], run_id: str = "r") -> pa.Table:
+    rows = [{"question_id": qid, "scene": "/s.tif", "question": "q", "answer": "A", "run_id": run_id} for qid in ids]
+    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+
+
+def test_a_corrupt_part_is_set_aside_and_an_unreadable_one_stops_the_job(tmp_path):
+    storage = StorageConfig()
+    writer = ResultWriter(str(tmp_path), "r", storage, rows_per_file=2, flush_interval_s=60)
+    writer.write(_rows(["a", "b", "c", "d"]))
+    assert writer.rows_written == 4 and sorted(p.name for p in tmp_path.glob("part-*")) == [
+        "part-r-00000.parquet", "part-r-00001.parquet"
+    ]
+    # Cut short by a crash of some other writer: not Parquet, set aside, its questions asked again.
+    whole = (tmp_path / "part-r-00001.parquet").read_bytes()
+    (tmp_path / "part-r-00001.parquet").write_bytes(whole[: len(whole) // 2])
+    assert sorted(read_done(str(tmp_path), storage)["question_id"].to_pylist()) == ["a", "b"]
+    assert (tmp_path / "part-r-00001.parquet.unreadable").exists()
+
+    # A part that cannot be fetched at all (an I/O error, as a throttled or unreachable store gives):
+    # the job stops naming it, and nothing is renamed or hidden.
+    (tmp_path / "part-x-00000.parquet").mkdir()
+    with pytest.raises(OutputError, match=r"output part .*part-x-00000\.parquet cannot be read \(IsADirectoryError"):
+        read_done(str(tmp_path), storage)
+    assert (tmp_path / "part-x-00000.parquet").is_dir() and not (tmp_path / "part-x-00000.parquet.unreadable").exists()
+    assert (tmp_path / "part-r-00000.parquet").exists()
+
+
+def test_a_reused_run_id_numbers_its_parts_on(tmp_path):
+    storage = StorageConfig()
+    for batch in (["a", "b"], ["c"], ["d", "e"]):
+        with ResultWriter(str(tmp_path), "nightly", storage, rows_per_file=100, flush_interval_s=60) as writer:
+            writer.write(_rows(batch, "nightly"))
+    assert sorted(p.name for p in tmp_path.glob("part-*")) == [f"part-nightly-0000{n}.parquet" for n in range(3)]
+    assert sorted(pq.read_table(tmp_path)["question_id"].to_pylist()) == ["a", "b", "c", "d", "e"]
+
+
+def test_rows_waiting_longer_than_the_flush_interval_are_written_without_a_new_batch(tmp_path):
+    with ResultWriter(str(tmp_path), "r", StorageConfig(), rows_per_file=100, flush_interval_s=0.5) as writer:
+        writer.write(_rows(["a"]))
+        assert writer.rows_written == 0
+        wait_for(lambda: writer.rows_written == 1, 10, "the timed flush")
+        writer.write(_rows(["b"]))
+    assert writer.rows_written == 2 and len(list(tmp_path.glob("part-*.parquet"))) == 2

@@ -1,0 +1,97 @@
+"""Reruns, interruptions and what the driver hands on: every question ends with one row, none is lost."""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from uhr.pipeline import MANIFEST_NAME, run_vqa
+from uhr.synth import write_archive
+
+from .helpers import config, read_manifest, read_rows
+
+# Stands for a credential that reached a path or message; `redact` masks this process's AWS secret.
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYzEXAMPLE"
+
+
+def test_a_rerun_with_a_fixed_run_id_asks_error_rows_again_and_loses_none(ray_local, model_dir, tmp_path):
+    archive = write_archive(str(tmp_path / "archive"), scenes=2, size=256, seed=3, questions_per_scene=3)
+    output = str(tmp_path / "out")
+    run = config(questions=archive.questions_parquet, scenes=archive.root, output=output, model=str(model_dir),
+                 overrides={"max_new_tokens": 2, "run_id": "nightly"})  # fmt: skip
+    # A scene not there yet (an upload in progress, a throttled store): its questions become error rows.
+    late = Path(archive.scenes[1])
+    late.rename(tmp_path / "late.tif")
+    first = run_vqa(run)
+    assert (first.answered, first.errors) == (3, 3)
+    answered_first = {r["question_id"]: r["answer"] for r in read_rows(output).to_pylist() if r["error"] is None}
+
+    (tmp_path / "late.tif").rename(late)
+    second = run_vqa(run)
+    assert (second.skipped, second.retried, second.rows, second.errors) == (3, 3, 3, 0)
+    assert "3 already done (3 earlier error rows asked again)" in second.format()
+    rows = read_rows(output)
+    # One row per question, the first run's answers kept (its part was not overwritten by the
+    # second run's, though both are run "nightly"), the late scene's questions answered.
+    assert rows.num_rows == 6 and len(set(rows["question_id"].to_pylist())) == 6 and rows["error"].null_count == 6
+    assert {r["question_id"]: r["answer"] for r in rows.to_pylist() if r["question_id"] in answered_first} == answered_first
+    assert sorted(p.name for p in Path(output).glob("part-*")) == ["part-nightly-00000.parquet", "part-nightly-00001.parquet"]
+    manifest = read_manifest(output)
+    assert manifest["status"] == "complete" and manifest["counts"] == {"questions": 6, "rows": 6, "runs": 2}
+
+
+def test_an_interrupted_run_writes_the_rows_it_computed(ray_local, model_dir, tmp_path, caplog):
+    archive = write_archive(str(tmp_path / "archive"), scenes=6, size=256, seed=8, questions_per_scene=2)
+    output = tmp_path / "out"
+    # Rows stay buffered (no full file, no flush due) until the interruption.
+    run = config(questions=archive.questions_parquet, scenes=archive.root, output=str(output), model=str(model_dir),
+                 overrides={"max_new_tokens": 48, "answer.batch_size": 1, "rows_per_file": 1000,
+                            "flush_interval_s": 600, "status_interval_s": 0.2})  # fmt: skip
+    running = threading.Event()
+    running.set()
+
+    def ctrl_c_after_the_first_rows() -> None:
+        while running.is_set():
+            if any(re.search(r"\[uhr\] [1-9]\d*/12 rows", record.getMessage()) for record in list(caplog.records)):
+                _thread.interrupt_main()  # as Ctrl-C does: KeyboardInterrupt in the driver's main thread
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=ctrl_c_after_the_first_rows, daemon=True)
+    with caplog.at_level(logging.INFO, logger="uhr.pipeline.vqa"), pytest.raises(KeyboardInterrupt):
+        watcher.start()
+        try:
+            run_vqa(run)
+        finally:
+            running.clear()
+    watcher.join()
+    written = read_rows(str(output)).num_rows
+    manifest = read_manifest(str(output))
+    assert 0 < written < 12, "the interruption must land part way"
+    assert manifest["runs"][-1]["status"] == "interrupted" and manifest["runs"][-1]["rows"] == written
+    assert manifest["counts"]["rows"] == written and manifest["status"] == "incomplete"
+
+
+def test_relative_paths_reach_the_workers_and_secrets_stay_out_of_manifest_and_rows(ray_local, model_dir, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    write_archive(str(here / "archive"), scenes=1, size=256, seed=4, questions_per_scene=2)
+    shutil.copytree(model_dir, here / f"models-{SECRET}" / "tiny")
+    # The workers of the package's Ray run where pytest started, as a cluster's run where it was started.
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    summary = run_vqa(config(questions="archive/questions.parquet", scenes="archive", output="out",
+                             model=f"models-{SECRET}/tiny", overrides={"max_new_tokens": 2}))  # fmt: skip
+    rows = read_rows(str(here / "out"))
+    assert (summary.answered, summary.errors) == (2, 0), rows["error"].to_pylist()
+    manifest = read_manifest(str(here / "out"))
+    assert manifest["config"]["scenes"] == str(here / "archive") and manifest["config"]["output"] == str(here / "out")
+    assert manifest["config"]["model"] == str(here / "models-***" / "tiny")
+    assert SECRET not in (here / "out" / MANIFEST_NAME).read_text()
+    assert set(rows["model"].to_pylist()) == {str(here / "models-***" / "tiny")}
