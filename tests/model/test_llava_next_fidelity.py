@@ -163,6 +163,16 @@ def test_a_processor_chat_template_answers(tmp_path, tokens_factory):
     assert model.visual_importance(visual.embeds, QUESTION, layer=0).shape == (6,)
 
 
+def test_answers_stop_at_the_checkpoints_own_stop_tokens(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    _save(_llava_next("qwen2", tokenizer), tokenizer, tmp_path, "save_pretrained")
+    end_of_turn, end_of_text = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_of_turn, end_of_text]}))
+    model, loaded_tokenizer = load_model(tmp_path)
+    assert loaded_tokenizer.eos_token_id == end_of_turn
+    assert model.stop_token_ids() == [end_of_turn, end_of_text]
+
+
 def test_token_count_matches_processor_for_large_scenes():
     """Scenes larger than any grid are read at the grid's size; the token layout stays LLaVA-NeXT's."""
     tokenizer = build_tiny_tokenizer()

@@ -44,6 +44,7 @@ from transformers import (
     AutoConfig,
     AutoTokenizer,
     CLIPVisionConfig,
+    GenerationConfig,
     PreTrainedConfig,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -666,6 +667,8 @@ def load_model(
             config.image_token_id = None  # set from the tokenizer below
             model = _empty_model(config, dtype)
             _copy_mapped(model, tensors, table, optional, location)
+        if (directory / "generation_config.json").exists():  # the checkpoint's stop tokens, among others
+            model.language_model.generation_config = GenerationConfig.from_pretrained(str(directory))
     else:
         raise CheckpointError(
             location, f"config.json model_type {model_type!r} is none of 'uhr', 'llava_next', 'llava_qwen', 'llava_llama'"

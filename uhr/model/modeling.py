@@ -350,7 +350,7 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
             do_sample=False,
             num_beams=1,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self.stop_token_ids(),
         )
         answers: list[str] = [""] * len(questions)
         with torch.inference_mode():
@@ -379,6 +379,15 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
                 for i, text in zip(alone, self._generate([empty] * len(rows), rows, generation_config, None)):
                     answers[i] = text
         return answers
+
+    def stop_token_ids(self) -> list[int]:
+        """Tokens that end an answer: the tokenizer's end of sequence and the checkpoint's own stop
+        tokens (its generation config's `eos_token_id`, e.g. Qwen2's `<|im_end|>` and
+        `<|endoftext|>`), so an answer ends with its turn whichever of them the model emits."""
+        configured = self.language_model.generation_config.eos_token_id
+        configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+        ids = [self.tokenizer.eos_token_id, *configured]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
     def _generate(
         self,
