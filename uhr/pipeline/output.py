@@ -70,7 +70,8 @@ def geo_metadata(footprints: list[bytes | None]) -> dict[str, Any]:
     from shapely import from_wkb
 
     bounds = [from_wkb(wkb).bounds for wkb in footprints if wkb is not None]
-    column: dict[str, Any] = {"encoding": "WKB", "geometry_types": ["Polygon"]}
+    # A footprint across the antimeridian is split there into a MultiPolygon (`uhr.scenes.reader`).
+    column: dict[str, Any] = {"encoding": "WKB", "geometry_types": ["Polygon", "MultiPolygon"]}
     if bounds:
         column["bbox"] = [
             min(b[0] for b in bounds),
