@@ -260,13 +260,14 @@ def test_side_car_mask_overviews_and_georeferencing_of_a_local_scene_are_read(tm
     mask = np.full((400, 600), 255, np.uint8)
     mask[:, :200] = 0
     path = tmp_path / "tiled.tif"
-    profile = {"driver": "GTiff", "width": 600, "height": 400, "count": 3, "dtype": "uint8", "tiled": True}
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK="NO"), rasterio.open(path, "w", blockxsize=256, blockysize=256, **profile) as ds:
+    profile = {"driver": "GTiff", "width": 600, "height": 400, "count": 3, "dtype": "uint8", "tiled": True, "crs": CRS}
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK="NO"), rasterio.open(
+        path, "w", transform=TRANSFORM, blockxsize=256, blockysize=256, **profile
+    ) as ds:
         ds.write(data)
         ds.write_mask(mask)
     with rasterio.Env(TIFF_USE_OVR="YES"), rasterio.open(path, "r+") as ds:
         ds.build_overviews([2, 4], Resampling.average)
-        ds.crs, ds.transform = CRS, TRANSFORM  # a GTiff opened r+ keeps them in its own header
     png = tmp_path / "scene.png"
     write_raster(png, data, driver="PNG")  # georeferenced: CRS and transform go to scene.png.aux.xml
     assert {"scene.png.aux.xml", "tiled.tif.msk", "tiled.tif.ovr"} <= {p.name for p in tmp_path.iterdir()}
