@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -240,3 +241,37 @@ def test_the_tile_cache_is_bounded(tiny_model, image_factory):
         again = strategy.select(model, encoding, "Where is the harbour?")
     assert len(source.windows) > reads  # evicted tiles are read again, and give the same tokens
     torch.testing.assert_close(again.embeds, first.embeds)
+
+
+def test_tiles_are_projected_then_pooled_as_lrs_vqa_does(tiny_model, image_factory):
+    model, _ = tiny_model
+    strategy = _strategy(budget=400)
+    source = ArraySource(image_factory(200, 240))
+    with torch.no_grad():
+        encoding = strategy.encode(model, source)
+        level = encoding.levels[0]
+        view = source.read_view(max(level.width, level.height))
+        grid = model.encode_view(view, scale=1, box=encoding.grids[0].box)
+        rows, cols, g = grid.features.shape[0], grid.features.shape[1], model.patch_grid
+        projected = model.project(grid.features.reshape(rows * cols, g, g, -1))  # (n, g, g, D)
+        expected = F.avg_pool2d(projected.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+    torch.testing.assert_close(encoding.base, expected)
+    assert encoding.base.shape[-1] == model.config.text_config.hidden_size
+
+
+def test_the_thumbnail_keeps_the_aspect_ratio_on_a_zero_canvas(tiny_model, image_factory):
+    model, _ = tiny_model
+    image = image_factory(60, 240)  # 4:1 landscape: the top quarter of the thumbnail tile is the scene
+    strategy = _strategy(budget=400)
+    with torch.no_grad():
+        tokens = strategy.select(model, strategy.encode(model, ArraySource(image)), "Where is the harbour?")
+        view = ArraySource(image).read_view(32)
+        canvas = np.zeros((32, 32, 3), dtype=np.uint8)
+        canvas[: view.shape[0], : view.shape[1]] = view
+        features, _ = model.encode_tiles(torch.from_numpy(canvas)[None])
+        expected = model.project(features[0].reshape(64, -1))
+    thumbnail = tokens.scale == 0
+    torch.testing.assert_close(tokens.embeds[thumbnail], expected)
+    # Its 8 x 8 tokens span 240 x 240 scene pixels from the top-left corner: rows past 60 px are padding.
+    boxes = tokens.box[thumbnail]
+    assert float(boxes[:, 2].max()) == 240.0 and float(boxes[:, 3].max()) == 240.0

@@ -3,10 +3,11 @@
 Pyramid (LRS-VQA's DIP): with L the scene's longest side, levels at ratios 1, 1/2, 1/4, ... of L
 down to the base L_0 = min(base_side, L) (appended if the halving does not hit it exactly), ordered
 coarse to fine. A level is the aspect-kept scene at that longest side, zero-padded bottom/right to
-whole tiles and cut into raster tiles; every tile's g x g patch grid is average-pooled by `pool`
-(24 x 24 -> 12 x 12, which for pool 2 equals LRS-VQA's 2x bilinear downscale). Optionally a global
-thumbnail (the scene squashed to one tile, g x g unpooled tokens) gives the context LRS-VQA
-prepends.
+whole tiles and cut into raster tiles; every tile's g x g patch grid goes through the projector and
+is then average-pooled by `pool` in the LM's space, in LRS-VQA's order (24 x 24 -> 12 x 12, which
+for pool 2 equals its 2x bilinear downscale). Optionally a global thumbnail gives the context
+LRS-VQA prepends: the scene at one tile's longest side, aspect kept, top-left on a zero canvas of
+one tile, as LRS-VQA builds it (g x g unpooled tokens).
 
 `encode` (query-independent) reads and encodes the thumbnail and the whole base level. Per
 question (`coarse_to_fine`):
@@ -56,7 +57,7 @@ from uhr.model.pruning.base import PrunedTokens, PruningStrategy, SceneEncoding
 from uhr.model.pruning.downsample import pooled_shape, pooling_groups
 from uhr.model.pruning.grouping import cell_boxes, group_mean, group_provenance
 from uhr.model.pruning.uhr_bat import middle_layer
-from uhr.scenes.source import PixelSource, fit_longest_side, read_windows, resize_rgb
+from uhr.scenes.source import PixelSource, fit_longest_side, read_windows
 
 if TYPE_CHECKING:
     from uhr.model.config import UhrConfig
@@ -195,7 +196,7 @@ class CoarseToFineResult:
     level: int
     """Index of the final level (0 = base)."""
     features: torch.Tensor
-    """(M, D_v) kept pooled features, raster order."""
+    """(M, D) kept pooled tokens, raster order."""
     tokens: LevelTokens
     """Positions of the kept tokens on the final level."""
     tiles: list[torch.Tensor] = field(default_factory=list)
@@ -274,11 +275,11 @@ class C2FEncoding(SceneEncoding):
     source: PixelSource
     levels: list[Level]
     base: torch.Tensor
-    """(rows * cols, cells, cells, D_v) pooled base-level features."""
+    """(rows * cols, cells, cells, D) pooled base-level tokens, projected into the LM's space."""
     global_tokens: PrunedTokens | None
     """The thumbnail's tokens, None without a global view."""
     cache: OrderedDict[tuple[int, int, int], torch.Tensor] = field(default_factory=OrderedDict)
-    """(level, row, col) -> (cells, cells, D_v) pooled features of fine tiles encoded so far, least recently used first."""
+    """(level, row, col) -> (cells, cells, D) pooled projected tokens of fine tiles encoded so far, least recently used first."""
     base_prefix: ImportancePrefix | None = None
     """The thumbnail and base-level tokens run through the LM for scoring, made by the first question."""
 
@@ -325,7 +326,7 @@ class CoarseToFineStrategy(PruningStrategy):
                 f"source returned a {pixels.shape[1]}x{pixels.shape[0]} base view, expected "
                 f"{levels[0].width}x{levels[0].height} (longest side {max(levels[0].width, levels[0].height)})"
             )
-        base = pool_tiles(base_grid.features.reshape(rows * cols, grid, grid, -1), cfg.pool)
+        base = pool_tiles(model.project(base_grid.features.reshape(rows * cols, grid, grid, -1)), cfg.pool)
 
         global_tokens = self._global_tokens(model, source)
         finest = levels[-1]
@@ -347,16 +348,19 @@ class CoarseToFineStrategy(PruningStrategy):
         room = self._thumbnail_room()
         if room < 1:
             return None
-        thumbnail = resize_rgb(source.read_view(tile), tile, tile)  # squashed, as LLaVA-NeXT's base image
-        features, _ = model.encode_tiles(torch.from_numpy(np.array(thumbnail))[None])
+        view = source.read_view(tile)  # aspect kept, longest side one tile
+        thumbnail = np.zeros((tile, tile, 3), dtype=np.uint8)
+        thumbnail[: view.shape[0], : view.shape[1]] = view
+        features, _ = model.encode_tiles(torch.from_numpy(thumbnail)[None])
         features = features[0].reshape(grid * grid, -1)
         out_h, out_w = pooled_shape(grid, grid, room)
         groups = pooling_groups(grid, grid, out_h, out_w, features.device)
         count = out_h * out_w
-        boxes = cell_boxes((0.0, 0.0, float(source.width), float(source.height)), grid, grid).to(features.device)
+        side = float(max(source.width, source.height))  # the canvas spans the longest side both ways
+        boxes = cell_boxes((0.0, 0.0, side, side), grid, grid).to(features.device)
         provenance = group_provenance(groups, count, boxes, grid, 1)
         return PrunedTokens(
-            embeds=model.project(group_mean(features, groups.reshape(-1), count)),
+            embeds=group_mean(model.project(features), groups.reshape(-1), count),
             scale=torch.zeros(count, dtype=torch.long, device=features.device),
             row=provenance.row,
             col=provenance.col,
@@ -381,7 +385,7 @@ class CoarseToFineStrategy(PruningStrategy):
             size = (level.tile, level.tile)
             windows = read_windows(encoding.source, [level.window(r, c) for _, r, c in missing], out_size=size)
             features, _ = model.encode_tiles(torch.from_numpy(np.stack(windows)))
-            cache.update(zip(missing, pool_tiles(features, self.config.c2f.pool)))
+            cache.update(zip(missing, pool_tiles(model.project(features), self.config.c2f.pool)))
         for key in keys:
             cache.move_to_end(key)
         fetched = torch.stack([cache[key] for key in keys])
@@ -397,9 +401,8 @@ class CoarseToFineStrategy(PruningStrategy):
         context_count = 0 if context is None else len(context)
         layer = middle_layer(model, cfg.importance_layer)
 
-        def embeds(features: torch.Tensor) -> torch.Tensor:
-            projected = model.project(features)
-            return projected if context is None else torch.cat([context.embeds, projected])
+        def embeds(tokens: torch.Tensor) -> torch.Tensor:
+            return tokens if context is None else torch.cat([context.embeds, tokens])
 
         def score(level_index: int, features: torch.Tensor) -> torch.Tensor:
             if level_index == 0:
@@ -421,7 +424,7 @@ class CoarseToFineStrategy(PruningStrategy):
         device = result.features.device
         tokens = result.tokens
         local = PrunedTokens(
-            embeds=model.project(result.features),
+            embeds=result.features,
             scale=torch.full((count,), result.level + 1, dtype=torch.long, device=device),
             row=tokens.row.to(device),
             col=tokens.col.to(device),
