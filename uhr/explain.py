@@ -202,9 +202,17 @@ def _legend_handles(explanation: Explanation) -> list[Patch | Line2D]:
         label = f"scale {scale}: {int(members.sum())} tokens, ~{np.median(sides[members]):.0f} px"
         if merged:
             label += f" ({merged} merged)"
-        handles.append(Patch(facecolor=scale_colour(scale), alpha=FILL_ALPHA + 0.2, label=label))
+        handles.append(Patch(facecolor=scale_colour(scale), alpha=FILL_ALPHA, label=label))
     if (n_source > 1).any():
-        handles.append(Patch(facecolor="none", edgecolor="black", linewidth=1.0, label="merged: box of its members"))
+        # Drawn as they are: a pale fill, outlined in the scale's own colour (grey stands for any).
+        handles.append(
+            Patch(
+                facecolor=(0.5, 0.5, 0.5, MERGED_FILL_ALPHA),
+                edgecolor="grey",
+                linewidth=0.8,
+                label="merged: box of its members",
+            )
+        )
     hidden = int((n_source == 0).sum())
     if hidden:
         handles.append(Line2D([], [], linestyle="none", label=f"{hidden} filler/newline tokens not drawn"))
