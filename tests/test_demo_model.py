@@ -122,17 +122,22 @@ def test_answers_fresh_scenes_with_a_choice(tmp_path: Path, strategy: str) -> No
 
 
 def test_blind_baselines_by_hand() -> None:
-    def question(category: str, answer: str, options: int, small: bool = False) -> dict:
-        return {"category": category, "answer": answer, "choices": [f"({c}) x" for c in "ABCDE"[:options]], "small": small}
+    def question(category: str, answer: str, options: int, small: bool = False, text: str = "q") -> dict:
+        choices = [f"({c}) x" for c in "ABCDE"[:options]]
+        return {"category": category, "question": text, "answer": answer, "choices": choices, "small": small}
 
-    train = [question("presence", "B", 2), question("presence", "B", 2), question("presence", "A", 2), question("colour", "C", 4)]
-    train.append({"category": "colour", "answer": "red", "choices": [], "small": False})  # open: no letter to learn
-    test = [question("presence", "B", 2, small=True), question("presence", "A", 2), question("colour", "C", 4, small=True),
-            question("colour", "D", 4), question("counting", "A", 4)]  # fmt: skip
+    car, tank = "Is there a car?", "Is there a tank?"
+    train = [question("presence", "B", 2, text=tank), question("presence", "B", 2, text=tank),
+             question("presence", "A", 2, text=car), question("colour", "C", 4)]  # fmt: skip
+    train.append({"category": "colour", "question": "q", "answer": "red", "choices": [], "small": False})  # open
+    test = [question("presence", "B", 2, small=True, text=tank), question("presence", "A", 2, text=car),
+            question("colour", "C", 4, small=True), question("colour", "D", 4), question("counting", "A", 4)]  # fmt: skip
     report = blind_baselines(train, test)
-    # prior letters: presence B, colour C, counting none (never asked in training).
-    assert report["overall"] == {"questions": 5, "chance": pytest.approx((0.5 + 0.5 + 0.25 * 3) / 5), "prior": 2 / 5}
-    assert report["small"] == {"questions": 2, "chance": pytest.approx(0.375), "prior": 1.0}
+    # prior letters: presence B, colour C, counting none (never asked in training); the car's wording says A.
+    assert report["overall"] == {
+        "questions": 5, "chance": pytest.approx((0.5 + 0.5 + 0.25 * 3) / 5), "prior": 2 / 5, "text": 3 / 5
+    }  # fmt: skip
+    assert report["small"] == {"questions": 2, "chance": pytest.approx(0.375), "prior": 1.0, "text": 1.0}
 
 
 def test_the_untrained_model_is_built_again_when_its_corpus_changes(tmp_path: Path) -> None:

@@ -180,23 +180,38 @@ def blind_baselines(train: list[dict], test: list[dict]) -> dict[str, dict[str, 
     """What answering without the image scores on `test`'s multiple-choice questions, overall and on small objects.
 
     `chance`: the expected accuracy of a uniform guess (1 / options). `prior`: always the letter the
-    training questions of the same category most often have, the best an image-blind model can
-    learn from `train`. Questions are rows of an archive's `questions.jsonl`.
+    training questions of the same category most often have. `text`: the letter the training
+    questions with the same wording and options most often have (the category's prior for a wording
+    never seen): what a model that memorises the text alone scores. No bar is the best an
+    image-blind model can do: a rule that knows how the generator draws count distractors and
+    which classes come with few colours scores higher still (README, demo card). Questions are
+    rows of an archive's `questions.jsonl`.
     """
     letters: dict[str, Counter] = defaultdict(Counter)
+    by_text: dict[tuple[str, tuple[str, ...]], Counter] = defaultdict(Counter)
     for question in train:
         if question["choices"]:
             letters[question["category"]][question["answer"]] += 1
+            by_text[question["question"], tuple(question["choices"])][question["answer"]] += 1
+
+    def prior(question: dict) -> str | None:
+        counts = letters.get(question["category"])
+        return counts.most_common(1)[0][0] if counts else None
+
+    def text(question: dict) -> str | None:
+        counts = by_text.get((question["question"], tuple(question["choices"])))
+        return counts.most_common(1)[0][0] if counts else prior(question)
+
     asked = [q for q in test if q["choices"]]
     report = {}
     for subset, rows in (("overall", asked), ("small", [q for q in asked if q["small"]])):
         if not rows:
             continue
-        prior = [letters[q["category"]].most_common(1)[0][0] if letters[q["category"]] else None for q in rows]
         report[subset] = {
             "questions": len(rows),
             "chance": sum(1 / len(q["choices"]) for q in rows) / len(rows),
-            "prior": sum(q["answer"] == guess for q, guess in zip(rows, prior)) / len(rows),
+            "prior": sum(q["answer"] == prior(q) for q in rows) / len(rows),
+            "text": sum(q["answer"] == text(q) for q in rows) / len(rows),
         }
     return report
 
