@@ -15,10 +15,8 @@ import pytest
 from uhr.pipeline import MANIFEST_NAME, run_vqa
 from uhr.synth import write_archive
 
+from .helpers import FAKE_SECRET as SECRET
 from .helpers import config, read_manifest, read_rows
-
-# Stands for a credential that reached a path or message; `redact` masks this process's AWS secret.
-SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYzEXAMPLE"
 
 
 def test_a_rerun_with_a_fixed_run_id_asks_error_rows_again_and_loses_none(ray_local, model_dir, tmp_path):

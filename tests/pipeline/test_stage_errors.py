@@ -12,10 +12,8 @@ from uhr.pipeline.stages import EncodeStage, read_scene
 from uhr.pipeline.vqa import resolve_pruning
 from uhr.synth import write_scene
 
+from .helpers import FAKE_SECRET as SECRET
 from .helpers import config
-
-# Stands for a credential that reached a path or message; `redact` masks this process's AWS secret.
-SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYzEXAMPLE"
 
 
 def test_a_failed_window_read_is_one_line_naming_the_scene_and_the_reason(ray_local, model_dir, tmp_path, monkeypatch, caplog):
