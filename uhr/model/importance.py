@@ -144,19 +144,17 @@ def decoder_attention(
     decoder = language_model.get_decoder()
     config = decoder.config
     index = resolve_layer(layer, config.num_hidden_layers)
-    offset = 0
+    offset, cache = 0, None
     if prefix is not None:
         if prefix.layer != index:
             raise ValueError(f"the prefix was run up to decoder layer {prefix.layer}, attention of layer {index} asked for")
         offset = prefix.length
         if int(queries.min()) < offset:
             raise ValueError(f"queries must lie after the {offset}-position prefix, got position {int(queries.min())}")
-    length = offset + inputs_embeds.shape[1]
-    cache = None
-    if prefix is not None:
         cache = DynamicCache()
         for i, (key, value) in enumerate(prefix.key_values):
             cache.update(key, value, i)
+    length = offset + inputs_embeds.shape[1]
     hidden, position_embeddings = _run_below(decoder, inputs_embeds, index, cache, offset)
 
     target = decoder.layers[index]

@@ -510,12 +510,12 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         own tokens over them. A strategy keeps this with a scene's encoding, so scoring the visual
         tokens costs the LM a pass over them once per scene instead of once per question.
         """
-        if visual_embeds.ndim != 2 or visual_embeds.shape[1] != self.config.text_config.hidden_size:
-            raise ValueError(f"visual_embeds must be (N, {self.config.text_config.hidden_size}), got {tuple(visual_embeds.shape)}")
         ids, position, _ = self._prompt("")
         return self._importance_prefix(ids[:position], visual_embeds, layer)
 
     def _importance_prefix(self, head: list[int], visual_embeds: torch.Tensor, layer: int) -> ImportancePrefix:
+        if visual_embeds.ndim != 2 or visual_embeds.shape[1] != self.config.text_config.hidden_size:
+            raise ValueError(f"visual_embeds must be (N, {self.config.text_config.hidden_size}), got {tuple(visual_embeds.shape)}")
         device = self.get_input_embeddings().weight.device
         with torch.no_grad():
             # The head with the image token, spliced: the sequence `visual_importance` would run.
@@ -531,12 +531,24 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
 
         Equals `visual_importance` over the same visual tokens at the prefix's layer; see there for `query`.
         """
-        if query not in ("mean", "last"):
-            raise ValueError(f"query must be 'mean' or 'last', got {query!r}")
-        device = self.get_input_embeddings().weight.device
         ids, position, question_tokens = self._prompt(question)
         if ids[:position] != prefix.head:
             raise ValueError(f"the chat template's text before the image depends on the question {question!r}; no prefix to share")
+        return self._attention_to_prefix(prefix, question, ids, position, question_tokens, query)
+
+    def _attention_to_prefix(
+        self,
+        prefix: ImportancePrefix,
+        question: str,
+        ids: list[int],
+        position: int,
+        question_tokens: list[int],
+        query: Literal["mean", "last"],
+    ) -> torch.Tensor:
+        """(N,) attention from the prompt `ids` (image slot at `position`, from `_prompt`) to the prefix's visual tokens."""
+        if query not in ("mean", "last"):
+            raise ValueError(f"query must be 'mean' or 'last', got {query!r}")
+        device = self.get_input_embeddings().weight.device
         count = prefix.count
         with torch.no_grad():
             tail = self._embed_text(torch.tensor(ids[position + 1 :], device=device))[None]  # (1, T, D)
@@ -568,13 +580,9 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         counts from the end. Only the layers up to `layer` run. For many questions on the same
         visual tokens, `importance_prefix` once and `prefixed_importance` per question cost less.
         """
-        if query not in ("mean", "last"):
-            raise ValueError(f"query must be 'mean' or 'last', got {query!r}")
-        if visual_embeds.ndim != 2 or visual_embeds.shape[1] != self.config.text_config.hidden_size:
-            raise ValueError(f"visual_embeds must be (N, {self.config.text_config.hidden_size}), got {tuple(visual_embeds.shape)}")
-        ids, position, _ = self._prompt(question)
+        ids, position, question_tokens = self._prompt(question)
         prefix = self._importance_prefix(ids[:position], visual_embeds, layer)
-        return self.prefixed_importance(prefix, question, query=query)
+        return self._attention_to_prefix(prefix, question, ids, position, question_tokens, query)
 
     def prompt_attention(
         self,

@@ -362,8 +362,8 @@ def run_vqa(config: VqaConfig) -> RunSummary:
     if retry:
         dropped = drop_error_rows(config.output, storage, retry)
         logger.info("asking %d questions again: their rows in the output were errors (%d rows dropped)", len(retry), dropped)
-        retried = pc.and_(pc.is_in(done["question_id"], pa.array(sorted(retry), pa.string())), pc.is_valid(done["error"]))
-        done = done.filter(pc.invert(retried))
+        # Every row of those questions is an error row (`_error_ids`), and now gone from the output.
+        done = done.filter(pc.invert(pc.is_in(done["question_id"], pa.array(sorted(retry), pa.string()))))
     plan: Plan = make_plan(questions, scenes_prefix, set(done["question_id"].to_pylist()))
     manifest.data["answer_settings"] = settings
     for earlier in manifest.data["runs"]:
