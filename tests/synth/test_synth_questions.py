@@ -263,20 +263,44 @@ def test_fixed_options_give_each_label_one_letter_and_leave_regions_unchanged() 
     )
 
 
-def test_presence_words_do_not_tell_the_answer() -> None:
-    """Across scenes, "yes" is about as frequent whichever colour or class a presence question names."""
+@pytest.mark.parametrize("referents", ["scene", "region"])
+def test_presence_words_do_not_tell_the_answer(referents: str) -> None:
+    """Each class is asked about as often with "yes" as with "no" in every scene; colours nearly so across scenes."""
     asked = [
         q
         for seed in range(48)
-        for q in generate_questions(plan_scene(1024, seed), f"scenes/s{seed}.tif", 16, open_fraction=0.0, referents="scene", option_order="fixed")
+        for q in generate_questions(plan_scene(1024, seed), f"scenes/s{seed}.tif", 16, open_fraction=0.0, referents=referents, option_order="fixed")
         if q.category == Category.PRESENCE.value
     ]
-    words = re.compile(rf"(red|blue|white|yellow|green|orange) ({'|'.join(c.value for c in OBJECT_CLASSES)})\b")
-    by_word: dict[str, list[bool]] = {}
-    for q in asked:
-        colour, name = words.search(q.question).groups()  # type: ignore[union-attr]
-        for word in (colour, name):
-            by_word.setdefault(word, []).append(q.answer_text == "yes")
     assert len(asked) >= 100
-    rates = {word: sum(yes) / len(yes) for word, yes in by_word.items() if len(yes) >= 15}
-    assert len(rates) >= 8 and all(0.25 <= rate <= 0.75 for rate in rates.values()), rates
+    names = re.compile(rf"\b({'|'.join(c.value for c in OBJECT_CLASSES)})\b")
+    per_scene_class: Counter = Counter()
+    for q in asked:
+        per_scene_class[q.scene, names.search(q.question).group(1)] += 1 if q.answer_text == "yes" else -1  # type: ignore[union-attr]
+    assert set(per_scene_class.values()) == {0}, per_scene_class
+    if referents == "scene":
+        colours = re.compile(r"(red|blue|white|yellow|green|orange) ")
+        by_colour: dict[str, list[bool]] = {}
+        for q in asked:
+            by_colour.setdefault(colours.search(q.question).group(1), []).append(q.answer_text == "yes")  # type: ignore[union-attr]
+        rates = {colour: sum(yes) / len(yes) for colour, yes in by_colour.items()}
+        assert len(rates) == 6 and all(0.3 <= rate <= 0.7 for rate in rates.values()), rates
+
+
+def test_count_options_do_not_point_at_the_answer() -> None:
+    """Four evenly spaced counts in ascending order; the answer's place is uniform unless the options start at 0."""
+    places: Counter = Counter()
+    low = 0
+    for seed in range(64):
+        for q in generate_questions(plan_scene(1024, seed), f"scenes/s{seed}.tif", 16, open_fraction=0.0, referents="scene", option_order="fixed"):
+            if not q.category.startswith("Counting"):
+                continue
+            values = [int(c[4:]) for c in q.choices]
+            assert values == sorted(values) and len(set(np.diff(values))) == 1, q.choices
+            if values[0] == 0:
+                low += 1
+            else:
+                places[q.answer] += 1
+    assert sum(places.values()) >= 60 and low >= 10
+    expected = sum(places.values()) / 4
+    assert all(abs(places[letter] - expected) <= 0.5 * expected for letter in "ABCD"), places

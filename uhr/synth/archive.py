@@ -45,7 +45,8 @@ SPLITS = ("test", "train")
 # Bump when a change to `uhr.synth` changes what the same settings write: cached archives are then
 # written again (`cached_archive`). 2: presence questions whose words do not tell the answer.
 # 3: evidence-window records follow their question's record. 4: training records carry `bbox`.
-GENERATOR_VERSION = 4
+# 5: count options with the answer at a uniformly drawn place; presence questions in yes/no pairs.
+GENERATOR_VERSION = 5
 # The prompt of an object-caption conversation (`caption_conversation`).
 CAPTION_PROMPT = "List the objects in the image."
 QUESTIONS_SCHEMA = pa.schema(

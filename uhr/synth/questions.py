@@ -77,7 +77,8 @@ CATEGORY_WEIGHTS: dict[Category, float] = {
     Category.OBJECT_CLASS: 2.0,
     Category.REGIONAL_LAND_USE: 2.0,
     Category.SPATIAL_RELATION: 2.0,
-    Category.PRESENCE: 2.0,
+    # Presence questions come in pairs (one "yes", one "no"), so half the weight gives the same share.
+    Category.PRESENCE: 1.0,
 }
 # Scene-referent questions: more weight where small objects decide the answer.
 SCENE_CATEGORY_WEIGHTS: dict[Category, float] = {
@@ -86,7 +87,7 @@ SCENE_CATEGORY_WEIGHTS: dict[Category, float] = {
     Category.OBJECT_CLASS: 3.0,
     Category.REGIONAL_LAND_USE: 1.5,
     Category.SPATIAL_RELATION: 1.5,
-    Category.PRESENCE: 3.0,
+    Category.PRESENCE: 1.5,
 }
 # A scene's dominant land cover is asked about only when it leads the runner-up by this share.
 DOMINANT_MARGIN = 0.05
@@ -207,11 +208,17 @@ def _describe(obj: SceneObject, with_colour: bool) -> str:
 
 
 def _count_options(count: int, rng: np.random.Generator) -> tuple[str, ...]:
-    """The count and three plausible wrong counts (near it, never negative)."""
+    """The count and three wrong counts: four evenly spaced values, the answer at a random place.
+
+    The answer's place among the four is drawn uniformly (how many options lie below it), so in
+    ascending order the options' spread does not point at it; a window that would go below zero
+    starts at zero instead, which leaves only "0 1 2 3" leaning towards its low end.
+    """
     step = max(1, round(0.1 * count)) if count >= 10 else 1
-    pool = [count + k * step for k in (-3, -2, -1, 1, 2, 3, 4) if count + k * step >= 0]
-    wrong = rng.choice(pool, size=3, replace=False)
-    return (str(count), *(str(int(n)) for n in wrong))
+    below = int(rng.integers(4))
+    start = max(0, count - below * step)
+    values = [start + k * step for k in range(4)]
+    return (str(count), *(str(v) for v in values if v != count))
 
 
 def _other_options(correct: str, pool: tuple[str, ...], rng: np.random.Generator) -> tuple[str, ...]:
@@ -223,16 +230,16 @@ def _smallest(objects: list[SceneObject]) -> float | None:
     return min((obj.size_px for obj in objects), default=None)
 
 
-def _overall_counting(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _overall_counting(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
     cls = OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
     members = [obj for obj in index.objects if obj.cls is cls]
     question = f"How many {_plural(cls)} are there in the image?"
-    return _Item(Category.OVERALL_COUNTING, question, _count_options(len(members), rng), None, _smallest(members))
+    return [_Item(Category.OVERALL_COUNTING, question, _count_options(len(members), rng), None, _smallest(members))]
 
 
-def _regional_counting(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _regional_counting(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
     if not index.objects:
-        return None
+        return []
     anchor = index.objects[int(rng.integers(len(index.objects)))]
     # Mostly the anchor's class; sometimes another, so that zero is a possible answer.
     cls = anchor.cls if rng.uniform() < 0.8 else OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
@@ -240,32 +247,32 @@ def _regional_counting(index: SceneIndex, rng: np.random.Generator) -> _Item | N
     box = index.region_around(anchor.bbox, rng, reach)
     members = [index.objects[i] for i in np.flatnonzero(index.inside(box) & (index.classes == OBJECT_CLASSES.index(cls)))]
     question = f"How many {_plural(cls)} are there in the region {_box_text(box)}?"
-    return _Item(Category.REGIONAL_COUNTING, question, _count_options(len(members), rng), box, _smallest(members))
+    return [_Item(Category.REGIONAL_COUNTING, question, _count_options(len(members), rng), box, _smallest(members))]
 
 
-def _object_colour(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _object_colour(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
     if not index.objects or index.truth.bands < 3:
         # One band holds no colour: the question would not be answerable from the pixels.
-        return None
+        return []
     i = int(rng.integers(len(index.objects)))
     obj = index.objects[i]
     box = index.alone(i, rng)
     question = f"What is the color of the {obj.cls.value} in the region {_box_text(box)}?"
-    return _Item(Category.OBJECT_COLOUR, question, _other_options(obj.colour, COLOURS, rng), box, obj.size_px, COLOURS)
+    return [_Item(Category.OBJECT_COLOUR, question, _other_options(obj.colour, COLOURS, rng), box, obj.size_px, COLOURS)]
 
 
-def _object_class(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _object_class(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
     if not index.objects:
-        return None
+        return []
     i = int(rng.integers(len(index.objects)))
     obj = index.objects[i]
     box = index.alone(i, rng)
     names = tuple(cls.value for cls in OBJECT_CLASSES)
     question = f"What is the category of the object in the region {_box_text(box)}?"
-    return _Item(Category.OBJECT_CLASS, question, _other_options(obj.cls.value, names, rng), box, obj.size_px, names)
+    return [_Item(Category.OBJECT_CLASS, question, _other_options(obj.cls.value, names, rng), box, obj.size_px, names)]
 
 
-def _regional_land_use(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _regional_land_use(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
     truth = index.truth
     longest = min(1024, truth.width // 2, truth.height // 2)
     for _ in range(TRIES):
@@ -280,8 +287,8 @@ def _regional_land_use(index: SceneIndex, rng: np.random.Generator) -> _Item | N
             box = (x0, y0, x0 + width, y0 + height)
             question = f"What is the land use type of the region {_box_text(box)}?"
             names = tuple(c.value for c in LAND_COVERS)
-            return _Item(Category.REGIONAL_LAND_USE, question, _other_options(cover, names, rng), box, None, names)
-    return None
+            return [_Item(Category.REGIONAL_LAND_USE, question, _other_options(cover, names, rng), box, None, names)]
+    return []
 
 
 def _relation(a: SceneObject, b: SceneObject) -> str | None:
@@ -301,9 +308,9 @@ def _relation(a: SceneObject, b: SceneObject) -> str | None:
     return None
 
 
-def _spatial_relation(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _spatial_relation(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
     if len(index.objects) < 2:
-        return None
+        return []
     reach = min(1200.0, max(index.truth.width, index.truth.height) / 2)
     centres = (index.boxes[:, :2] + index.boxes[:, 2:]) / 2
     for _ in range(TRIES):
@@ -321,25 +328,30 @@ def _spatial_relation(index: SceneIndex, rng: np.random.Generator) -> _Item | No
         )
         union = (min(a.bbox[0], b.bbox[0]), min(a.bbox[1], b.bbox[1]), max(a.bbox[2], b.bbox[2]), max(a.bbox[3], b.bbox[3]))
         options = (relation, *(d for d in DIRECTIONS if d != relation))
-        return _Item(Category.SPATIAL_RELATION, question, options, union, min(a.size_px, b.size_px), DIRECTIONS)
-    return None
+        return [_Item(Category.SPATIAL_RELATION, question, options, union, min(a.size_px, b.size_px), DIRECTIONS)]
+    return []
 
 
-def _presence(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _presence(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
+    """A pair about one class the scene has: a region holding one of its objects, and one holding none.
+
+    Asked in pairs so that "yes" and "no" are equally frequent for every class (drawing each
+    answer apart let the class word tell it: a class absent from the scene is always "no").
+    """
     truth = index.truth
-    cls = OBJECT_CLASSES[int(rng.integers(len(OBJECT_CLASSES)))]
-    code = OBJECT_CLASSES.index(cls)
-    of_class = np.flatnonzero(index.classes == code)
-    if rng.uniform() < 0.5 and of_class.size:
-        anchor = index.objects[int(rng.choice(of_class))]
-        box = index.region_around(anchor.bbox, rng, min(300.0, min(truth.width, truth.height) / 4))
-        members = [index.objects[i] for i in np.flatnonzero(index.inside(box) & (index.classes == code))]
-        question = f"Is there a {cls.value} in the region {_box_text(box)}?"
-        return _Item(Category.PRESENCE, question, ("yes", "no"), box, _smallest(members), YES_NO)
+    present = sorted(set(index.classes.tolist()))
+    if not present:
+        return []
+    code = present[int(rng.integers(len(present)))]
+    cls = OBJECT_CLASSES[code]
+    anchor = index.objects[int(rng.choice(np.flatnonzero(index.classes == code)))]
+    box = index.region_around(anchor.bbox, rng, min(300.0, min(truth.width, truth.height) / 4))
+    members = [index.objects[i] for i in np.flatnonzero(index.inside(box) & (index.classes == code))]
+    yes = _Item(Category.PRESENCE, f"Is there a {cls.value} in the region {_box_text(box)}?", ("yes", "no"), box, _smallest(members), YES_NO)
     longest = min(768, truth.width // 2, truth.height // 2)
+    others = np.flatnonzero(index.classes != code)
     for _ in range(TRIES):
         # Half of the "no" regions sit on an object of another class, so they are not empty land.
-        others = np.flatnonzero(index.classes != code)
         if others.size and rng.uniform() < 0.5:
             box = index.region_around(index.objects[int(rng.choice(others))].bbox, rng, longest / 2)
         else:
@@ -348,38 +360,38 @@ def _presence(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
             y0 = int(rng.integers(0, truth.height - height + 1))
             box = index.settle((x0, y0, x0 + width, y0 + height))
         if not (index.inside(box) & (index.classes == code)).any():
-            question = f"Is there a {cls.value} in the region {_box_text(box)}?"
-            return _Item(Category.PRESENCE, question, ("no", "yes"), box, None, YES_NO)
-    return None
+            no = _Item(Category.PRESENCE, f"Is there a {cls.value} in the region {_box_text(box)}?", ("no", "yes"), box, None, YES_NO)
+            return _in_random_order([yes, no], rng)
+    return []
 
 
-def _scene_colour(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _scene_colour(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
     """The colour of a class that has one object in the scene, or whose objects share one colour."""
     if index.truth.bands < 3:
-        return None
+        return []
     classes = [cls for cls in OBJECT_CLASSES if len({obj.colour for obj in index.objects if obj.cls is cls}) == 1]
     if not classes:
-        return None
+        return []
     cls = classes[int(rng.integers(len(classes)))]
     members = [obj for obj in index.objects if obj.cls is cls]
     subject = f"the {cls.value}" if len(members) == 1 else f"the {_plural(cls)}"
     question = f"What is the color of {subject} in the image?"
     options = _other_options(members[0].colour, COLOURS, rng)
-    return _Item(Category.OBJECT_COLOUR, question, options, _union(members), _smallest(members), COLOURS)
+    return [_Item(Category.OBJECT_COLOUR, question, options, _union(members), _smallest(members), COLOURS)]
 
 
-def _scene_class(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _scene_class(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
     """The class of the one object of its colour."""
     if index.truth.bands < 3:
-        return None
+        return []
     colours = [obj.colour for obj in index.objects]
     alone = [obj for obj in index.objects if colours.count(obj.colour) == 1]
     if not alone:
-        return None
+        return []
     obj = alone[int(rng.integers(len(alone)))]
     names = tuple(cls.value for cls in OBJECT_CLASSES)
     question = f"What is the category of the {obj.colour} object in the image?"
-    return _Item(Category.OBJECT_CLASS, question, _other_options(obj.cls.value, names, rng), obj.bbox, obj.size_px, names)
+    return [_Item(Category.OBJECT_CLASS, question, _other_options(obj.cls.value, names, rng), obj.bbox, obj.size_px, names)]
 
 
 def _indefinite(word: str) -> str:
@@ -387,56 +399,61 @@ def _indefinite(word: str) -> str:
     return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
-def _scene_presence(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
-    """Whether an object of a colour and class is in the scene: half the time one is.
+def _scene_presence(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
+    """A pair about one class the scene has: "Is there a <colour> <class>" with a colour its objects
+    have ("yes") and with one they lack ("no").
 
-    The class named is always one the scene has, drawn alike for both answers, and the colour is
-    one of its objects' colours or one they lack: so neither word tells the answer, only the
-    pixels do (drawing absent pairs from every unseen colour and class let a model answer from
-    which pairs a question names, without looking).
+    Neither word tells the answer, only the pixels do: the class is asked as often with either
+    answer (pairs: drawing each answer apart, and dropping repeated texts, left classes that come
+    in few colours mostly "no"), and colours are drawn alike for both (drawing absent pairs from
+    every unseen colour and class let a model answer from which pairs a question names).
     """
     if index.truth.bands < 3:
-        return None
+        return []
     classes = sorted({obj.cls for obj in index.objects}, key=OBJECT_CLASSES.index)
     if not classes:
-        return None
+        return []
     cls = classes[int(rng.integers(len(classes)))]
     of_class = [obj for obj in index.objects if obj.cls is cls]
     present = sorted({obj.colour for obj in of_class}, key=COLOURS.index)
     absent = [colour for colour in COLOURS if colour not in present]
-    if rng.uniform() < 0.5 or not absent:
-        colour = present[int(rng.integers(len(present)))]
-        members = [obj for obj in of_class if obj.colour == colour]
-        options: tuple[str, ...] = ("yes", "no")
-    else:
-        # Every object of the class must be looked at to say no.
-        colour, members, options = absent[int(rng.integers(len(absent)))], of_class, ("no", "yes")
-    question = f"Is there {_indefinite(colour)} {cls.value} in the image?"
-    return _Item(Category.PRESENCE, question, options, _union(members), _smallest(members), YES_NO)
+    if not absent:
+        return []
+    colour = present[int(rng.integers(len(present)))]
+    members = [obj for obj in of_class if obj.colour == colour]
+    yes = _Item(Category.PRESENCE, f"Is there {_indefinite(colour)} {cls.value} in the image?", ("yes", "no"), _union(members), _smallest(members), YES_NO)
+    # Every object of the class must be looked at to say no.
+    colour = absent[int(rng.integers(len(absent)))]
+    no = _Item(Category.PRESENCE, f"Is there {_indefinite(colour)} {cls.value} in the image?", ("no", "yes"), _union(of_class), _smallest(of_class), YES_NO)
+    return _in_random_order([yes, no], rng)
 
 
-def _scene_land_use(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _in_random_order(items: list[_Item], rng: np.random.Generator) -> list[_Item]:
+    return [items[k] for k in rng.permutation(len(items))]
+
+
+def _scene_land_use(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
     """The land cover that clearly covers most of the scene."""
     truth = index.truth
     labels = truth.landcover.labels(0, 0, truth.width, truth.height)
     shares = np.sort(np.bincount(labels.ravel(), minlength=len(LAND_COVERS)) / labels.size)
     if shares[-1] - shares[-2] < DOMINANT_MARGIN:
-        return None
+        return []
     cover = LAND_COVERS[int(np.bincount(labels.ravel(), minlength=len(LAND_COVERS)).argmax())].value
     names = tuple(c.value for c in LAND_COVERS)
     question = "What is the dominant land use type in the image?"
-    return _Item(Category.REGIONAL_LAND_USE, question, _other_options(cover, names, rng), None, None, names)
+    return [_Item(Category.REGIONAL_LAND_USE, question, _other_options(cover, names, rng), None, None, names)]
 
 
-def _scene_relation(index: SceneIndex, rng: np.random.Generator) -> _Item | None:
+def _scene_relation(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
     """Where one object is relative to another, each the only one of its colour and class."""
     if index.truth.bands < 3:
-        return None
+        return []
     kinds = [(obj.colour, obj.cls) for obj in index.objects]
     unique = [obj for obj, kind in zip(index.objects, kinds) if kinds.count(kind) == 1]
     for _ in range(TRIES):
         if len(unique) < 2:
-            return None
+            return []
         i, j = rng.choice(len(unique), size=2, replace=False)
         a, b = unique[int(i)], unique[int(j)]
         relation = _relation(a, b)
@@ -444,8 +461,8 @@ def _scene_relation(index: SceneIndex, rng: np.random.Generator) -> _Item | None
             continue
         question = f"Where is the {_describe(a, True)} relative to the {_describe(b, True)} in the image?"
         options = (relation, *(d for d in DIRECTIONS if d != relation))
-        return _Item(Category.SPATIAL_RELATION, question, options, _union([a, b]), min(a.size_px, b.size_px), DIRECTIONS)
-    return None
+        return [_Item(Category.SPATIAL_RELATION, question, options, _union([a, b]), min(a.size_px, b.size_px), DIRECTIONS)]
+    return []
 
 
 def _union(objects: list[SceneObject]) -> tuple[int, int, int, int]:
@@ -453,7 +470,7 @@ def _union(objects: list[SceneObject]) -> tuple[int, int, int, int]:
     return int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max())
 
 
-_GENERATORS: dict[Category, Callable[[SceneIndex, np.random.Generator], _Item | None]] = {
+_GENERATORS: dict[Category, Callable[[SceneIndex, np.random.Generator], list[_Item]]] = {
     Category.OVERALL_COUNTING: _overall_counting,
     Category.REGIONAL_COUNTING: _regional_counting,
     Category.OBJECT_COLOUR: _object_colour,
@@ -462,7 +479,7 @@ _GENERATORS: dict[Category, Callable[[SceneIndex, np.random.Generator], _Item | 
     Category.SPATIAL_RELATION: _spatial_relation,
     Category.PRESENCE: _presence,
 }
-_SCENE_GENERATORS: dict[Category, Callable[[SceneIndex, np.random.Generator], _Item | None]] = {
+_SCENE_GENERATORS: dict[Category, Callable[[SceneIndex, np.random.Generator], list[_Item]]] = {
     Category.OVERALL_COUNTING: _overall_counting,
     Category.OBJECT_COLOUR: _scene_colour,
     Category.OBJECT_CLASS: _scene_class,
@@ -511,12 +528,15 @@ def generate_questions(
         if len(questions) == count:
             break
         category = categories[int(rng.choice(len(categories), p=weights / weights.sum()))]
-        item = generators[category](index, rng)
-        if item is None or item.question in asked:
+        items = generators[category](index, rng)
+        texts = {item.question for item in items}
+        # A pair is asked whole or not at all, so its answers stay balanced.
+        if not items or texts & asked or len(texts) < len(items) or len(questions) + len(items) > count:
             continue
-        asked.add(item.question)
-        form = Form.OPEN if rng.uniform() < open_fraction else Form.MC
-        questions.append(_finish(item, form, option_order, f"{prefix}_q{len(questions):03d}", scene, truth.seed, rng))
+        asked |= texts
+        for item in items:
+            form = Form.OPEN if rng.uniform() < open_fraction else Form.MC
+            questions.append(_finish(item, form, option_order, f"{prefix}_q{len(questions):03d}", scene, truth.seed, rng))
     return questions
 
 
