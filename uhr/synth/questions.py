@@ -208,17 +208,16 @@ def _describe(obj: SceneObject, with_colour: bool) -> str:
 
 
 def _count_options(count: int, rng: np.random.Generator) -> tuple[str, ...]:
-    """The count and three wrong counts: four evenly spaced values, the answer at a random place.
+    """The count and three wrong counts: four consecutive values, the answer at a random place.
 
     The answer's place among the four is drawn uniformly (how many options lie below it), so in
-    ascending order the options' spread does not point at it; a window that would go below zero
-    starts at zero instead, which leaves only "0 1 2 3" leaning towards its low end.
+    ascending order the options do not point at it; a window that would go below zero starts at
+    zero instead, which leaves only "0 1 2 3" leaning towards its low end. The spacing is 1 at
+    every count: a spacing that grew with the count would tell which of a window's values can be
+    the answer (a count whose spacing differs from the window's cannot be).
     """
-    step = max(1, round(0.1 * count)) if count >= 10 else 1
-    below = int(rng.integers(4))
-    start = max(0, count - below * step)
-    values = [start + k * step for k in range(4)]
-    return (str(count), *(str(v) for v in values if v != count))
+    start = max(0, count - int(rng.integers(4)))
+    return (str(count), *(str(v) for v in range(start, start + 4) if v != count))
 
 
 def _other_options(correct: str, pool: tuple[str, ...], rng: np.random.Generator) -> tuple[str, ...]:
@@ -336,7 +335,9 @@ def _presence(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
     """A pair about one class the scene has: a region holding one of its objects, and one holding none.
 
     Asked in pairs so that "yes" and "no" are equally frequent for every class (drawing each
-    answer apart let the class word tell it: a class absent from the scene is always "no").
+    answer apart let the class word tell it: a class absent from the scene is always "no"). The
+    "no" region has no object of its own, so it takes its partner's object size: a pair is small or
+    large together, and `small` does not tell the answer either.
     """
     truth = index.truth
     present = sorted(set(index.classes.tolist()))
@@ -360,7 +361,7 @@ def _presence(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
             y0 = int(rng.integers(0, truth.height - height + 1))
             box = index.settle((x0, y0, x0 + width, y0 + height))
         if not (index.inside(box) & (index.classes == code)).any():
-            no = _Item(Category.PRESENCE, f"Is there a {cls.value} in the region {_box_text(box)}?", ("no", "yes"), box, None, YES_NO)
+            no = _Item(Category.PRESENCE, f"Is there a {cls.value} in the region {_box_text(box)}?", ("no", "yes"), box, yes.object_size_px, YES_NO)
             return _in_random_order([yes, no], rng)
     return []
 
@@ -421,10 +422,13 @@ def _scene_presence(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
         return []
     colour = present[int(rng.integers(len(present)))]
     members = [obj for obj in of_class if obj.colour == colour]
-    yes = _Item(Category.PRESENCE, f"Is there {_indefinite(colour)} {cls.value} in the image?", ("yes", "no"), _union(members), _smallest(members), YES_NO)
+    # Both answers are about the class's objects (a "yes" is told from a "no" by their colours), so
+    # both take its smallest object's size: a pair is small or large together.
+    size = _smallest(of_class)
+    yes = _Item(Category.PRESENCE, f"Is there {_indefinite(colour)} {cls.value} in the image?", ("yes", "no"), _union(members), size, YES_NO)
     # Every object of the class must be looked at to say no.
     colour = absent[int(rng.integers(len(absent)))]
-    no = _Item(Category.PRESENCE, f"Is there {_indefinite(colour)} {cls.value} in the image?", ("no", "yes"), _union(of_class), _smallest(of_class), YES_NO)
+    no = _Item(Category.PRESENCE, f"Is there {_indefinite(colour)} {cls.value} in the image?", ("no", "yes"), _union(of_class), size, YES_NO)
     return _in_random_order([yes, no], rng)
 
 
@@ -506,8 +510,9 @@ def generate_questions(
     options are laid out. Categories are drawn by
     CATEGORY_WEIGHTS (SCENE_CATEGORY_WEIGHTS for scene referents); one that cannot be asked of this
     scene (no objects, no colour in a one-band scene) gives way to another. A share `open_fraction` of the questions
-    is open, the rest multiple choice with options shuffled. Fewer than `count` come back only
-    when the scene cannot support more distinct questions.
+    is open, the rest multiple choice with options shuffled. Presence questions come in pairs
+    asked whole or not at all, so fewer than `count` come back when the scene cannot support more
+    distinct questions or only a pair would fill the last place.
     """
     if count < 0:
         raise ValueError(f"question count must be >= 0, got {count}")
@@ -534,8 +539,9 @@ def generate_questions(
         if not items or texts & asked or len(texts) < len(items) or len(questions) + len(items) > count:
             continue
         asked |= texts
+        # A pair shares its form too, so the multiple-choice rows stay balanced.
+        form = Form.OPEN if rng.uniform() < open_fraction else Form.MC
         for item in items:
-            form = Form.OPEN if rng.uniform() < open_fraction else Form.MC
             questions.append(_finish(item, form, option_order, f"{prefix}_q{len(questions):03d}", scene, truth.seed, rng))
     return questions
 
