@@ -134,7 +134,7 @@ def test_blind_baselines_by_hand() -> None:
             question("colour", "C", 4, small=True), question("colour", "D", 4), question("counting", "A", 4)]  # fmt: skip
     report = blind_baselines(train, test)
     # prior letters: presence B, colour C, counting none (never asked in training); the car's wording says A.
-    # Four training questions are too few for the classifier to split on: it says the majority letter, B.
+    # Four training questions are too few for a 20-question leaf: the classifier says the majority letter, B.
     assert report["overall"] == {
         "questions": 5, "chance": pytest.approx((0.5 + 0.5 + 0.25 * 3) / 5), "prior": 2 / 5, "text": 3 / 5, "learned": 1 / 5
     }  # fmt: skip

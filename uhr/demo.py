@@ -245,7 +245,8 @@ def _text_classifier(train: list[dict]) -> Callable[[list[dict]], list[str]] | N
         return None
     vectorizer = DictVectorizer(sparse=False)
     features = vectorizer.fit_transform([_text_features(q) for q in train])
-    classifier = HistGradientBoostingClassifier(random_state=0).fit(features, [q["answer"] for q in train])
+    # A leaf holds at least 20 questions: a rule must hold for many of them to count.
+    classifier = HistGradientBoostingClassifier(min_samples_leaf=20, random_state=0).fit(features, [q["answer"] for q in train])
     return lambda questions: list(classifier.predict(vectorizer.transform([_text_features(q) for q in questions])))
 
 

@@ -46,7 +46,8 @@ SPLITS = ("test", "train")
 # written again (`cached_archive`). 2: presence questions whose words do not tell the answer.
 # 3: evidence-window records follow their question's record. 4: training records carry `bbox`.
 # 5: count options with the answer at a uniformly drawn place; presence questions in yes/no pairs.
-GENERATOR_VERSION = 5
+# 6: count options consecutive; a presence pair shares its object size and form.
+GENERATOR_VERSION = 6
 # The prompt of an object-caption conversation (`caption_conversation`).
 CAPTION_PROMPT = "List the objects in the image."
 QUESTIONS_SCHEMA = pa.schema(
