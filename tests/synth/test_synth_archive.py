@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -15,8 +16,8 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from uhr.synth import SceneTruth, cached_archive, scene_seed, write_archive
-from uhr.synth.archive import CAPTION_PROMPT, GENERATOR_VERSION, QUESTIONS_SCHEMA, window_around
+from uhr.synth import SceneTruth, cached_archive, generate_questions, plan_scene, scene_seed, write_archive
+from uhr.synth.archive import CAPTION_PROMPT, GENERATOR_VERSION, QUESTIONS_SCHEMA, _training_records, window_around
 from uhr.synth.objects import PALETTE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -281,3 +282,22 @@ def test_cached_archive_is_written_once_and_then_read_from_its_index(tmp_path):
     # Other settings on the same root: the archive they ask for, not the cached one.
     other = cached_archive(root, scenes=2, size=256, seed=3, questions_per_scene=2)
     assert other.n_scenes == 2
+
+
+# What generator GENERATOR_VERSION writes for a few planned scenes (questions and training records):
+# a change to it must come with a new version, or cached archives (the sample, the demo's splits)
+# keep what the old generator wrote.
+GENERATED_DIGEST = {6: "ecba6eba1f8a8efde96a8900f5d2cb3d16c5db534c39ae93047662669ed5fd95"}
+
+
+def test_a_change_to_what_the_generator_writes_comes_with_a_new_version() -> None:
+    digest = hashlib.sha256()
+    for seed in range(3):
+        truth = plan_scene(1024, seed)
+        for referents, order in (("region", "shuffled"), ("scene", "fixed")):
+            asked = generate_questions(truth, f"scenes/s{seed}.tif", 12, open_fraction=0.3, referents=referents, option_order=order)
+            records = _training_records(asked, truth, f"scenes/s{seed}.tif", 1024, 64, 64, True)
+            digest.update(json.dumps([q.to_row() for q in asked] + records, sort_keys=True).encode())
+    assert GENERATED_DIGEST == {GENERATOR_VERSION: digest.hexdigest()}, (
+        "what the generator writes changed: bump GENERATOR_VERSION and record the new digest here"
+    )
