@@ -37,6 +37,10 @@ def test_budget_allocation_rule():
     assert allocate_budgets(1000, tokens=[100, 400, 1600], regions=[10, 10, 10]) == [56, 195, 749]
     # regions do not fit: the whole budget in proportion to tokens
     assert allocate_budgets(20, tokens=[100, 300], regions=[16, 16]) == [5, 15]
+    # a share a scale cannot use goes to the others: 16 regions of 16 tokens leave no room at scale 0
+    assert allocate_budgets(1024, tokens=[16, 5360], regions=[16, 16]) == [16, 1008]
+    assert allocate_budgets(300, tokens=[10, 100, 1000], regions=[10, 16, 16]) == [10, 39, 251]
+    assert allocate_budgets(5000, tokens=[10, 20], regions=[3, 3]) == [10, 20]
 
 
 @settings(max_examples=200, deadline=None)
@@ -49,15 +53,18 @@ def test_budget_allocation_properties(budget, scales):
     tokens = [n for n, _ in scales]
     regions = [min(r, n) for n, r in scales]
     budgets = allocate_budgets(budget, tokens, regions)
-    assert sum(budgets) == budget and all(b >= 0 for b in budgets)
+    # the whole budget is given out, none of it where a scale has no token left to fill it with
+    assert sum(budgets) == min(budget, sum(tokens)) and all(0 <= b <= n for b, n in zip(budgets, tokens))
     if sum(regions) <= budget:
         assert all(b >= r for b, r in zip(budgets, regions))
         extra = [b - r for b, r in zip(budgets, regions)]
     else:
         extra = budgets
     # proportional shares: more tokens never means a smaller share (up to the one-token remainder)
+    # among the scales their token count does not cap
     for s in range(len(tokens) - 1):
-        assert extra[s] <= extra[s + 1] + 1 if tokens[s] <= tokens[s + 1] else True
+        if tokens[s] <= tokens[s + 1] and budgets[s] < tokens[s] and budgets[s + 1] < tokens[s + 1]:
+            assert extra[s] <= extra[s + 1] + 1
 
 
 # -- cross-scale alignment -----------------------------------------------------------------------

@@ -133,7 +133,8 @@ class PruningConfig(BaseModel):
         description=(
             "Per-scale budgets B_s (same length as `scales`, sum <= budget). None allocates them: every scale first "
             "gets one token per region, the rest of the budget is split in proportion to each scale's tokens "
-            "(so finer scales get more); if the regions alone exceed the budget, the whole budget is split that way."
+            "(so finer scales get more; a share beyond a scale's tokens goes to the others); if the regions alone exceed "
+            "the budget, the whole budget is split that way."
         ),
     )
     geollava: GeoLlavaConfig = Field(default_factory=GeoLlavaConfig)

@@ -87,24 +87,35 @@ def effective_scales(scales: list[int], width: int, height: int) -> list[ScaleVi
 
 
 def allocate_budgets(budget: int, tokens: list[int], regions: list[int]) -> list[int]:
-    """Per-scale budgets B_s with sum B_s == budget, larger for scales with more tokens.
+    """Per-scale budgets B_s, larger for scales with more tokens, none above its scale's N_s.
 
     If the regions fit (sum R_s <= B), every scale first gets B_s = R_s (one slot per region, the
     paper's minimum capacity); the remaining budget is split in proportion to the scales' token
     counts N_s. Otherwise the whole budget is split in proportion to N_s. Splits use the largest
-    remainder; ties go to the finer scale.
+    remainder; ties go to the finer scale. A share beyond a scale's N_s could not be used there, so
+    it is split again over the scales with room: sum B_s == min(B, sum N_s).
     """
     if len(tokens) != len(regions) or not tokens:
         raise ValueError(f"allocate_budgets needs one token and region count per scale, got {tokens} and {regions}")
-    floors = list(regions) if sum(regions) <= budget else [0] * len(tokens)
-    extra = budget - sum(floors)
-    total = sum(tokens)
-    shares = [extra * n // total for n in tokens]
-    remainders = [extra * n % total for n in tokens]
-    leftover = extra - sum(shares)
-    for s in sorted(range(len(tokens)), key=lambda s: (-remainders[s], -s))[:leftover]:
+    budgets = list(regions) if sum(regions) <= budget else [0] * len(tokens)
+    extra = min(budget, sum(tokens)) - sum(budgets)
+    while extra > 0:
+        room = [s for s in range(len(tokens)) if budgets[s] < tokens[s]]
+        for s, share in zip(room, _proportional(extra, [tokens[s] for s in room])):
+            budgets[s] += share
+        extra = sum(max(0, b - n) for b, n in zip(budgets, tokens))
+        budgets = [min(b, n) for b, n in zip(budgets, tokens)]
+    return budgets
+
+
+def _proportional(total: int, weights: list[int]) -> list[int]:
+    """`total` split in proportion to `weights` by the largest remainder, ties to the later weight."""
+    whole = sum(weights)
+    shares = [total * w // whole for w in weights]
+    remainders = [total * w % whole for w in weights]
+    for s in sorted(range(len(weights)), key=lambda s: (-remainders[s], -s))[: total - sum(shares)]:
         shares[s] += 1
-    return [f + s for f, s in zip(floors, shares)]
+    return shares
 
 
 # ----------------------------------------------------------------------------------------------
