@@ -211,8 +211,8 @@ def _count_options(count: int, rng: np.random.Generator) -> tuple[str, ...]:
     """The count and three wrong counts: four consecutive values, the answer at a random place.
 
     The answer's place among the four is drawn uniformly (how many options lie below it), so in
-    ascending order the options do not point at it; a window that would go below zero starts at
-    zero instead, which leaves only "0 1 2 3" leaning towards its low end. The spacing is 1 at
+    ascending order the options' spacing does not point at it; a window that would go below zero
+    starts at zero instead, so counts under 3 take the first places more often. The spacing is 1 at
     every count: a spacing that grew with the count would tell which of a window's values can be
     the answer (a count whose spacing differs from the window's cannot be).
     """
