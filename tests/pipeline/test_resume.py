@@ -6,8 +6,8 @@ import _thread
 import logging
 import re
 import shutil
+import signal
 import threading
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -56,23 +56,39 @@ def test_an_interrupted_run_writes_the_rows_it_computed(ray_local, model_dir, tm
     run = config(questions=archive.questions_parquet, scenes=archive.root, output=str(output), model=str(model_dir),
                  overrides={"max_new_tokens": 48, "answer.batch_size": 1, "rows_per_file": 1000,
                             "flush_interval_s": 600, "status_interval_s": 0.2})  # fmt: skip
-    running = threading.Event()
+    first_rows, running = threading.Event(), threading.Event()
     running.set()
 
-    def ctrl_c_after_the_first_rows() -> None:
-        while running.is_set():
-            if any(re.search(rf"\[uhr\] [1-9]\d*/{total} rows", record.getMessage()) for record in list(caplog.records)):
-                _thread.interrupt_main()  # as Ctrl-C does: KeyboardInterrupt in the driver's main thread
-                return
-            time.sleep(0.05)
+    class FirstRows(logging.Handler):
+        """Sees the status lines on the job's own logger, whatever handlers the root logger has by now."""
 
+        def emit(self, record: logging.LogRecord) -> None:
+            if re.search(rf"\[uhr\] [1-9]\d*/{total} rows", record.getMessage()):
+                first_rows.set()
+
+    def ctrl_c_after_the_first_rows() -> None:
+        first_rows.wait(timeout=300)
+        if running.is_set():
+            _thread.interrupt_main()  # as Ctrl-C does: KeyboardInterrupt in the driver's main thread
+
+    status_logger = logging.getLogger("uhr.pipeline.vqa")
+    handler = FirstRows(level=logging.INFO)
+    status_logger.addHandler(handler)
+    # `interrupt_main` runs the process's SIGINT handler: make it Python's own, as in a fresh driver,
+    # whatever ran earlier in this process installed (Ray Train's trainer installs one and keeps it).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     watcher = threading.Thread(target=ctrl_c_after_the_first_rows, daemon=True)
-    with caplog.at_level(logging.INFO, logger="uhr.pipeline.vqa"), pytest.raises(KeyboardInterrupt):
-        watcher.start()
-        try:
-            run_vqa(run)
-        finally:
-            running.clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="uhr.pipeline.vqa"), pytest.raises(KeyboardInterrupt):
+            watcher.start()
+            try:
+                run_vqa(run)
+            finally:
+                running.clear()
+                first_rows.set()  # the watcher stops waiting once the run has ended either way
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        status_logger.removeHandler(handler)
     watcher.join()
     written = read_rows(str(output)).num_rows
     manifest = read_manifest(str(output))
