@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -51,16 +53,39 @@ def test_pyramid_sides_halve_down_to_the_base():
     assert pyramid_sides(500, 1008) == [500]  # small scenes: one level, at full resolution
 
 
+def lrs_vqa_level(width: int, height: int, ratio: float, tile: int) -> tuple[int, int]:
+    """(w, h) of LRS-VQA's pyramid level at `ratio`, by its released rule (reference/methods.md)."""
+    w, h = round(width * ratio), round(height * ratio)
+    scale = min(math.ceil(h / tile) * tile / h, math.ceil(w / tile) * tile / w)
+    return round(w * scale), round(h * scale)
+
+
+def test_levels_are_enlarged_to_fill_their_tiles_as_lrs_vqa_does():
+    sides = pyramid_sides(7099, 1008)
+    ratios = [1008 / 7099, 0.25, 0.5, 1.0]
+    for side, ratio in zip(sides, ratios):
+        level = Level.of(7099, 6329, side, 336, 12)
+        theirs = lrs_vqa_level(7099, 6329, ratio, 336)
+        assert (level.cols, level.rows) == (math.ceil(theirs[0] / 336), math.ceil(theirs[1] / 336))
+        assert abs(level.width - theirs[0]) <= 1 and abs(level.height - theirs[1]) <= 1
+        assert level.width == level.cols * 336 or level.height == level.rows * 336  # one side fills its tiles
+    level = Level.of(7099, 6329, 1775, 336, 12)
+    assert (level.width, level.height, level.rows, level.cols) == (1884, 1680, 5, 6)  # LRS-VQA: 1885 x 1680
+    finest = Level.of(8192, 8192, 8192, 336, 12)
+    assert (finest.width, finest.rows) == (8400, 25)  # upsampled by 2.5%, as LRS-VQA's is
+    assert Level.of(8192, 8192, 1008, 336, 12).width == 1008  # the base already fills 3 x 3 tiles
+
+
 def test_level_windows_and_token_validity():
-    full = Level.of(100, 70, 100, TILE, CELLS)
-    assert (full.rows, full.cols) == (3, 4)
-    assert full.window(2, 3) == (96, 64, 32, 32)  # full resolution: native windows
+    full = Level.of(100, 40, 100, TILE, CELLS)  # enlarged by 1.28 to fill four tiles across
+    assert (full.width, full.height, full.rows, full.cols) == (128, 51, 2, 4)
+    assert full.window(1, 3) == (75, 25, 25, 25)  # 25 scene px a tile; past the scene's 40 rows it reads zeros
     half = Level.of(100, 70, 50, TILE, CELLS)
-    assert half.window(0, 1) == (64, 0, 64, 64) and (half.rows, half.cols) == (2, 2)
-    tokens = full.tokens(torch.tensor([[2, 3]]))
-    # tile (2, 3) covers x 96..128, y 64..96 of a 100 x 70 scene: only its first column and row of 8-px cells are valid
-    assert tokens.row.tolist() == [8] and tokens.col.tolist() == [12]
-    assert tokens.box.tolist() == [[96.0, 64.0, 104.0, 72.0]]
+    assert (half.width, half.height) == (64, 45) and half.window(0, 1) == (50, 0, 50, 50)
+    tokens = full.tokens(torch.tensor([[1, 3]]))
+    # tile (1, 3) holds level rows 32..64 of 51: its 8-px cell rows 4, 5, 6 are valid, row 7 only padding
+    assert tokens.row.tolist() == [4] * 4 + [5] * 4 + [6] * 4 and tokens.col.tolist() == [12, 13, 14, 15] * 3
+    assert tokens.box[0].tolist() == pytest.approx([75.0, 32 * 40 / 51, 75.0 + 8 * 100 / 128, 40 * 40 / 51])
 
 
 def test_tiles_covering_counts_positive_overlap_only():
@@ -198,6 +223,19 @@ def test_second_question_on_the_same_area_reuses_cached_tiles(tiny_model, image_
     # only fine windows were read, never the whole scene at full resolution
     finest = encoding.levels[-1]
     assert reads < finest.rows * finest.cols
+
+
+def test_an_enlarged_base_level_is_read_as_one_view_of_its_size(tiny_model, image_factory):
+    model, _ = tiny_model
+    source = CountingSource(image_factory(40, 100))
+    strategy = _strategy(budget=400, base_side=50)  # base 50 x 20, enlarged by 1.28 to fill two 32-px tiles across
+    with torch.no_grad():
+        encoding = strategy.encode(model, source)
+        tokens = strategy.select(model, encoding, "Where is the harbour?")
+    base = encoding.levels[0]
+    assert (base.width, base.height, base.rows, base.cols) == (64, 26, 1, 2)
+    assert sorted(source.views) == strategy.views(model.config, 100, 40) == [32, 64]
+    assert len(tokens) <= 400 and bool((tokens.box[:, 2] <= 100 + 1e-3).all())
 
 
 def test_output_is_global_context_then_the_final_level_in_raster_order(tiny_model, image_factory):

@@ -2,8 +2,10 @@
 
 Pyramid (LRS-VQA's DIP): with L the scene's longest side, levels at ratios 1, 1/2, 1/4, ... of L
 down to the base L_0 = min(base_side, L) (appended if the halving does not hit it exactly), ordered
-coarse to fine. A level is the aspect-kept scene at that longest side, zero-padded bottom/right to
-whole tiles and cut into raster tiles; every tile's g x g patch grid goes through the projector and
+coarse to fine. A level is the aspect-kept scene at that longest side, enlarged as LRS-VQA enlarges
+it: by the largest factor that keeps it inside the same grid of whole tiles, so one side fills its
+tiles (the finest level is then slightly upsampled: 8192 px to 8400 for 336-px tiles), then
+zero-padded bottom/right to whole tiles and cut into raster tiles; every tile's g x g patch grid goes through the projector and
 is then average-pooled by `pool` in the LM's space, in LRS-VQA's order (24 x 24 -> 12 x 12, which
 for pool 2 equals its 2x bilinear downscale). Optionally a global thumbnail gives the context
 LRS-VQA prepends: the scene at one tile's longest side, aspect kept, top-left on a zero canvas of
@@ -109,8 +111,21 @@ class Level:
 
     @staticmethod
     def of(scene_width: int, scene_height: int, side: int, tile: int, cells: int) -> Level:
+        """The level whose unenlarged longest side is `side`, enlarged to fill its tiles as LRS-VQA does.
+
+        LRS-VQA scales the aspect-kept (w, h) by min(ceil(w / tile) * tile / w, ceil(h / tile) * tile / h).
+        The level is kept an aspect-kept resize of its longest side, as `read_view` serves it, so
+        the short side may come out a pixel shorter than LRS-VQA's (7099 x 6329 at 1775: 1884 x 1680
+        here, 1885 x 1680 there); the tile grid is the same.
+        """
         width, height = fit_longest_side(scene_width, scene_height, side)
-        return Level(width, height, tile, cells, scene_width, scene_height)
+        cols, rows = -(-width // tile), -(-height // tile)
+        longest = round(max(width, height) * min(cols * tile / width, rows * tile / height))
+        while True:  # rounding may push a side one pixel past its tiles; `side` itself always fits
+            width, height = fit_longest_side(scene_width, scene_height, longest)
+            if width <= cols * tile and height <= rows * tile:
+                return Level(width, height, tile, cells, scene_width, scene_height)
+            longest -= 1
 
     @property
     def rows(self) -> int:
@@ -292,7 +307,9 @@ class CoarseToFineStrategy(PruningStrategy):
 
     def views(self, config: UhrConfig, width: int, height: int) -> list[int]:
         """The thumbnail (one tile) and the base level; finer levels are read as windows."""
-        sides = {pyramid_sides(max(width, height), self.config.c2f.base_side)[0]}
+        side = pyramid_sides(max(width, height), self.config.c2f.base_side)[0]
+        base = Level.of(width, height, side, config.tile_size, config.patch_grid // self.config.c2f.pool)
+        sides = {max(base.width, base.height)}
         if self._thumbnail_room() > 0:
             sides.add(config.tile_size)
         return sorted(sides)
