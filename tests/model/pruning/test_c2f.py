@@ -235,6 +235,10 @@ def test_an_enlarged_base_level_is_read_as_one_view_of_its_size(tiny_model, imag
     base = encoding.levels[0]
     assert (base.width, base.height, base.rows, base.cols) == (64, 26, 1, 2)
     assert sorted(source.views) == strategy.views(model.config, 100, 40) == [32, 64]
+    finest = encoding.levels[-1]  # 128 x 51 in 8-px cells: 16 x 7 valid of 16 x 8
+    every_tile = torch.tensor([[r, c] for r in range(finest.rows) for c in range(finest.cols)])
+    assert finest.token_count == len(finest.tokens(every_tile).index) == 16 * 7
+    assert encoding.dense == model.patch_grid**2 + 16 * 7  # thumbnail + the full-resolution level, padding left out
     assert len(tokens) <= 400 and bool((tokens.box[:, 2] <= 100 + 1e-3).all())
 
 

@@ -39,7 +39,8 @@ that its grid is average-pooled to fit; with no room at all (B = 1) it is left o
 
 Provenance: scale 0 is the thumbnail, scale l + 1 pyramid level l; rows/cols index the pooled
 grid of that scale; n_source counts the tower tokens averaged into each token. `dense` counts the
-thumbnail's g*g tokens plus every full-resolution tile's pooled tokens (the whole scene, unpruned).
+thumbnail's g*g tokens plus the full-resolution level's valid pooled tokens (the whole scene unpruned,
+its padding left out as LRS-VQA trims it).
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ class Level:
     @property
     def cols(self) -> int:
         return -(-self.width // self.tile)
+
+    @property
+    def token_count(self) -> int:
+        """Valid pooled tokens of the whole level: the cells that see some of the scene, padding excluded."""
+        cell = self.tile / self.cells
+        return math.ceil(self.width / cell) * math.ceil(self.height / cell)
 
     @property
     def tile_scene_size(self) -> tuple[float, float]:
@@ -346,8 +353,7 @@ class CoarseToFineStrategy(PruningStrategy):
         base = pool_tiles(model.project(base_grid.features.reshape(rows * cols, grid, grid, -1)), cfg.pool)
 
         global_tokens = self._global_tokens(model, source)
-        finest = levels[-1]
-        dense = (0 if global_tokens is None else grid * grid) + finest.rows * finest.cols * cells * cells
+        dense = (0 if global_tokens is None else grid * grid) + levels[-1].token_count
         return C2FEncoding(
             grids=[base_grid],
             dense=dense,
