@@ -20,6 +20,7 @@ from uhr.model.pruning.uhr_bat import (
     partition_regions,
     preserve_and_merge,
     resize_coordinates,
+    token_step,
 )
 from uhr.scenes.source import ArraySource
 
@@ -94,6 +95,37 @@ def test_alignment_equals_torch_bilinear_resize(h1, w1, h, w, seed):
 def test_alignment_onto_the_same_grid_is_the_identity():
     anchor = torch.rand(5, 7)
     assert torch.equal(align_importance(anchor, (5, 7)), anchor)
+
+
+def test_alignment_steps_by_token_size_when_a_grid_is_partly_padded():
+    # A 25-px-tall scene: anchor tokens of 10 px (3 rows, the last seeing 5 px), target tokens of 5 px (5 rows).
+    anchor = torch.tensor([[0.0], [0.0], [1.0]], dtype=torch.float64)
+    aligned = align_importance(anchor, (5, 1), step=(0.5, 1.0))
+    # target row 4 (scene 20-25 px, centre 22.5) sits at anchor coordinate 22.5 / 10 - 0.5 = 1.75
+    assert aligned[:, 0].tolist() == pytest.approx([0.0, 0.0, 0.0, 0.25, 0.75])
+    # the size ratio 3 / 5 would put it at 2.2, past the anchor's last row
+    assert align_importance(anchor, (5, 1))[4, 0].item() == 1.0
+    assert resize_coordinates(4, 2, step=0.5 * (1 + 1e-12)).tolist() == resize_coordinates(4, 2).tolist()
+
+
+def test_alignment_follows_scene_pixels_on_partly_padded_views(tiny_model, image_factory):
+    model, _ = tiny_model
+    # 200 x 150: the 40-px anchor view is 7.5 tokens tall, the 100-px view 18.75: both valid grids overhang the scene
+    strategy = UhrBatStrategy(PruningConfig(strategy="uhr-bat", budget=64, scales=[40, 100], uhr_bat={"regions": 4}))
+    with torch.no_grad():
+        encoding = strategy.encode(model, ArraySource(image_factory(150, 200)))
+    anchor, fine = encoding.scales
+    assert (anchor.rows, fine.rows) == (8, 19)
+    anchor_map = torch.rand(anchor.rows, anchor.cols, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    aligned = align_importance(anchor_map, (fine.rows, fine.cols), token_step(anchor.grid, fine.grid))
+    # Independently: each fine token's scene-pixel centre in anchor-token units, sampled bilinearly (edges clamped).
+    centres = fine.grid.token_boxes()[: fine.rows, : fine.cols].double()
+    cell = anchor.grid.token_boxes()[0, 0].double()
+    x = ((centres[..., 0] + centres[..., 2]) / 2) / (cell[2] - cell[0]) - 0.5
+    y = ((centres[..., 1] + centres[..., 3]) / 2) / (cell[3] - cell[1]) - 0.5
+    where = torch.stack([x / (anchor.cols - 1) * 2 - 1, y / (anchor.rows - 1) * 2 - 1], dim=-1)
+    expected = F.grid_sample(anchor_map[None, None], where[None], mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
+    torch.testing.assert_close(aligned, expected, rtol=1e-9, atol=1e-12)
 
 
 # -- region partition ----------------------------------------------------------------------------

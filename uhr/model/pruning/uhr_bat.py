@@ -22,7 +22,10 @@ Per question (`select`):
   question) and over each question's own text after that.
 * Cross-scale alignment (eq. 6-7, C.3): the anchor map is carried to every other scale by bilinear
   interpolation at the half-pixel-centre resize mapping tau_s; a patch token covers exactly one
-  cell of its grid, so its importance (eq. 7's mean over its cells) is the value at its cell.
+  cell of its grid, so its importance (eq. 7's mean over its cells) is the value at its cell. tau_s
+  steps by the ratio of the two grids' token sizes in scene pixels, which is their size ratio when
+  both grids span the scene exactly; a valid grid whose last row or column sees only part of a
+  token's worth of scene would otherwise shift the map, by up to half an anchor token at the far edge.
 * Region-wise preserve-and-merge (eq. 8-12, Algorithm 1): in each region keep the tokens with
   a_i >= the region mean, merge the rest into their mean (one token, after the region's kept
   tokens); regions by descending mean importance, kept tokens by descending importance.
@@ -36,6 +39,7 @@ Scales are emitted coarse to fine. `dense` counts the valid tokens of all scales
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -123,13 +127,27 @@ def _proportional(total: int, weights: list[int]) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def resize_coordinates(size_out: int, size_in: int) -> torch.Tensor:
-    """tau along one axis: output cell centre -> continuous input coordinate, clamped to [0, size_in - 1]."""
-    positions = (torch.arange(size_out, dtype=torch.float64) + 0.5) * (size_in / size_out) - 0.5
+def resize_coordinates(size_out: int, size_in: int, step: float | None = None) -> torch.Tensor:
+    """tau along one axis: output cell centre -> continuous input coordinate, clamped to [0, size_in - 1].
+
+    `step` is one output cell measured in input cells; by default size_in / size_out, the two grids
+    spanning the same extent. A step equal to that ratio up to rounding is taken as the ratio itself.
+    """
+    ratio = size_in / size_out
+    step = ratio if step is None or math.isclose(step, ratio, rel_tol=1e-9) else step
+    positions = (torch.arange(size_out, dtype=torch.float64) + 0.5) * step - 0.5
     return positions.clamp(0.0, size_in - 1)
 
 
-def align_importance(anchor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def token_step(anchor: TokenGrid, target: TokenGrid) -> tuple[float, float]:
+    """(rows, cols) size of one `target` token in `anchor` tokens, both measured in scene pixels."""
+    (a_rows, a_cols), (t_rows, t_cols) = anchor.shape, target.shape
+    ax0, ay0, ax1, ay1 = anchor.box
+    tx0, ty0, tx1, ty1 = target.box
+    return ((ty1 - ty0) / t_rows) / ((ay1 - ay0) / a_rows), ((tx1 - tx0) / t_cols) / ((ax1 - ax0) / a_cols)
+
+
+def align_importance(anchor: torch.Tensor, size: tuple[int, int], step: tuple[float, float] | None = None) -> torch.Tensor:
     """Carry the anchor importance map onto an (H, W) grid by bilinear interpolation (eq. 16).
 
     For target cell (u, v), (y, x) = tau(u, v); x0 = floor(x), x1 = x0 + 1, likewise y, and
@@ -139,14 +157,17 @@ def align_importance(anchor: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     Args:
         anchor: (h1, w1) importance of the anchor scale's token grid.
         size: (H, W) target token grid.
+        step: (rows, cols) size of a target token in anchor tokens (`token_step`); None when both
+            grids span the same extent.
 
     Returns:
         (H, W) aligned importance, in the anchor's dtype.
     """
     height_in, width_in = anchor.shape
     grid = anchor.double()
-    y = resize_coordinates(size[0], height_in).to(grid.device)
-    x = resize_coordinates(size[1], width_in).to(grid.device)
+    step_y, step_x = (None, None) if step is None else step
+    y = resize_coordinates(size[0], height_in, step_y).to(grid.device)
+    x = resize_coordinates(size[1], width_in, step_x).to(grid.device)
     y0, x0 = y.floor().long(), x.floor().long()
     y1, x1 = (y0 + 1).clamp(max=height_in - 1), (x0 + 1).clamp(max=width_in - 1)
     wy, wx = (y - y0)[:, None], (x - x0)[None, :]
@@ -391,7 +412,8 @@ class UhrBatStrategy(PruningStrategy):
         anchor_map = self.anchor_importance(model, encoding, question)
         parts = []
         for scale in encoding.scales:
-            aligned = align_importance(anchor_map, (scale.rows, scale.cols))
+            step = token_step(encoding.scales[0].grid, scale.grid)
+            aligned = align_importance(anchor_map, (scale.rows, scale.cols), step)
             selection = preserve_and_merge(scale.embeds, aligned.reshape(-1), scale.regions, scale.budget)
             parts.append(self._tokens(scale, selection, encoding.dense))
         return PrunedTokens.concat(parts, dense=encoding.dense)
@@ -428,4 +450,5 @@ __all__ = [
     "partition_regions",
     "preserve_and_merge",
     "resize_coordinates",
+    "token_step",
 ]
