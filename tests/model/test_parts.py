@@ -109,6 +109,20 @@ def test_scale_embedding_starts_at_zero_and_interpolates(tiny_model):
         model.scale_embedding(4, 2, 2)
 
 
+def test_scale_embedding_lays_its_table_over_the_scene_on_a_partly_padded_grid(tiny_model):
+    model, _ = tiny_model
+    with torch.no_grad():
+        model.scale_embedding.position.copy_(torch.arange(8.0)[None, :, None].expand(64, 8, 8))  # y ramp, row i at (i + .5) / 8
+        model.scale_embedding.scale.zero_()
+    exact = model.scale_embedding(0, 4, 16).detach()
+    torch.testing.assert_close(model.scale_embedding(0, 4, 16, (4.0, 16.0)).detach(), exact)
+    assert exact[:, 0, 0].tolist() == pytest.approx([0.5, 2.5, 4.5, 6.5])  # rows at 1/8, 3/8, 5/8, 7/8 of the scene
+    # The scene is 3.5 rows tall: row r's centre is at (r + .5) / 3.5 of it; the last row's centre is its bottom edge.
+    padded = model.scale_embedding(0, 4, 16, (3.5, 16.0)).detach()
+    assert padded[:, 0, 0].tolist() == pytest.approx([8 * (r + 0.5) / 3.5 - 0.5 for r in range(3)] + [7.0])
+    torch.testing.assert_close(padded[:, 0], padded[:, 15])
+
+
 def test_reghead_gives_neighbour_probabilities(tiny_model):
     model, _ = tiny_model
     assert float(model.reghead.pw.bias.detach().abs().max()) == 0

@@ -86,9 +86,9 @@ class UhrMultiModalProjector(nn.Module):
 class UhrScaleEmbedding(nn.Module):
     """UHR-BAT's scale-specific positional term in LM space.
 
-    A learned base 2D position table (D, g, g) is bilinearly interpolated to a scale's stitched
-    token grid (H, W) and a learned per-scale vector (D,) is added. Both start at zero so an
-    untrained model is unchanged by the term.
+    A learned base 2D position table (D, g, g) spans the scene; it is bilinearly interpolated to a
+    scale's valid token grid (H, W) and a learned per-scale vector (D,) is added. Both start at
+    zero so an untrained model is unchanged by the term.
     """
 
     def __init__(self, num_scales: int, grid: int, dim: int):
@@ -96,14 +96,30 @@ class UhrScaleEmbedding(nn.Module):
         self.position = nn.Parameter(torch.zeros(dim, grid, grid))
         self.scale = nn.Parameter(torch.zeros(num_scales, dim))
 
-    def forward(self, scale: int, height: int, width: int) -> torch.Tensor:
-        """(H, W, D) positional term for scale index `scale` on an `height` x `width` token grid."""
+    def forward(
+        self, scale: int, height: int, width: int, extent: tuple[float, float] | None = None
+    ) -> torch.Tensor:
+        """(H, W, D) positional term for scale index `scale` on an `height` x `width` token grid.
+
+        `extent` is the scene's (height, width) in tokens of this grid, when the grid's last row or
+        column sees only part of a token's worth of scene (a view that is no whole number of
+        patches): the table is then laid over the scene rather than over the whole grid, so a
+        scene location gets the same term at every scale. None: the grid spans the scene exactly.
+        """
         if not 0 <= scale < self.scale.shape[0]:
             raise ValueError(f"scale index {scale} outside the {self.scale.shape[0]} scales of the embedding table")
         if height <= 0 or width <= 0:
             raise ValueError(f"token grid must be non-empty, got {height}x{width}")
-        # (1, D, g, g) -> (1, D, H, W) -> (H, W, D)
-        position = F.interpolate(self.position[None], size=(height, width), mode="bilinear", align_corners=False)
+        if extent is None or extent == (height, width):
+            # (1, D, g, g) -> (1, D, H, W) -> (H, W, D)
+            position = F.interpolate(self.position[None], size=(height, width), mode="bilinear", align_corners=False)
+            return position[0].permute(1, 2, 0) + self.scale[scale]
+        # Token centres as fractions of the scene, in grid_sample's [-1, 1] (half-pixel centres, as above).
+        device = self.position.device
+        y = (torch.arange(height, device=device) + 0.5) / extent[0] * 2 - 1
+        x = (torch.arange(width, device=device) + 0.5) / extent[1] * 2 - 1
+        where = torch.stack(torch.meshgrid(x, y, indexing="xy"), dim=-1).to(self.position.dtype)  # (H, W, 2) as (x, y)
+        position = F.grid_sample(self.position[None], where[None], mode="bilinear", padding_mode="border", align_corners=False)
         return position[0].permute(1, 2, 0) + self.scale[scale]
 
 

@@ -7,8 +7,8 @@ Per scene (`encode`, query-independent):
   merged into one view (upsampling adds no information): it keeps the first such scale's index
   (its learned scale embedding) and the sum of their budgets.
 * Each view is encoded, projected, and given the scale-specific positional term of eq. 5,
-  h = e + p + q (`model.scale_embedding`, interpolated over the view's valid token grid so a scene
-  location gets the same p at every scale). Tokens that see only padding are dropped.
+  h = e + p + q (`model.scale_embedding`, its position table laid over the scene's extent in the
+  view's tokens so a scene location gets the same p at every scale). Tokens that see only padding are dropped.
 * Each scale is partitioned into regions (appendix C.2): k-means (MiniBatch k-means above
   `minibatch_above` tokens) or BIRCH on [f / ||f||, w * x, w * y], f the tower feature, (x, y) the
   token centre divided by the valid grid's longest side (isotropic, in [0, 1]).
@@ -375,7 +375,9 @@ class UhrBatStrategy(PruningStrategy):
             grid = model.encode_view(pixels, scale=view.index, box=box)
             rows, cols = int(grid.valid.any(dim=1).sum()), int(grid.valid.any(dim=0).sum())
             features = grid.stitched()[:rows, :cols].reshape(rows * cols, -1)  # (N_s, D_v), padding dropped
-            position = model.scale_embedding(view.index, rows, cols).reshape(rows * cols, -1)  # p + q (eq. 5)
+            patch = model.config.vision_config.patch_size
+            extent = (pixels.shape[0] / patch, pixels.shape[1] / patch)  # the scene in this view's tokens
+            position = model.scale_embedding(view.index, rows, cols, extent).reshape(rows * cols, -1)  # p + q (eq. 5)
             embeds = model.project(features) + position.to(features.device)
             cell_rows = torch.arange(rows).repeat_interleave(cols)
             cell_cols = torch.arange(cols).repeat(rows)
