@@ -7,15 +7,17 @@ stores it) and loaded through `load_model`, the path a real checkpoint takes.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from uhr.model import CheckpointError, build_tiny_model, load_model, load_model_config, save_model
+from uhr.model import CheckpointError, build_tiny_model, load_model, load_model_config, save_model, weights_fingerprint
 from uhr.model.pruning.config import PruningConfig
 
 PROMPT_QUESTION = "Is there a bridge over the river?"
@@ -128,6 +130,39 @@ def test_own_export_from_object_storage(tmp_path, s3_server, tiny_model, tokens_
     assert measured.bytes_sent < weights / 10
     with pytest.raises(CheckpointError, match="no such directory"):
         load_model(f"s3://{bucket}/runs/missing", storage=s3_server.storage(), cache_dir=cache)
+
+
+def test_weights_fingerprint_follows_the_weights_not_the_place(tmp_path, s3_server, tiny_model):
+    model, _ = tiny_model
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        retrained.language_model.lm_head.weight[3, 5] += 1.0  # one weight of one tensor
+    save_model(model, tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    first = weights_fingerprint(tmp_path / "a")
+    assert weights_fingerprint(tmp_path / "b") == first  # copied or moved: the same model
+    save_model(retrained, tmp_path / "a")  # retrained and written over the old one
+    assert weights_fingerprint(tmp_path / "a") != first
+    # Pickle weights are sampled too.
+    state = load_file(str(tmp_path / "b" / "model.safetensors"))
+    (tmp_path / "b" / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "b" / "pytorch_model.bin")
+    pickled = weights_fingerprint(tmp_path / "b")
+    state["language_model.lm_head.weight"][3, 5] += 1.0
+    torch.save(state, tmp_path / "b" / "pytorch_model.bin")
+    assert weights_fingerprint(tmp_path / "b") not in (pickled, first)
+    # In object storage, by the store's content tag: nothing is downloaded.
+    storage = s3_server.storage()
+    uri = f"s3://{s3_server.new_bucket('fingerprints')}/export"
+    save_model(model, uri, storage=storage)
+    with s3_server.measure() as measured:
+        remote = weights_fingerprint(uri, storage=storage)
+    assert measured.bytes_sent < 10_000
+    save_model(retrained, uri, storage=storage)
+    assert weights_fingerprint(uri, storage=storage) != remote
+    (tmp_path / "c").mkdir()
+    with pytest.raises(CheckpointError, match="no weights"):
+        weights_fingerprint(tmp_path / "c")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import shapely
+import torch
 
 from jobs.vqa import main
+from uhr.model import load_model, save_model
 from uhr.pipeline import MANIFEST_NAME, OUTPUT_SCHEMA, run_vqa
 from uhr.pipeline.plan import InputError, question_id
 from uhr.synth import write_scene
@@ -95,6 +98,22 @@ def test_ask_every_scene_with_stable_ids_and_resume_skips_done(ray_local, archiv
     with pytest.raises(InputError, match=r"other settings \(max_new_tokens changed\).*--overwrite"):
         run_vqa(run.model_copy(update={"max_new_tokens": 3}))
     assert read_manifest(str(tmp_path / "out"))["counts"]["runs"] == 2
+    # So would a retrained model of the same architecture; a copy of the same checkpoint is the same model.
+    retrained, _ = load_model(model_dir)
+    with torch.no_grad():
+        retrained.language_model.lm_head.weight[3, 5] += 1.0
+    save_model(retrained, tmp_path / "retrained")
+    with pytest.raises(InputError, match=r"other settings \(model_weights changed\)"):
+        run_vqa(run.model_copy(update={"model": str(tmp_path / "retrained")}))
+    shutil.copytree(model_dir, tmp_path / "copied")
+    assert run_vqa(run.model_copy(update={"model": str(tmp_path / "copied")})).skipped == len(expected)
+    assert read_manifest(str(tmp_path / "out"))["counts"]["runs"] == 3
+    # An output made before the weights were recorded is not held to them (nothing to compare with).
+    manifest_path = tmp_path / "out" / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["answer_settings"]["model_weights"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert run_vqa(run.model_copy(update={"model": str(tmp_path / "retrained")})).skipped == len(expected)
     # --overwrite starts afresh.
     third = run_vqa(run.model_copy(update={"overwrite": True}))
     assert third.rows == len(expected) and read_manifest(str(tmp_path / "out"))["counts"]["runs"] == 1

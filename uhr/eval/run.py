@@ -49,7 +49,7 @@ from uhr.eval.benchmarks import Benchmark, BenchmarkSpec, MmePromptStyle, load_b
 from uhr.eval.report import REPORT_JSON, REPORT_MD, REPORT_PLOT, Report, _pct, evaluate, join_answers, write_report
 from uhr.eval.scoring import judge
 from uhr.eval.wordnet import load_wordnet
-from uhr.model import load_model_config
+from uhr.model import load_model_config, weights_fingerprint
 from uhr.model.config import UhrConfig
 from uhr.model.pruning.config import StrategyName
 from uhr.pipeline.config import VqaConfig
@@ -333,6 +333,7 @@ def answer_settings(
         "image_root": spec.image_root and redact(spec.image_root),
         "mme_prompt": spec.mme_prompt.value,
         "model": redact(model_uri),
+        "model_weights": weights_fingerprint(model_uri, storage=config.vqa.storage),
         "pruning": pruning,
         **{name: vqa[name] for name in _ANSWER_FIELDS},
     }
@@ -362,7 +363,8 @@ def _prepare_output(config: EvaluateConfig, settings: dict[str, Any], storage: S
     elif fs.exists(settings_uri):
         with fs.open(settings_uri, "rt") as handle:
             earlier = json.load(handle)
-        differences = _differences(earlier, settings)
+        # A setting an older evaluation did not record (added since) is not held against it.
+        differences = _differences(earlier, {key: value for key, value in settings.items() if key in earlier})
         if differences:
             raise ConfigError(
                 f"{redact(config.output)} holds an evaluation with other settings ({'; '.join(differences)}); "

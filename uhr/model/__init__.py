@@ -3,7 +3,8 @@
 Public API:
 
 * `UhrConfig`, `UhrForConditionalGeneration`, `UhrCausalLMOutput` — the model (`modeling.py`);
-* `load_model`, `load_model_config`, `load_tokenizer`, `save_model`, `build_tiny_model`, `CheckpointError` — checkpoints;
+* `load_model`, `load_model_config`, `load_tokenizer`, `save_model`, `weights_fingerprint`, `build_tiny_model`,
+  `CheckpointError` — checkpoints;
 * `build_tokenizer` — small local ChatML tokenizers;
 * `tokenize_conversation` — LLaVA conversations to `input_ids` / `labels` for fine-tuning.
 
@@ -23,6 +24,7 @@ _EXPORTS = {
     "load_model_config": "uhr.model.checkpoints",
     "load_tokenizer": "uhr.model.checkpoints",
     "save_model": "uhr.model.checkpoints",
+    "weights_fingerprint": "uhr.model.checkpoints",
     "UhrConfig": "uhr.model.config",
     "tokenize_conversation": "uhr.model.conversation",
     "IGNORE_INDEX": "uhr.model.modeling",

@@ -563,17 +563,75 @@ def load_model_config(path_or_uri: str | os.PathLike[str], *, storage: StorageCo
     if model_type == "llava_next":
         return _llava_next_config(raw, location)
     if model_type in _LONGVA_TEXT_TYPES:
-        if fs.exists(f"{root}/{_SAFETENSORS_INDEX}"):
-            index = json.loads(fs.cat_file(f"{root}/{_SAFETENSORS_INDEX}"))
-            files = [f"{root}/{shard}" for shard in sorted(set(index["weight_map"].values()))]
-        else:
-            files = sorted(fs.glob(f"{root}/*.safetensors"))
+        files = _safetensors_files(fs, root)
         if not files:
             raise CheckpointError(location, "no safetensors weights to infer the vision tower from")
         return _longva_config(raw, _HeaderShapes(fs, files), location)
     raise CheckpointError(
         location, f"config.json model_type {model_type!r} is none of 'uhr', 'llava_next', 'llava_qwen', 'llava_llama'"
     )
+
+
+def _safetensors_files(fs: Any, root: str) -> list[str]:
+    """The safetensors weight files of the checkpoint directory `root` on `fs`: its index's shards, else every one."""
+    if fs.exists(f"{root}/{_SAFETENSORS_INDEX}"):
+        index = json.loads(fs.cat_file(f"{root}/{_SAFETENSORS_INDEX}"))
+        return [f"{root}/{shard}" for shard in sorted(set(index["weight_map"].values()))]
+    return sorted(fs.glob(f"{root}/*.safetensors"))
+
+
+# Content tags object stores keep per object (S3 and most S3 APIs, GCS, Azure), in fsspec's `info`.
+_CONTENT_TAGS = ("ETag", "etag", "md5Hash", "crc32c", "content_md5")
+_SAMPLE = 4096
+_STRIDE = 16 * 2**20
+
+
+def weights_fingerprint(path_or_uri: str | os.PathLike[str], *, storage: StorageConfig | None = None) -> str:
+    """A sha256 that changes when a checkpoint's weights change, computed without downloading them.
+
+    Covers every weight file, by name and size, and by the object store's content tag (ETag, MD5,
+    CRC) where it keeps one; otherwise by samples of the content: a safetensors file's header and
+    the first and last 4 KiB of every tensor, any other weight file's 4 KiB at every 16 MiB and its
+    end. A few kilobytes a tensor, so a 7B model is fingerprinted in a moment; two checkpoints that
+    differ only inside tensors, away from both ends of each, are not told apart. The location is
+    not part of it: a moved or copied checkpoint keeps its fingerprint.
+    """
+    location = os.fspath(path_or_uri)
+    fs = (storage or StorageConfig()).filesystem(location)
+    root = location.rstrip("/")
+    files = _safetensors_files(fs, root) or sorted(
+        path for path in fs.ls(root, detail=False)
+        if path.endswith(_PICKLE_SUFFIXES) and not posixpath.basename(path).startswith("training_args")
+    )
+    if not files:
+        raise CheckpointError(location, "no weights (*.safetensors, *.bin, *.pt or *.pth) to fingerprint")
+    digest = hashlib.sha256()
+    for path in files:
+        info = fs.info(path)
+        digest.update(f"{posixpath.basename(path)}\0{info['size']}\0".encode())
+        tag = next((info[key] for key in _CONTENT_TAGS if info.get(key)), None)
+        if tag is not None:
+            digest.update(str(tag).encode())
+        elif path.endswith(".safetensors"):
+            _sample_safetensors(fs, path, digest)
+        else:
+            for start in [*range(0, info["size"], _STRIDE), max(0, info["size"] - _SAMPLE)]:
+                digest.update(fs.cat_file(path, start=start, end=min(start + _SAMPLE, info["size"])))
+    return digest.hexdigest()
+
+
+def _sample_safetensors(fs: Any, path: str, digest: Any) -> None:
+    """Feed `digest` a safetensors file's header and the first and last 4 KiB of each tensor's bytes."""
+    with fs.open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = handle.read(length)
+        digest.update(header)
+        data = 8 + length
+        spans = sorted(tuple(info["data_offsets"]) for key, info in json.loads(header).items() if key != "__metadata__")
+        for begin, end in spans:
+            for start in dict.fromkeys((begin, max(begin, end - _SAMPLE))):
+                handle.seek(data + start)
+                digest.update(handle.read(min(_SAMPLE, end - start)))
 
 
 def load_tokenizer(path_or_uri: str | os.PathLike[str], *, storage: StorageConfig | None = None) -> PreTrainedTokenizerBase:
@@ -785,4 +843,5 @@ __all__ = [
     "build_tiny_tokenizer",
     "load_model",
     "save_model",
+    "weights_fingerprint",
 ]

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from uhr.model import load_model_config
+from uhr.model import load_model_config, weights_fingerprint
 from uhr.answers import same_choice
 from uhr.config import merge_trees
 from uhr.model.config import UhrConfig
@@ -281,16 +281,19 @@ def connect_ray(min_cpus: float = 0) -> None:
     ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
 
 
-def answer_settings(config: VqaConfig, model_config: UhrConfig) -> dict[str, Any]:
-    """What decides a run's answers: the model's config (by hash), pruning, normalisation, precision,
-    answer length. Rows written under other settings must not be mixed into one dataset.
+def answer_settings(config: VqaConfig, model_config: UhrConfig, model_weights: str) -> dict[str, Any]:
+    """What decides a run's answers: the model's config (by hash) and weights (`weights_fingerprint`),
+    pruning, normalisation, precision, answer length. Rows written under other settings must not be
+    mixed into one dataset.
 
-    The model is identified by its config, not its URI (a moved checkpoint is the same model); two
-    checkpoints of one architecture with different weights are not told apart.
+    The model is identified by what it is, not by its URI: a moved checkpoint is the same model, a
+    retrained one written over the old is not.
     """
-    model_json = json.dumps(model_config.to_dict(), sort_keys=True, default=str)
+    model_json = json.dumps(_without_dtypes(model_config.to_dict()), sort_keys=True, default=str)
     return {
-        "model_config_sha256": hashlib.sha256(model_json.encode()).hexdigest(),
+        # Named apart from the dtype-sensitive hash older manifests hold, which is then not compared.
+        "model_architecture_sha256": hashlib.sha256(model_json.encode()).hexdigest(),
+        "model_weights": model_weights,
         "pruning": config.pruning.model_dump(mode="json"),
         "normalize": config.normalize.model_dump(mode="json"),
         "precision": config.precision.value,
@@ -298,12 +301,23 @@ def answer_settings(config: VqaConfig, model_config: UhrConfig) -> dict[str, Any
     }
 
 
+def _without_dtypes(value: Any) -> Any:
+    """A config dump without its `dtype` / `torch_dtype` entries: the weights' storage type, which a
+    load fills in (a re-saved checkpoint records float32 where its source said nothing); the run's
+    precision and the weights are settings of their own."""
+    if isinstance(value, dict):
+        return {key: _without_dtypes(item) for key, item in value.items() if key not in ("dtype", "torch_dtype")}
+    return value
+
+
 def _check_resumable(output: str, earlier: dict[str, Any] | None, settings: dict[str, Any]) -> None:
-    """Refuse to resume `output` when its rows were answered under other settings (an older manifest
-    without settings is trusted)."""
-    if earlier is None or earlier == settings:
+    """Refuse to resume `output` when its rows were answered under other settings. What an older
+    manifest did not record (all of them, or a setting added since) is trusted."""
+    if earlier is None:
         return
-    changed = sorted(key for key in settings.keys() | earlier.keys() if settings.get(key) != earlier.get(key))
+    changed = sorted(key for key in settings.keys() & earlier.keys() if settings[key] != earlier[key])
+    if not changed:
+        return
     raise InputError(
         f"output {redact(output)} holds answers made with other settings ({', '.join(changed)} changed); "
         "resuming would mix them into one dataset: pass --overwrite to start afresh, or choose another --output"
@@ -356,7 +370,7 @@ def run_vqa(config: VqaConfig) -> RunSummary:
     retry = _error_ids(done, questions)
 
     manifest = RunManifest.load(config.output, storage)
-    settings = answer_settings(config, model_config)
+    settings = answer_settings(config, model_config, weights_fingerprint(model_uri, storage=storage))
     if done.num_rows:
         _check_resumable(config.output, manifest.data.get("answer_settings"), settings)
     if retry:
