@@ -7,7 +7,7 @@ import pytest
 
 from uhr.errors import SceneError
 from uhr.scenes import open_scene
-from uhr.scenes.metering import ReadMeter
+from uhr.scenes.metering import ReadMeter, gdal_downloaded_bytes
 from uhr.storage import StorageConfig
 from uhr.testing.s3_server import FAKE_SHAPED_KEY_ID
 
@@ -119,6 +119,22 @@ def test_bytes_are_metered_per_object_whichever_protocol_came_first(s3_server, b
         with s3_server.measure() as served, ReadMeter(uri) as meter, open_scene(uri) as scene:
             scene.read_view(256)
         assert meter.bytes == served.bytes_sent > 0, uri
+
+
+def test_gdal_counters_are_emptied_once_no_meter_counts(s3_server, bucket, tmp_path):
+    """GDAL keeps a counter per object read for the process's life: a long-lived worker must not pile them up."""
+    path = write_raster(tmp_path / "counted.tif", pixels(1024, 1024, 3, "uint8", seed=29))
+    first, second = (f"s3://{bucket}/counters/{name}.tif" for name in ("a", "b"))
+    for uri in (first, second):
+        s3_server.client.upload_file(str(path), bucket, uri.split(f"{bucket}/", 1)[1])
+    with ReadMeter(first) as outer:
+        with s3_server.measure() as served_inner, ReadMeter(second) as inner, open_scene(second) as scene:
+            scene.read_view(256)
+        assert gdal_downloaded_bytes(second) == inner.bytes  # the outer meter still counts: nothing emptied yet
+        with s3_server.measure() as served_outer, open_scene(first) as scene:
+            scene.read_view(256)
+    assert inner.bytes == served_inner.bytes_sent > 0 and outer.bytes == served_outer.bytes_sent > 0
+    assert gdal_downloaded_bytes(first) == gdal_downloaded_bytes(second) == 0
 
 
 def test_credentials_in_uris_never_reach_the_message(s3_server, bucket):

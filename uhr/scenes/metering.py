@@ -15,6 +15,7 @@ import glob
 import json
 import logging
 import os
+import threading
 
 from uhr.storage import is_remote, to_gdal_path
 
@@ -35,6 +36,8 @@ def _gdal_library() -> ctypes.CDLL | None:
     library.VSINetworkStatsGetAsSerializedJSON.restype = ctypes.c_void_p
     library.VSINetworkStatsGetAsSerializedJSON.argtypes = [ctypes.c_char_p]
     library.VSIFree.argtypes = [ctypes.c_void_p]
+    library.VSINetworkStatsReset.restype = None
+    library.VSINetworkStatsReset.argtypes = []
     return library
 
 
@@ -59,10 +62,23 @@ def gdal_downloaded_bytes(uri: str) -> int | None:
     )
 
 
+class _OpenMeters:
+    """How many remote `ReadMeter`s of this process are counting, under a lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count = 0
+
+
+_OPEN = _OpenMeters()
+
+
 class ReadMeter:
     """`with ReadMeter(uri) as meter: ...` then `meter.bytes`: what the block downloaded of `uri`.
 
-    None for local files and where GDAL's counters cannot be read.
+    None for local files and where GDAL's counters cannot be read. GDAL keeps a counter per file for
+    the life of the process, and every reading serialises all of them: they are emptied whenever no
+    meter of the process is counting, so a long-lived worker's readings stay small and cheap.
     """
 
     def __init__(self, uri: str):
@@ -71,13 +87,20 @@ class ReadMeter:
         self.bytes: int | None = None
         self._start: int | None = None
 
-    def _reading(self) -> int | None:
-        return gdal_downloaded_bytes(self.uri) if self.remote else None
-
     def __enter__(self) -> ReadMeter:
-        self._start = self._reading()
+        if self.remote:
+            with _OPEN.lock:
+                _OPEN.count += 1
+                self._start = gdal_downloaded_bytes(self.uri)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        end = self._reading()
+        if not self.remote:
+            return
+        with _OPEN.lock:
+            end = gdal_downloaded_bytes(self.uri)
+            _OPEN.count -= 1
+            library = _gdal_library()
+            if _OPEN.count == 0 and library is not None:
+                library.VSINetworkStatsReset()
         self.bytes = None if end is None or self._start is None else end - self._start
