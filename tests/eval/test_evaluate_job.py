@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from PIL import Image
 
 from benchmark_layouts import write_lrs_vqa, write_mme, write_xlrs_save_to_disk
@@ -26,7 +28,7 @@ from uhr.eval.run import (
     swapped_scenes,
 )
 from uhr.config import ConfigError
-from uhr.model import load_model_config
+from uhr.model import load_model, load_model_config, save_model
 from uhr.pipeline.output import MANIFEST_NAME
 from uhr.storage import StorageConfig
 from uhr.synth import ArchiveIndex, write_archive
@@ -136,7 +138,9 @@ def test_each_published_layout_through_the_job(ray_local, s3_server, model_dir, 
 
 def test_synthetic_sweep_resumes_and_guards_its_settings(ray_local, model_dir, archive, tmp_path, capsys) -> None:
     output = str(tmp_path / "eval")
-    command = ["--benchmark", "synthetic", "--data", archive.root, "--output", output, "--model", str(model_dir), *FAST]
+    model = tmp_path / "model"  # a copy of its own: retrained in place at the end
+    shutil.copytree(model_dir, model)
+    command = ["--benchmark", "synthetic", "--data", archive.root, "--output", output, "--model", str(model), *FAST]
     sweep = ["--sweep", "strategy=downsample,c2f", "budget=64"]
     runs = ["downsample-b64", "c2f-b64"]
     assert main([*command, *sweep]) == 0
@@ -166,6 +170,13 @@ def test_synthetic_sweep_resumes_and_guards_its_settings(ray_local, model_dir, a
     limited = _read_json(fs, f"{output}/{REPORT_JSON}")
     assert (limited["evaluation"]["items"], limited["evaluation"]["items_published"]) == (2, archive.n_questions)
     assert {run["items"] for run in limited["runs"]} == {2}
+    # A model retrained where the old one was is another model: refused, though its path is the same.
+    retrained, _ = load_model(model)
+    with torch.no_grad():
+        retrained.language_model.lm_head.weight[3, 5] += 1.0
+    save_model(retrained, model)
+    assert main([*command, *sweep]) == 2
+    assert "model_weights was" in capsys.readouterr().err
 
 
 def test_swap_control_asks_every_item_about_another_scene(ray_local, model_dir, archive, tmp_path, capsys) -> None:

@@ -33,9 +33,11 @@ question (`coarse_to_fine`):
 Output: the global thumbnail tokens, then the final level's kept tokens (at most B_local of them,
 the highest scored) in raster order of that level's pooled token grid. As in LRS-VQA, coarser
 levels serve only to choose where to look: their tokens are not emitted, so areas not refined are
-represented by the global thumbnail alone. No newline tokens. The thumbnail takes at most
-`global_max_fraction` of the budget (and always leaves one token for the local selection): beyond
-that its grid is average-pooled to fit; with no room at all (B = 1) it is left out.
+represented by the global thumbnail alone. No newline tokens: LRS-VQA keeps LLaVA-NeXT's one per
+row of the final level's grid, which would spend the hard budget on rows that may hold no kept
+token. The thumbnail takes at most `global_max_fraction` of the budget (and always leaves one
+token for the local selection): beyond that its grid is average-pooled to fit; with no room at all
+(B = 1) it is left out.
 
 Provenance: scale 0 is the thumbnail, scale l + 1 pyramid level l; rows/cols index the pooled
 grid of that scale; n_source counts the tower tokens averaged into each token. `dense` counts the
