@@ -170,6 +170,11 @@ def test_synthetic_sweep_resumes_and_guards_its_settings(ray_local, model_dir, a
     limited = _read_json(fs, f"{output}/{REPORT_JSON}")
     assert (limited["evaluation"]["items"], limited["evaluation"]["items_published"]) == (2, archive.n_questions)
     assert {run["items"] for run in limited["runs"]} == {2}
+    # A copy of the model elsewhere is the same model: the evaluation resumes with nothing to ask.
+    shutil.copytree(model, tmp_path / "moved")
+    assert main([*command[:-3], str(tmp_path / "moved"), *FAST, *sweep]) == 0
+    for run in runs:
+        assert _read_json(fs, f"{output}/runs/{run}/{MANIFEST_NAME}")["runs"][-1]["rows"] == 0
     # A model retrained where the old one was is another model: refused, though its path is the same.
     retrained, _ = load_model(model)
     with torch.no_grad():

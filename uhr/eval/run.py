@@ -322,7 +322,9 @@ def answer_settings(
 ) -> dict[str, Any]:
     """What the answers of every run depend on, apart from the swept strategy and budget.
 
-    Pruning settings are recorded as the runs use them: the model's defaults under the user's.
+    The model counts by its weights (`weights_fingerprint`), not its path, as in a VQA run's
+    settings. Pruning settings are recorded as the runs use them: the model's defaults under the
+    user's.
     """
     vqa = config.vqa.model_dump(mode="json")
     resolved = resolve_pruning(config.vqa.pruning, model_config).model_dump(mode="json")
@@ -332,7 +334,6 @@ def answer_settings(
         "data": redact(spec.uri),
         "image_root": spec.image_root and redact(spec.image_root),
         "mme_prompt": spec.mme_prompt.value,
-        "model": redact(model_uri),
         "model_weights": weights_fingerprint(model_uri, storage=config.vqa.storage),
         "pruning": pruning,
         **{name: vqa[name] for name in _ANSWER_FIELDS},
@@ -363,8 +364,9 @@ def _prepare_output(config: EvaluateConfig, settings: dict[str, Any], storage: S
     elif fs.exists(settings_uri):
         with fs.open(settings_uri, "rt") as handle:
             earlier = json.load(handle)
-        # A setting an older evaluation did not record (added since) is not held against it.
-        differences = _differences(earlier, {key: value for key, value in settings.items() if key in earlier})
+        # Only what both record is compared: a setting added or retired since an older evaluation is not held against it.
+        common = settings.keys() & earlier.keys()
+        differences = _differences({key: earlier[key] for key in common}, {key: settings[key] for key in common})
         if differences:
             raise ConfigError(
                 f"{redact(config.output)} holds an evaluation with other settings ({'; '.join(differences)}); "
