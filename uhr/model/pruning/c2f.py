@@ -5,9 +5,9 @@ down to the base L_0 = min(base_side, L) (appended if the halving does not hit i
 coarse to fine. A level is the aspect-kept scene at that longest side, enlarged as LRS-VQA enlarges
 it: by the largest factor that keeps it inside the same grid of whole tiles, so one side fills its
 tiles (the finest level is then slightly upsampled: 8192 px to 8400 for 336-px tiles), then
-zero-padded bottom/right to whole tiles and cut into raster tiles; every tile's g x g patch grid goes through the projector and
-is then average-pooled by `pool` in the LM's space, in LRS-VQA's order (24 x 24 -> 12 x 12, which
-for pool 2 equals its 2x bilinear downscale). Optionally a global thumbnail gives the context
+zero-padded bottom/right to whole tiles and cut into raster tiles; every tile's g x g patch grid
+goes through the projector and is then average-pooled by `pool` in the LM's space, in LRS-VQA's
+order (24 x 24 -> 12 x 12, which for pool 2 equals its 2x bilinear downscale). Optionally a global thumbnail gives the context
 LRS-VQA prepends: the scene at one tile's longest side, aspect kept, top-left on a zero canvas of
 one tile, as LRS-VQA builds it (g x g unpooled tokens).
 

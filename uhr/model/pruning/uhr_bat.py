@@ -8,7 +8,8 @@ Per scene (`encode`, query-independent):
   (its learned scale embedding) and the sum of their budgets.
 * Each view is encoded, projected, and given the scale-specific positional term of eq. 5,
   h = e + p + q (`model.scale_embedding`, its position table laid over the scene's extent in the
-  view's tokens so a scene location gets the same p at every scale). Tokens that see only padding are dropped.
+  view's tokens so a scene location gets the same p at every scale). Tokens that see only padding
+  are dropped.
 * Each scale is partitioned into regions (appendix C.2): k-means (MiniBatch k-means above
   `minibatch_above` tokens) or BIRCH on [f / ||f||, w * x, w * y], f the tower feature, (x, y) the
   token centre divided by the valid grid's longest side (isotropic, in [0, 1]).
