@@ -22,7 +22,7 @@ from uhr.model.pruning.c2f import (
     tiles_covering,
 )
 from uhr.model.pruning.config import PruningConfig
-from uhr.scenes.source import ArraySource
+from uhr.scenes.source import ArraySource, fit_longest_side
 
 TILE, CELLS = 32, 4  # pooled tokens per tile side (8 x 8 patches pooled by 2)
 
@@ -74,6 +74,17 @@ def test_levels_are_enlarged_to_fill_their_tiles_as_lrs_vqa_does():
     finest = Level.of(8192, 8192, 8192, 336, 12)
     assert (finest.width, finest.rows) == (8400, 25)  # upsampled by 2.5%, as LRS-VQA's is
     assert Level.of(8192, 8192, 1008, 336, 12).width == 1008  # the base already fills 3 x 3 tiles
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 20_000), st.integers(1, 20_000), st.integers(1, 4096), st.sampled_from([14, 32, 336]))
+def test_an_enlarged_level_keeps_its_tile_grid_and_fills_one_side(width, height, side, tile):
+    plain_w, plain_h = fit_longest_side(width, height, side)
+    level = Level.of(width, height, side, tile, 1)
+    assert (level.cols, level.rows) == (math.ceil(plain_w / tile), math.ceil(plain_h / tile))
+    assert level.width >= plain_w and level.height >= plain_h
+    # LRS-VQA's factor fills one side exactly; keeping the aspect-kept resize may leave it a pixel short.
+    assert level.cols * tile - level.width <= 1 or level.rows * tile - level.height <= 1
 
 
 def test_level_windows_and_token_validity():
