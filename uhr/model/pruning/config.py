@@ -109,7 +109,7 @@ class C2FConfig(BaseModel):
         False,
         description=(
             "Add to every pyramid tile's tower embeddings LRS-VQA's second position term: CLIP's position table "
-            "resized over the level's whole patch grid, as its release does; off by default, as uhr's own models train without it."
+            "resized over the level's whole patch grid (its release does; a model not trained with it reads worse with it)."
         ),
     )
     max_cached_tiles: int = Field(
