@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoConfig
 
 from uhr.model import UhrConfig, build_tiny_model
@@ -122,34 +121,6 @@ def test_scale_embedding_lays_its_table_over_the_scene_on_a_partly_padded_grid(t
     padded = model.scale_embedding(0, 4, 16, (3.5, 16.0)).detach()
     assert padded[:, 0, 0].tolist() == pytest.approx([8 * (r + 0.5) / 3.5 - 0.5 for r in range(3)] + [7.0])
     torch.testing.assert_close(padded[:, 0], padded[:, 15])
-
-
-def test_level_position_is_clips_table_resized_over_the_whole_grid(tiny_model, image_factory):
-    model, _ = tiny_model
-    g = model.patch_grid
-    table = model.vision_tower.embeddings.position_embedding.weight.detach()
-    rows, cols = 2, 3
-    # LRS-VQA resizes the patch table over all rows*g x cols*g patches at once; each tile takes its part.
-    patches = table[1:].reshape(g, g, -1).permute(2, 0, 1)[None]  # (1, D, g, g)
-    whole = F.interpolate(patches, size=(rows * g, cols * g), mode="bicubic", align_corners=False)[0]
-    tiles = torch.tensor([[0, 0], [1, 2], [0, 1]])
-    with torch.no_grad():
-        position = model.level_position(rows, cols, tiles)
-    assert position.shape == (3, 1 + g * g, table.shape[1])
-    for i, (r, c) in enumerate(tiles.tolist()):
-        part = whole[:, r * g : (r + 1) * g, c * g : (c + 1) * g].permute(1, 2, 0).reshape(g * g, -1)
-        torch.testing.assert_close(position[i, 1:], part, atol=1e-6, rtol=0)
-        torch.testing.assert_close(position[i, 0], table[0])  # CLS gets its own position once more
-    # The term is added to the tower's embeddings: zero changes nothing, the level's term does.
-    pixels = torch.from_numpy(np.stack([image_factory(32, 32, seed=s) for s in range(3)]))
-    with torch.no_grad():
-        plain, _ = model.encode_tiles(pixels)
-        zero, _ = model.encode_tiles(pixels, torch.zeros_like(position))
-        placed, _ = model.encode_tiles(pixels, position)
-    torch.testing.assert_close(zero, plain)
-    assert not torch.allclose(placed, plain)
-    with pytest.raises(ValueError, match="position must be"):
-        model.encode_tiles(pixels, position[:2])
 
 
 def test_reghead_gives_neighbour_probabilities(tiny_model):

@@ -249,27 +249,21 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         """The CLIP encoder layer whose output is the selected feature (GeoLLaVA reads its q/v_proj)."""
         return self.vision_tower.encoder.layers[self._selected_depth - 1]
 
-    def _tower_features(self, pixel_values: torch.Tensor, position: torch.Tensor | None = None) -> torch.Tensor:
+    def _tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(t, 3, S, S) normalised pixels -> (t, 1 + g*g, D_v) selected-layer states, CLS first.
 
-        `position`, (t, 1 + g*g, D_v), is added to the embeddings (CLIP's own positions included)
-        before the pre-layernorm. Runs only the layers up to the selected one: the later ones would
-        be discarded.
+        Runs only the layers up to the selected one: the later ones would be discarded.
         """
         tower = self.vision_tower
-        embeddings = tower.embeddings(pixel_values)
-        if position is not None:
-            embeddings = embeddings + position.to(embeddings.dtype)
-        hidden = tower.pre_layrnorm(embeddings)
+        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
         for layer in tower.encoder.layers[: self._selected_depth]:
             hidden = layer(hidden, None)
         return hidden
 
-    def encode_tiles(self, tiles: torch.Tensor, position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_tiles(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (T, S, S, 3) tiles -> (features (T, g, g, D_v), cls (T, D_v)) of the selected layer.
 
         CLIP-normalised here, run `tile_batch_size` tiles at a time; differentiable when grad is on.
-        `position`: an extra (T, 1 + g*g, D_v) term for the tower's embeddings (`level_position`).
         """
         size, grid = self.tile_size, self.patch_grid
         if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tuple(tiles.shape[1:]) != (size, size, 3):
@@ -278,32 +272,23 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         device, dtype = self.vision_tower.device, self.vision_tower.dtype
         if tiles.shape[0] == 0:
             return torch.zeros(0, grid, grid, dim, device=device, dtype=dtype), torch.zeros(0, dim, device=device, dtype=dtype)
-        if position is not None and tuple(position.shape) != (tiles.shape[0], 1 + grid * grid, dim):
-            raise ValueError(f"position must be ({tiles.shape[0]}, {1 + grid * grid}, {dim}), got {tuple(position.shape)}")
         features, cls = [], []
-        for start in range(0, tiles.shape[0], self.config.tile_batch_size):
-            chunk = tiles[start : start + self.config.tile_batch_size]
+        for chunk in tiles.split(self.config.tile_batch_size):
             pixel_values = tiling.clip_normalize(chunk.to(device, non_blocking=True)).to(dtype)
-            extra = None if position is None else position[start : start + chunk.shape[0]].to(device)
-            hidden = self._tower_features(pixel_values, extra)  # (t, 1 + g*g, D_v)
+            hidden = self._tower_features(pixel_values)  # (t, 1 + g*g, D_v)
             cls.append(hidden[:, 0])
             features.append(hidden[:, 1:].reshape(-1, grid, grid, dim))
         return torch.cat(features), torch.cat(cls)
 
-    def encode_view(self, view: np.ndarray, scale: int, box: tiling.Box, *, level_position: bool = False) -> TokenGrid:
+    def encode_view(self, view: np.ndarray, scale: int, box: tiling.Box) -> TokenGrid:
         """Encode an (H, W, 3) uint8 view padded bottom/right to whole tiles, tiles in raster order.
 
         `box` is the scene-pixel box the padded tile grid covers; tokens that see only padding are
-        marked invalid. `level_position` adds LRS-VQA's position term over the whole tile grid
-        (`level_position`).
+        marked invalid.
         """
         padded = tiling.pad_to_tiles(view, self.tile_size)
         rows, cols = padded.shape[0] // self.tile_size, padded.shape[1] // self.tile_size
-        position = None
-        if level_position:
-            every = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1).reshape(-1, 2)
-            position = self.level_position(rows, cols, every)
-        features, cls = self.encode_tiles(torch.from_numpy(tiling.cut_tiles(padded, self.tile_size)), position)
+        features, cls = self.encode_tiles(torch.from_numpy(tiling.cut_tiles(padded, self.tile_size)))
         grid, dim = self.patch_grid, features.shape[-1]
         patch = self.config.vision_config.patch_size
         valid = tiling.valid_patches(view.shape[0], view.shape[1], rows, cols, grid, patch)
@@ -314,32 +299,6 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
             box=tuple(float(v) for v in box),
             valid=torch.from_numpy(valid).to(features.device),
         )
-
-    def level_position(self, rows: int, cols: int, tiles: torch.Tensor) -> torch.Tensor:
-        """LRS-VQA's second position term for `tiles` ((n, 2) long (row, col)) of a rows x cols tile grid.
-
-        Returns (n, 1 + g*g, D_v): CLIP's patch position table resized bicubically (align_corners
-        False) over the grid's rows*g x cols*g patches, each tile's part of it, and CLS's own
-        position embedding again in the CLS slot, as LRS-VQA's release adds them to every pyramid
-        tile. Sampled at the asked tiles' patches only, so a level of 600 x 600 patches is never
-        resized whole.
-        """
-        table = self.vision_tower.embeddings.position_embedding.weight  # (1 + g*g, D_v)
-        grid, dim = self.patch_grid, table.shape[1]
-        device = table.device
-        tiles = tiles.to(device)
-        local = torch.arange(grid, device=device, dtype=torch.float32)
-        # Patch centres of each tile in the grid's [-1, 1] (half-pixel centres, align_corners=False).
-        y = (tiles[:, 0, None].float() * grid + local[None] + 0.5) / (rows * grid) * 2 - 1  # (n, g)
-        x = (tiles[:, 1, None].float() * grid + local[None] + 0.5) / (cols * grid) * 2 - 1  # (n, g)
-        where = torch.stack([x[:, None, :].expand(-1, grid, -1), y[:, :, None].expand(-1, -1, grid)], dim=-1)  # (n, g, g, 2)
-        source = table[1:].float().reshape(grid, grid, dim).permute(2, 0, 1)[None]  # (1, D_v, g, g)
-        sampled = F.grid_sample(
-            source, where.reshape(1, -1, grid, 2), mode="bicubic", padding_mode="border", align_corners=False
-        )  # (1, D_v, n * g, g)
-        patches = sampled[0].reshape(dim, tiles.shape[0], grid, grid).permute(1, 2, 3, 0).reshape(tiles.shape[0], grid * grid, dim)
-        cls = table[:1].float().expand(tiles.shape[0], 1, dim)
-        return torch.cat([cls, patches], dim=1).to(table.dtype)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """(..., D_v) tower features -> (..., D) LM inputs through the `mlp2x_gelu` projector."""

@@ -22,7 +22,6 @@ from uhr.model.pruning.c2f import (
     tiles_covering,
 )
 from uhr.model.pruning.config import PruningConfig
-from uhr.model.tiling import cut_tiles, pad_to_tiles
 from uhr.scenes.source import ArraySource, fit_longest_side
 
 TILE, CELLS = 32, 4  # pooled tokens per tile side (8 x 8 patches pooled by 2)
@@ -311,30 +310,6 @@ def test_tiles_are_projected_then_pooled_as_lrs_vqa_does(tiny_model, image_facto
         expected = F.avg_pool2d(projected.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
     torch.testing.assert_close(encoding.base, expected)
     assert encoding.base.shape[-1] == model.config.text_config.hidden_size
-
-
-def test_level_position_goes_into_base_and_fine_tiles_as_lrs_vqa_adds_it(tiny_model, image_factory):
-    model, _ = tiny_model
-    source = ArraySource(image_factory(200, 240))
-    plain, placed = _strategy(budget=400), _strategy(budget=400, level_position=True)
-    with torch.no_grad():
-        encoding = placed.encode(model, source)
-        placed.select(model, encoding, "Where is the harbour?")
-        level = encoding.levels[0]
-        # Base: every tile of the base grid with the term of its place in that grid.
-        view = source.read_view(max(level.width, level.height))
-        every = torch.tensor([[r, c] for r in range(level.rows) for c in range(level.cols)])
-        tiles = torch.from_numpy(cut_tiles(pad_to_tiles(view, 32), 32))
-        features, _ = model.encode_tiles(tiles, model.level_position(level.rows, level.cols, every))
-        torch.testing.assert_close(encoding.base, pool_tiles(model.project(features), 2))
-        assert not torch.allclose(encoding.base, plain.encode(model, source).base)
-        # A fine tile read for the zoom: its window with the term of its place in its level.
-        (index, row, col), cached = next(iter(encoding.cache.items()))
-        fine = encoding.levels[index]
-        window = source.read_window(*fine.window(row, col), out_size=(32, 32))
-        position = model.level_position(fine.rows, fine.cols, torch.tensor([[row, col]]))
-        features, _ = model.encode_tiles(torch.from_numpy(window.copy())[None], position)
-        torch.testing.assert_close(cached, pool_tiles(model.project(features), 2)[0])
 
 
 def test_the_thumbnail_keeps_the_aspect_ratio_on_a_zero_canvas(tiny_model, image_factory):

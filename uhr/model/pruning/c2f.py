@@ -9,9 +9,7 @@ zero-padded bottom/right to whole tiles and cut into raster tiles; every tile's 
 goes through the projector and is then average-pooled by `pool` in the LM's space, in LRS-VQA's
 order (24 x 24 -> 12 x 12, which for pool 2 equals its 2x bilinear downscale). Optionally a global thumbnail gives the context
 LRS-VQA prepends: the scene at one tile's longest side, aspect kept, top-left on a zero canvas of
-one tile, as LRS-VQA builds it (g x g unpooled tokens). With `level_position`, every pyramid tile's
-tower embeddings also get LRS-VQA's second position term (`model.level_position`: CLIP's position
-table resized over the level's whole patch grid); the thumbnail gets none, as there.
+one tile, as LRS-VQA builds it (g x g unpooled tokens).
 
 `encode` (query-independent) reads and encodes the thumbnail and the whole base level. Per
 question (`coarse_to_fine`):
@@ -347,7 +345,7 @@ class CoarseToFineStrategy(PruningStrategy):
 
         pixels = source.read_view(max(levels[0].width, levels[0].height))
         box = tiling.padded_box(width, height, pixels.shape[1], pixels.shape[0], tile)
-        base_grid = model.encode_view(pixels, scale=1, box=box, level_position=cfg.level_position)
+        base_grid = model.encode_view(pixels, scale=1, box=box)
         rows, cols = base_grid.tiles
         if (rows, cols) != (levels[0].rows, levels[0].cols):
             raise ValueError(
@@ -411,10 +409,7 @@ class CoarseToFineStrategy(PruningStrategy):
         if missing:
             size = (level.tile, level.tile)
             windows = read_windows(encoding.source, [level.window(r, c) for _, r, c in missing], out_size=size)
-            position = None
-            if self.config.c2f.level_position:
-                position = model.level_position(level.rows, level.cols, torch.tensor([[r, c] for _, r, c in missing]))
-            features, _ = model.encode_tiles(torch.from_numpy(np.stack(windows)), position)
+            features, _ = model.encode_tiles(torch.from_numpy(np.stack(windows)))
             cache.update(zip(missing, pool_tiles(model.project(features), self.config.c2f.pool)))
         for key in keys:
             cache.move_to_end(key)
