@@ -102,7 +102,9 @@ class C2FConfig(BaseModel):
             "None = the middle layer."
         ),
     )
-    global_view: bool = Field(True, description="Prepend the global thumbnail (the scene squashed to one tile) as LRS-VQA does.")
+    global_view: bool = Field(
+        True, description="Prepend the global thumbnail (the scene at one tile's longest side, aspect kept) as LRS-VQA does."
+    )
     max_cached_tiles: int = Field(
         4096, ge=0, description="Fine tiles a scene's encoding keeps for later questions (least recently used dropped)."
     )
