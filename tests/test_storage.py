@@ -185,6 +185,12 @@ PEM = "-----{} " + "PRIVATE KEY-----"
         ("{'SecretAccessKey': 'uhr/not+real', 'SessionToken': 'uhr-not-real'}", "uhr/not+real"),
         (f"s3://{FAKE_SHAPED_KEY_ID}:uhr/NOT+A+REAL+SECRET@bucket/x.tif", "uhr/NOT+A+REAL+SECRET"),
     ],
+    # Named, so test ids (in logs and pytest's cache) do not spell out the credential-shaped strings.
+    ids=[
+        "presigned-signature", "security-token", "azure-sas", "url-password", "sigv4-header", "aws-config-line",
+        "key-id", "oauth-client-secret", "gcs-secret", "azure-account-key", "pem-key", "bearer", "refresh-token",
+        "boto-dict", "url-key-pair",
+    ],
 )
 def test_redact_masks_credentials(text, secret):
     masked = redact(text)
