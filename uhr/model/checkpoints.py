@@ -84,6 +84,11 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
+def _is_pickle_weights(name: str) -> bool:
+    """A file name of pickled weights (`pytorch_model.bin`, `*.pt`), not the trainer's `training_args.bin`."""
+    return name.endswith(_PICKLE_SUFFIXES) and not name.startswith("training_args")
+
+
 def _weight_files(directory: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
     """(weight files, are they safetensors) of a checkpoint directory."""
     index = directory / _SAFETENSORS_INDEX
@@ -93,7 +98,7 @@ def _weight_files(directory: Path, allow_pickle: bool) -> tuple[list[Path], bool
     safetensors = sorted(directory.glob("*.safetensors"))
     if safetensors:
         return safetensors, True
-    pickles = sorted(p for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES and not p.name.startswith("training_args"))
+    pickles = sorted(p for p in directory.iterdir() if _is_pickle_weights(p.name))
     if not pickles:
         raise CheckpointError(str(directory), "no weights (*.safetensors, or *.bin / *.pt with allow_pickle=True)")
     if not allow_pickle:
@@ -525,6 +530,12 @@ def _fetch_directory(uri: str, storage: StorageConfig, cache_dir: str | os.PathL
     return cache
 
 
+def _safetensors_header(handle: Any) -> bytes:
+    """The JSON header of the safetensors file open at its start in `handle`, as stored (8-byte length first)."""
+    (length,) = struct.unpack("<Q", handle.read(8))
+    return handle.read(length)
+
+
 class _HeaderShapes:
     """Tensor keys and shapes of safetensors files, from their headers alone (a few KB per file)."""
 
@@ -532,8 +543,7 @@ class _HeaderShapes:
         self._shapes: dict[str, tuple[int, ...]] = {}
         for path in paths:
             with fs.open(path, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
+                header = json.loads(_safetensors_header(handle))
             self._shapes.update({key: tuple(info["shape"]) for key, info in header.items() if key != "__metadata__"})
 
     def keys(self) -> list[str]:
@@ -600,8 +610,7 @@ def weights_fingerprint(path_or_uri: str | os.PathLike[str], *, storage: Storage
     fs = (storage or StorageConfig()).filesystem(location)
     root = location.rstrip("/")
     files = _safetensors_files(fs, root) or sorted(
-        path for path in fs.ls(root, detail=False)
-        if path.endswith(_PICKLE_SUFFIXES) and not posixpath.basename(path).startswith("training_args")
+        path for path in fs.ls(root, detail=False) if _is_pickle_weights(posixpath.basename(path))
     )
     if not files:
         raise CheckpointError(location, "no weights (*.safetensors, *.bin, *.pt or *.pth) to fingerprint")
@@ -623,10 +632,9 @@ def weights_fingerprint(path_or_uri: str | os.PathLike[str], *, storage: Storage
 def _sample_safetensors(fs: Any, path: str, digest: Any) -> None:
     """Feed `digest` a safetensors file's header and the first and last 4 KiB of each tensor's bytes."""
     with fs.open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = handle.read(length)
+        header = _safetensors_header(handle)
         digest.update(header)
-        data = 8 + length
+        data = 8 + len(header)
         spans = sorted(tuple(info["data_offsets"]) for key, info in json.loads(header).items() if key != "__metadata__")
         for begin, end in spans:
             for start in dict.fromkeys((begin, max(begin, end - _SAMPLE))):
