@@ -1,7 +1,8 @@
 """What every training worker runs: `train_loop_per_worker(TrainPlan)` under Ray Train.
 
 Read top to bottom: the plan the driver hands over, per-part freezing and learning rates, the
-DeepSpeed engine, checkpoint save/restore, one micro-step with pruning in the loop, then the loop.
+DeepSpeed engine, checkpoint save/restore, step and epoch counting, one micro-step with pruning in
+the loop, then the loop.
 
 Each worker loads the model, lets the pruning strategy encode and select on its samples (selection
 is discrete; gradients flow through the kept and merged tokens into the projector and, when it
@@ -10,9 +11,10 @@ partitioned over the ranks). Every `checkpoint_every_steps` all ranks write thei
 DeepSpeed checkpoint and report it, so Ray Train merges the parts into one checkpoint directory.
 A restarted worker group (lost worker, re-run of the same command) resumes from the latest one:
 the step count and schedule continue exactly, and the interrupted epoch goes on where it stopped:
-each worker reads past the micro-batches that epoch had already trained (Ray Data cannot skip rows
-without reading them), so every epoch trains its share of steps once and a run of `epochs` passes
-ends after them, not a partial epoch early.
+each worker reads past the micro-batches that epoch had read at the checkpoint (counted, not
+derived from steps: an epoch's last micro-batches that fill no step join the next epoch's first;
+Ray Data cannot skip rows without reading them), so every micro-batch of an epoch trains once and
+a run of `epochs` passes ends after them, not a partial epoch early.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray
 import ray.train
@@ -71,7 +74,9 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     epoch_start: int = 0
-    """Step count when the current epoch began: a resume skips the micro-batches of the steps since."""
+    """Step count when the current epoch began."""
+    epoch_batches: int = 0
+    """Micro-batches of the current epoch this worker had read at the last optimizer step: a resume reads past them."""
     history: list[tuple[int, float]] = field(default_factory=list)
     """(step, loss) of every optimizer step, loss averaged over the step's micro-batches and ranks."""
     resumed_from: list[int] = field(default_factory=list)
@@ -167,21 +172,75 @@ def save_checkpoint(engine: DeepSpeedEngine, state: TrainState, metrics: dict[st
         )
 
 
-def restore_checkpoint(engine: DeepSpeedEngine, checkpoint: ray.train.Checkpoint) -> TrainState:
-    """Load the engine (weights, optimizer partition, schedule) and the loop state from `checkpoint`."""
+def restore_checkpoint(engine: DeepSpeedEngine, checkpoint: ray.train.Checkpoint, accumulation: int) -> TrainState:
+    """Load the engine (weights, optimizer partition, schedule) and the loop state from `checkpoint`.
+
+    `accumulation` (micro-batches per optimizer step) places the resume in a checkpoint that predates
+    `epoch_batches`.
+    """
     with checkpoint.as_directory() as directory:
         path, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
     if path is None:
         raise RuntimeError(f"checkpoint {checkpoint.path} holds no DeepSpeed state under tag {CHECKPOINT_TAG!r}")
     saved = client_state["uhr"]
+    epoch_start = saved.get("epoch_start", saved["step"])
     return TrainState(
         step=saved["step"],
         epoch=saved["epoch"],
-        epoch_start=saved.get("epoch_start", saved["step"]),
+        epoch_start=epoch_start,
+        epoch_batches=saved.get("epoch_batches", (saved["step"] - epoch_start) * accumulation),
         history=[tuple(item) for item in saved["history"]],
         resumed_from=[*saved["resumed_from"], saved["step"]],
         grounding=[tuple(item) for item in saved.get("grounding", [])],
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps and epochs
+# ----------------------------------------------------------------------------------------------
+
+
+Batch = TypeVar("Batch")
+
+
+class StepCounter:
+    """Counts a worker's micro-batches into optimizer steps and epochs, on a `TrainState`.
+
+    An epoch's last micro-batches that fill no optimizer step join the next epoch's first one
+    (DeepSpeed accumulates their gradients until its next boundary), so the micro-batches an epoch
+    had read at a step are counted, not derived from its steps: a run resumed from any checkpoint
+    then trains the micro-batches the uninterrupted run would have.
+    """
+
+    def __init__(self, state: TrainState, accumulation: int):
+        self.state = state
+        self.accumulation = accumulation
+        self._pending = 0  # micro-batches trained since the last optimizer step (DeepSpeed's count too)
+        self._read = 0  # micro-batches of the current epoch read so far
+
+    def epoch(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        """The current epoch's micro-batches left to train: those it had read at the checkpoint are read past."""
+        skip, self._read = self.state.epoch_batches, 0
+        for batch in batches:
+            self._read += 1
+            if self._read > skip:
+                yield batch
+
+    def trained(self) -> bool:
+        """Count one trained micro-batch; True when it completed an optimizer step (`state.step` advanced)."""
+        self._pending += 1
+        if self._pending < self.accumulation:
+            return False
+        self._pending = 0
+        self.state.step += 1
+        self.state.epoch_batches = self._read
+        return True
+
+    def next_epoch(self) -> None:
+        """Begin the next epoch (its first step may still hold micro-batches of this one)."""
+        self.state.epoch += 1
+        self.state.epoch_start = self.state.step
+        self.state.epoch_batches = 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,11 +323,12 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
     strategy = build_strategy(config.pruning)
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
+    accumulation = config.gradient_accumulation_steps
     if checkpoint is not None:
-        state = restore_checkpoint(engine, checkpoint)
+        state = restore_checkpoint(engine, checkpoint, accumulation)
         logger.info("resumed from step %d (epoch %d)", state.step, state.epoch)
     shard = ray.train.get_dataset_shard("train")
-    accumulation = config.gradient_accumulation_steps
+    steps = StepCounter(state, accumulation)
     group_names = [group["name"] for group in engine.optimizer.param_groups]
 
     samples_seen, busy_s, tokens = 0, 0.0, 0
@@ -278,8 +338,6 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
     step_losses: list[float] = []
     step_grounding: list[float] = []
     last_saved = state.step
-    # Micro-batches the interrupted epoch trained before the checkpoint this run resumed from.
-    skip = (state.step - state.epoch_start) * accumulation
     while state.step < plan.total_steps and (config.max_steps is not None or state.epoch < config.epochs):
         batches = shard.iter_batches(
             batch_size=config.micro_batch_size,
@@ -289,10 +347,7 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
             local_shuffle_seed=config.seed + state.epoch,
         )
         started = time.perf_counter()
-        for batch in batches:
-            if skip:
-                skip -= 1
-                continue
+        for batch in steps.epoch(batches):
             samples = batch.to_pylist()
             loss, grounding, kept = micro_step(engine, strategy, samples, config)
             samples_seen += len(samples)
@@ -300,9 +355,8 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
             step_losses.append(loss)
             if grounding is not None:
                 step_grounding.append(grounding)
-            if len(step_losses) < accumulation:
+            if not steps.trained():
                 continue
-            state.step += 1
             loss = _mean_over_ranks(sum(step_losses) / len(step_losses), engine.device)
             grounding = _pooled_mean(step_grounding, engine.device) if config.grounding.weight > 0 else None
             step_losses, step_grounding = [], []
@@ -332,15 +386,13 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
                 break
         else:
             busy_s += time.perf_counter() - started
-        skip = 0  # a shorter epoch than the checkpoint's (the manifest changed) skips no further
         if state.step == state.epoch_start:
             raise RuntimeError(
                 f"epoch {state.epoch} gave this worker no full optimizer step ({config.batch_size} samples over "
                 f"{dist.get_world_size()} workers): too few usable samples in the manifest"
             )
         if state.step < plan.total_steps:
-            state.epoch += 1
-            state.epoch_start = state.step
+            steps.next_epoch()
     if last_saved != state.step:  # the epochs ran out before total_steps (skipped samples)
         save_checkpoint(engine, state, {"step": state.step, "epoch": state.epoch, "loss": state.history[-1][1]})
 
@@ -364,6 +416,7 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
 __all__ = [
     "CHECKPOINT_TAG",
     "MODEL_PARTS",
+    "StepCounter",
     "TrainPlan",
     "TrainState",
     "build_engine",
