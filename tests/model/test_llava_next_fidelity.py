@@ -82,6 +82,7 @@ def _save(reference: LlavaNextForConditionalGeneration, tokenizer, directory, la
         ("qwen2", "save_pretrained", (45, 70)),  # landscape: 32x64 grid, rows cropped
         ("llama", "v5_keys", (70, 45)),  # portrait: 64x32 grid, columns cropped
         ("qwen2", "v5_keys", (60, 60)),  # square: 64x64 grid, nothing cropped
+        ("llama", "save_pretrained", (300, 2)),  # thinner than a token: every column cropped, newlines kept
     ],
 )
 def test_none_reproduces_llava_next(tmp_path, image_factory, config_geometry, text_model, layout, size):

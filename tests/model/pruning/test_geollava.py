@@ -93,6 +93,19 @@ def test_parents_match_the_dense_affinity_argmax(height, width, seed, quantised)
     assert torch.equal(affinity_parents(probs), dense_affinity(probs).argmax(-1))
 
 
+def test_half_precision_neighbour_weights_are_summed_in_float32_as_released():
+    # A left-border token whose clamped offsets pile two bf16 weights onto each of two tokens: in
+    # float32 (the released dense A) the lower neighbour wins by 0.001, a bf16 sum ties them.
+    weights = torch.tensor([0.10596, 0.13184, 0.10889, 0.08252, 0.11328, 0.11182, 0.15723, 0.08154, 0.10693])
+    probs = torch.zeros(1, 3, 3, 9)
+    probs[..., 4] = 1.0
+    probs[0, 1, 0] = weights
+    half = probs.bfloat16()
+    released = dense_affinity(half.float()).argmax(-1)
+    assert released[0, 3].item() == 6
+    assert torch.equal(affinity_parents(half), released)
+
+
 # -- pointer jumping -----------------------------------------------------------------------------
 
 
@@ -166,6 +179,17 @@ def test_cluster_centres_are_exact_means(count, seed):
             torch.testing.assert_close(centres[t, slot], expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_a_large_half_precision_cluster_keeps_its_mean(device):
+    # 576 bf16 members near 1: a sum kept in bf16 would stall at 256 (its spacing there is 2).
+    generator = torch.Generator().manual_seed(0)
+    features = (1 + 0.01 * torch.randn(1, 576, 4, generator=generator)).bfloat16().to(device)
+    roots = torch.zeros(1, 576, dtype=torch.long, device=device)
+    centres, _ = cluster_centres(features, roots)
+    assert centres.dtype == torch.bfloat16
+    torch.testing.assert_close(centres[0, 0].float(), features[0].float().mean(0), rtol=4e-3, atol=0)
+
+
 # -- anchored selection --------------------------------------------------------------------------
 
 
@@ -224,6 +248,22 @@ def test_pinpoints_respect_tiles_sides_aspect_and_budget():
     assert geollava_pinpoints(336, 47, 24, 147, 576, 49) == []
 
 
+def test_a_per_tile_cap_above_the_tiles_tokens_does_not_shrink_the_grid(tiny_model, image_factory):
+    # A tile keeps at most its 8 x 8 tokens, so a cap of 100 fits the same grids as a cap of 64.
+    model, _ = tiny_model
+    image = image_factory(60, 120, seed=0)
+    layouts = []
+    for cap in (64, 100):
+        config = PruningConfig(
+            strategy="geollava", budget=150, geollava={"max_tokens_per_tile": cap, "max_tiles_per_side": 4, "max_tiles": 8}
+        )
+        strategy = GeoLlavaStrategy(config)
+        with torch.no_grad():
+            encoding = strategy.encode(model, ArraySource(image))
+        layouts.append(((encoding.layout.rows, encoding.layout.cols), len(encoding.tokens)))
+    assert layouts[0] == layouts[1] == ((1, 2), 128)
+
+
 def test_default_pinpoints_are_the_released_list():
     config = PruningConfig(strategy="geollava", budget=10**6).geollava
     grids = geollava_pinpoints(
@@ -257,7 +297,7 @@ def test_encode_matches_the_algorithm_with_the_towers_own_projections(tiny_model
         tokens = strategy.select(model, strategy.encode(model, ArraySource(image)), "anything")
         # recompute by hand: the layout, tiles, tower features, head, clusters, then the score formula
         tile, grid = model.tile_size, model.patch_grid
-        layout = strategy._layout(100, 70, tile)
+        layout = strategy._layout(100, 70, model.config)
         assert layout.rows * layout.cols * 5 <= 40 and layout.rows * layout.cols >= 2
         canvas = tiling.anyres_canvas(ArraySource(image).read_view(max(layout.resized)), layout)
         features, cls = model.encode_tiles(torch.from_numpy(tiling.cut_tiles(canvas, tile)))

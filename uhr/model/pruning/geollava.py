@@ -83,7 +83,9 @@ def affinity_parents(probs: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"affinity probabilities need {len(NEIGHBOUR_OFFSETS)} offsets, got {offsets}")
     count = height * width
     targets = neighbour_targets(height, width, probs.device)  # (N, 9)
-    q = probs.reshape(tiles, count, offsets)
+    # In float32 as the released dense A is (torch.zeros), whatever the tower's dtype: bf16 sums of
+    # a border token's 2-4 offsets round into false ties and flipped parents.
+    q = probs.reshape(tiles, count, offsets).to(torch.promote_types(probs.dtype, torch.float32))
     # weight[t, i, k] = A[t, i, targets[i, k]]: Q summed over every offset landing on that token,
     # accumulated in offset order like the dense A (adding exact zeros for the others).
     same = (targets[:, :, None] == targets[:, None, :]).to(q.dtype)  # (N, 9 as k, 9 as k')
@@ -125,9 +127,13 @@ def cluster_centres(features: torch.Tensor, roots: torch.Tensor) -> tuple[torch.
         centres (T, N, D) (zero in slots no token has as root) and counts (T, N) long cluster sizes.
     """
     tiles, count, dim = features.shape
-    sums = torch.zeros_like(features).scatter_add(1, roots[..., None].expand(-1, -1, dim), features)
+    # Summed in float32: a half-precision sum of a large homogeneous cluster (the sea this method
+    # collapses) stops growing once it dwarfs a member, shrinking the mean.
+    accumulate = torch.promote_types(features.dtype, torch.float32)
+    sums = torch.zeros(tiles, count, dim, dtype=accumulate, device=features.device)
+    sums = sums.scatter_add(1, roots[..., None].expand(-1, -1, dim), features.to(accumulate))
     sizes = torch.zeros(tiles, count, dtype=torch.long, device=roots.device).scatter_add_(1, roots, torch.ones_like(roots))
-    return sums / sizes.clamp_min(1)[..., None].to(features.dtype), sizes
+    return (sums / sizes.clamp_min(1)[..., None]).to(features.dtype), sizes
 
 
 def anchored_scores(cls: torch.Tensor, centres: torch.Tensor, q_proj: nn.Linear, v_proj: nn.Linear) -> torch.Tensor:
@@ -234,8 +240,8 @@ def geollava_pinpoints(
 
     The released list is every grid of 2..576 tiles whose long side is at most 49 times its short
     side (2,239 grids, up to 3 x 147 tiles), ordered by (width, height) as LongVA lists
-    (width, height) pairs, which decides full ties. Grids whose clusters (tiles * max_tokens_per_tile)
-    exceed the budget are left out.
+    (width, height) pairs, which decides full ties. Grids whose clusters (tiles * max_tokens_per_tile,
+    the most a tile keeps) exceed the budget are left out.
     """
     grids = []
     for cols in range(1, max_tiles_per_side + 1):
@@ -268,17 +274,18 @@ class GeoLlavaStrategy(PruningStrategy):
     name = "geollava"
     query_guided = False
 
-    def _layout(self, width: int, height: int, tile: int) -> tiling.AnyresLayout:
-        cfg = self.config.geollava
+    def _layout(self, width: int, height: int, config: UhrConfig) -> tiling.AnyresLayout:
+        cfg, tile = self.config.geollava, config.tile_size
+        per_tile = min(cfg.max_tokens_per_tile, config.patch_grid**2)  # a tile keeps at most its g*g tokens
         pinpoints = geollava_pinpoints(
-            tile, self.config.budget, cfg.max_tokens_per_tile, cfg.max_tiles_per_side, cfg.max_tiles, cfg.max_aspect
+            tile, self.config.budget, per_tile, cfg.max_tiles_per_side, cfg.max_tiles, cfg.max_aspect
         )
         pinpoint = tiling.select_pinpoint(width, height, pinpoints) if pinpoints else (tile, tile)
         return tiling.anyres_layout(width, height, pinpoint, tile)
 
     def views(self, config: UhrConfig, width: int, height: int) -> list[int]:
         """The one view the anyres canvas is resized from (never above the scene's own size)."""
-        layout = self._layout(width, height, config.tile_size)
+        layout = self._layout(width, height, config)
         return [min(max(layout.resized), max(width, height))]
 
     def encode(self, model: UhrForConditionalGeneration, source: PixelSource) -> GeoLlavaEncoding:
@@ -286,7 +293,7 @@ class GeoLlavaStrategy(PruningStrategy):
         budget = self.config.budget
         tile, grid = model.tile_size, model.patch_grid
         width, height = source.width, source.height
-        layout = self._layout(width, height, tile)
+        layout = self._layout(width, height, model.config)
         (side,) = self.views(model.config, width, height)
         canvas = tiling.anyres_canvas(source.read_view(side), layout)
         tiles = torch.from_numpy(tiling.cut_tiles(canvas, tile))  # (T, S, S, 3)

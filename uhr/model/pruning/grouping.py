@@ -31,8 +31,11 @@ def group_mean(values: torch.Tensor, groups: torch.Tensor, count: int) -> torch.
     sizes = torch.zeros(count, dtype=torch.long, device=groups.device).index_add_(0, ids, torch.ones_like(ids))
     if bool((sizes == 0).any()):
         raise ValueError(f"group_mean: groups {torch.nonzero(sizes == 0).flatten().tolist()} have no members")
-    sums = torch.zeros(count, values.shape[1], dtype=values.dtype, device=values.device).index_add(0, ids, values[member])
-    return sums / sizes.to(values.dtype)[:, None]
+    # Summed in float32 (a half-precision sum of a large group stops growing once it dwarfs a member).
+    accumulate = torch.promote_types(values.dtype, torch.float32)
+    sums = torch.zeros(count, values.shape[1], dtype=accumulate, device=values.device)
+    sums = sums.index_add(0, ids, values[member].to(accumulate))
+    return (sums / sizes[:, None]).to(values.dtype)
 
 
 def cell_boxes(box: tuple[float, float, float, float], height: int, width: int) -> torch.Tensor:

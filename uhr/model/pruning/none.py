@@ -158,10 +158,13 @@ class NoneStrategy(PruningStrategy):
         is_newline = col == left + cols
         tile_col = torch.where(is_newline, col - 1, col) // grid
         tile = (row // grid) * anyres.tiles[1] + tile_col
-        boxes = anyres.token_boxes().to(device)[top : top + rows, left : left + cols]  # (rows, cols, 4)
-        row_box = torch.stack(
-            [boxes[:, 0, 0], boxes[:, 0, 1], boxes[:, -1, 2], boxes[:, -1, 3]], dim=-1
-        )  # (rows, 4) span of the kept row
+        span = anyres.token_boxes().to(device)[top : top + rows, left : left + max(cols, 1)]  # (rows, >= 1, 4)
+        boxes = span[:, :cols]  # (rows, cols, 4)
+        row_box = torch.stack([span[:, 0, 0], span[:, 0, 1], span[:, -1, 2], span[:, -1, 3]], dim=-1)  # (rows, 4)
+        if cols == 0:
+            # A scene thinner than a token keeps only its rows' newlines, as LLaVA-NeXT does; each
+            # row then stands for the scene's whole width.
+            row_box[:, 0], row_box[:, 2] = 0.0, float(width)
         grid_boxes = torch.cat([boxes, row_box[:, None]], dim=1)
 
         count = grid * grid + rows * (cols + 1)
