@@ -27,8 +27,9 @@ import argparse
 import logging
 import sys
 
-from uhr.config import ConfigError, load_config
-from uhr.model import CheckpointError
+from uhr.cli import run_main
+from uhr.config import load_config
+from uhr.errors import UhrError
 from uhr.eval.benchmarks import BenchmarkFormatError
 from uhr.eval.run import BENCHMARK_ALIASES, EvaluateConfig, parse_sweep, run_evaluation
 from uhr.pipeline import VqaConfig
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             **parse_sweep(args.sweep),
         )
         result = run_evaluation(config)
-    except (ConfigError, BenchmarkFormatError, CheckpointError, FileNotFoundError) as error:
+    except (UhrError, BenchmarkFormatError, FileNotFoundError) as error:
         print(f"error: {redact(str(error))}", file=sys.stderr)
         return 2
     print(result.format())
@@ -88,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

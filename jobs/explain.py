@@ -21,7 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from uhr.config import ConfigError, load_config
+from uhr.cli import run_main
+from uhr.config import load_config
 from uhr.errors import UhrError
 from uhr.explain import ExplainConfig, describe, run_explain
 from uhr.storage import redact
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             pruning={"strategy": args.strategy, "budget": args.budget},
         )
         explanation, _ = run_explain(config)
-    except (ConfigError, UhrError, ValueError, FileNotFoundError) as error:
+    except (UhrError, ValueError, FileNotFoundError) as error:
         # Bad input (a missing scene, a budget the strategy cannot meet, ...): one line, no traceback.
         print(f"error: {redact(str(error))}", file=sys.stderr)
         return 2
@@ -67,4 +68,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -24,7 +24,10 @@ import argparse
 import logging
 import sys
 
-from uhr.config import ConfigError, load_config
+from uhr.cli import run_main
+from uhr.config import load_config
+from uhr.errors import UhrError
+from uhr.storage import redact
 from uhr.train import FinetuneConfig, run_finetune
 
 
@@ -58,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
         summary = run_finetune(config)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except UhrError as error:  # a bad config or input, storage or checkpoint that cannot be reached
+        print(f"error: {redact(str(error))}", file=sys.stderr)
         return 2
     print(summary.format())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

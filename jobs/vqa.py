@@ -22,8 +22,11 @@ import argparse
 import logging
 import sys
 
-from uhr.config import ConfigError, load_config
+from uhr.cli import run_main
+from uhr.config import load_config
+from uhr.errors import UhrError
 from uhr.pipeline import VqaConfig, run_vqa
+from uhr.storage import redact
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
         summary = run_vqa(config)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except UhrError as error:  # a bad config or input, storage or checkpoint that cannot be reached
+        print(f"error: {redact(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # The rows computed so far are written and counted in the manifest; a rerun resumes.
@@ -69,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -195,6 +195,8 @@ PEM = "-----{} " + "PRIVATE KEY-----"
 def test_redact_masks_credentials(text, secret):
     masked = redact(text)
     assert secret not in masked and "***" in masked
+    # A message redacted twice (a SceneError's text, then an error row's) keeps what follows the mask.
+    assert redact(masked + ": not found") == masked + ": not found"
 
 
 def test_redact_masks_the_environment_secret_wherever_it_appears(monkeypatch):
@@ -230,5 +232,7 @@ def test_absolute_uri_anchors_local_paths_and_leaves_object_stores(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert absolute_uri("outputs/run") == str(tmp_path / "outputs" / "run")
     assert absolute_uri("/data/a.tif") == "/data/a.tif"
+    # One file, one name: a scene list spelling it several ways asks it once.
+    assert absolute_uri("file:///data/a.tif") == absolute_uri("/data//a.tif") == absolute_uri("/data/./a.tif") == "/data/a.tif"
     assert absolute_uri("s3://bucket/key") == "s3://bucket/key"
     assert absolute_uri("/vsis3/bucket/key") == "/vsis3/bucket/key"

@@ -13,6 +13,7 @@ through only those present in the environment.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any
@@ -274,11 +275,15 @@ def is_remote(uri: str | os.PathLike[str]) -> bool:
 
 
 def absolute_uri(uri: str) -> str:
-    """`uri` with a relative local path made absolute (against this process's working directory);
-    object-store URIs unchanged. For URIs handed to workers, which run in other directories."""
-    if is_remote(uri) or uri_protocol(uri) is not None:
+    """`uri` with a local path made absolute (against this process's working directory) and
+    normalised, `file://` spelling included, so one file has one name; object-store URIs unchanged.
+    For URIs handed to workers, which run in other directories."""
+    if is_remote(uri):
         return uri
-    return os.path.abspath(uri)
+    protocol, path = split_protocol(uri)
+    if protocol in (None, "file", "local"):
+        return os.path.abspath(path)
+    return uri
 
 
 def to_gdal_path(uri: str | os.PathLike[str]) -> str:
@@ -317,24 +322,25 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
     # user:pass@ (or token@) in any URI; a password may hold "/", as AWS secret keys do.
     (re.compile(r"(?P<keep>[A-Za-z][A-Za-z0-9+.-]*://)(?:[^/\s@:]+:[^\s@]*|[^/\s@]+)@"), rf"\g<keep>{_REDACTED}@"),
-    # Signed-URL query parameters (S3 presigned, GCS signed, Azure SAS) and similar.
+    # Signed-URL query parameters (S3 presigned, GCS signed, Azure SAS) and similar. Values already
+    # masked are left alone here and below, so redacting a message twice keeps its text ("=***: why").
     (
         re.compile(
             r"(?P<keep>[?&](?:X-Amz-[A-Za-z-]+|X-Goog-[A-Za-z-]+|AWSAccessKeyId|Signature|sig|"
-            r"token|access_token|key|api_key|password|secret)=)[^&\s\"']+",
+            r"token|access_token|key|api_key|password|secret)=)(?!\*\*\*)[^&\s\"']+",
             re.IGNORECASE,
         ),
         rf"\g<keep>{_REDACTED}",
     ),
     # Authorization headers as they appear in HTTP traces, and bearer tokens wherever they appear.
-    (re.compile(r"(?P<keep>Authorization\s*[:=]\s*)[^\r\n]+", re.IGNORECASE), rf"\g<keep>{_REDACTED}"),
+    (re.compile(r"(?P<keep>Authorization\s*[:=]\s*)(?!\s*\*\*\*)[^\r\n]+", re.IGNORECASE), rf"\g<keep>{_REDACTED}"),
     (re.compile(r"(?P<keep>\bBearer\s+)[A-Za-z0-9._~+/-]+=*"), rf"\g<keep>{_REDACTED}"),
     # name=value / name: value pairs whose name ends in a secret word: client_secret, refresh_token,
     # GS_SECRET_ACCESS_KEY, api_key, 'SecretAccessKey': ..., AccountKey=... (but not tokens_kept=).
     (
         re.compile(
             r"(?P<keep>\b[\w-]*(?:secret|password|passwd|token|api_?key|access_?key|private_?key|account_?key|"
-            r"access_?key_?id)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&]+",
+            r"access_?key_?id)[\"']?\s*[:=]\s*[\"']?)(?!\*\*\*)[^\s\"',;&]+",
             re.IGNORECASE,
         ),
         rf"\g<keep>{_REDACTED}",
@@ -342,6 +348,26 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     # Access key ids and tokens recognisable by their shape: AWS, Google HMAC, GitHub, Hugging Face.
     (re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b|\bGOOG1[A-Z0-9]{20,}\b|\b(?:ghp|hf)_[A-Za-z0-9]{30,}\b"), _REDACTED),
 )
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter masking credentials (`redact`) in the records of a library that logs URIs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+_MASK = RedactingFilter()
+# Libraries that log whole URLs, a signed one's signature included: GDAL's messages (an HTTP error,
+# a retry) through rasterio's modules, fsspec's HTTP requests. A logger's filter sees only its own
+# records, so each module's logger is named. Every process importing uhr (Ray workers too) masks them.
+for _name in ("rasterio", "rasterio._env", "rasterio._base", "rasterio._io", "rasterio._filepath", "rasterio.env",
+              "fsspec", "fsspec.http", "s3fs", "s3fs.core", "gcsfs", "gcsfs.core"):  # fmt: skip
+    logging.getLogger(_name).addFilter(_MASK)
 
 
 def redact(text: str) -> str:

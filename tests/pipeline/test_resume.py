@@ -113,3 +113,18 @@ def test_relative_paths_reach_the_workers_and_secrets_stay_out_of_manifest_and_r
     assert manifest["config"]["model"] == str(here / "models-***" / "tiny")
     assert SECRET not in (here / "out" / MANIFEST_NAME).read_text()
     assert set(rows["model"].to_pylist()) == {str(here / "models-***" / "tiny")}
+
+
+def test_a_signed_scene_url_is_masked_in_its_rows(ray_local, model_dir, tmp_path):
+    signature = "0123456789abcdef0123"
+    signed = f"http://127.0.0.1:1/archive/scene.tif?X-Amz-Signature={signature}"  # nothing listens there
+    scenes = tmp_path / "scenes.txt"
+    scenes.write_text(signed + "\n")
+    summary = run_vqa(config(scenes=str(scenes), ask=["Is there a bridge?"], output=str(tmp_path / "out"),
+                             model=str(model_dir), overrides={"max_new_tokens": 2}))  # fmt: skip
+    rows = read_rows(str(tmp_path / "out"))
+    assert summary.errors == rows.num_rows == 1
+    assert rows["scene"].to_pylist() == [signed.replace(signature, "***")]
+    # The error names the scene, then (after a colon, not eaten by a second redaction) why it failed.
+    assert rows["error"][0].as_py().startswith(f"cannot read scene {signed.replace(signature, '***')}: ")
+    assert signature not in (tmp_path / "out" / MANIFEST_NAME).read_text()

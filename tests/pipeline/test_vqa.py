@@ -15,11 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 import shapely
 import torch
+import transformers.configuration_utils
 
 from jobs.vqa import main
-from uhr.model import load_model, save_model
-from uhr.pipeline import MANIFEST_NAME, OUTPUT_SCHEMA, run_vqa
+from uhr.cli import run_main
+from uhr.model import build_tiny_model, load_model, save_model
+from uhr.pipeline import MANIFEST_NAME, OUTPUT_SCHEMA, VqaConfig, run_vqa
 from uhr.pipeline.plan import InputError, question_id
+from uhr.pipeline.vqa import _check_resumable, answer_settings
 from uhr.synth import write_scene
 
 from .helpers import config, read_manifest, read_rows, scored_by_hand
@@ -119,6 +122,18 @@ def test_ask_every_scene_with_stable_ids_and_resume_skips_done(ray_local, archiv
     assert third.rows == len(expected) and read_manifest(str(tmp_path / "out"))["counts"]["runs"] == 1
 
 
+def test_settings_read_back_from_a_manifest_match_an_unchanged_rerun(monkeypatch):
+    model, _ = build_tiny_model(seed=0)
+    config = VqaConfig(normalize={"nodata": "nan"})  # float scenes' nodata: NaN never equals itself
+    recorded = json.loads(json.dumps(answer_settings(config, model.config, "weights")))  # as _run.json holds them
+    # transformers stamps its own version into every config dump; an upgrade changes no answer setting.
+    monkeypatch.setattr(transformers.configuration_utils, "__version__", "99.0.0")
+    assert model.config.to_dict()["transformers_version"] == "99.0.0"
+    _check_resumable("out", recorded, answer_settings(config, model.config, "weights"))
+    with pytest.raises(InputError, match=r"\(normalize changed\)"):
+        _check_resumable("out", recorded, answer_settings(VqaConfig(normalize={"nodata": 0}), model.config, "weights"))
+
+
 def zero_width_tiff(path: Path) -> Path:
     """A TIFF whose header declares an image 0 pixels wide (GDAL cannot write one)."""
     entries = [(256, 4, 1, 0), (257, 4, 1, 16), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
@@ -189,7 +204,25 @@ def test_bad_config_or_questions_stop_before_any_work(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("encode: [1, 2]\n")
     assert main(["--config", str(tmp_path / "bad.yaml")]) == 2
     assert f"invalid VqaConfig in {tmp_path / 'bad.yaml'}: encode" in capsys.readouterr().err
+    # Storage or a model that cannot be reached: the message, no traceback.
+    assert main(["--scenes", str(tmp_path / "no-archive"), "--ask", "x?", "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: storage error at {tmp_path / 'no-archive'}")
+    assert main(["--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot load checkpoint {tmp_path / 'no-model'}")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unhandled_error_prints_its_traceback_without_credentials(capsys):
+    def failing() -> int:
+        try:
+            raise FileNotFoundError("https://x/model?X-Amz-Signature=0123456789abcdef0123/config.json")
+        except FileNotFoundError as error:
+            raise RuntimeError("cannot load the model") from error
+
+    assert run_main(failing) == 1
+    printed = capsys.readouterr().err
+    assert "Traceback" in printed and "RuntimeError: cannot load the model" in printed
+    assert "X-Amz-Signature=***" in printed and "0123456789abcdef0123" not in printed
 
 
 def test_split_stages_answer_like_fused(ray_local, archive, model_dir, tmp_path):

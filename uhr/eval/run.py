@@ -56,7 +56,7 @@ from uhr.pipeline.config import VqaConfig
 from uhr.pipeline.defaults import default_model, sample_archive
 from uhr.pipeline.output import PART_GLOB, RunManifest
 from uhr.pipeline.plan import is_proper_box
-from uhr.pipeline.vqa import RunSummary, resolve_pruning, run_vqa
+from uhr.pipeline.vqa import RunSummary, resolve_pruning, run_vqa, same_setting
 from uhr.storage import StorageConfig, is_remote, join_uri, redact, uri_protocol
 
 logger = logging.getLogger(__name__)
@@ -347,7 +347,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             found += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
+        elif not same_setting(a, b):
             found.append(f"{prefix}{key} was {a!r}, now {b!r}")
     return found
 

@@ -161,7 +161,7 @@ def _device(num_gpus: float) -> str:
 def _base_row(scene: dict[str, Any], question: dict[str, Any], config: VqaConfig, model_id: str, run_id: str) -> dict[str, Any]:
     return {
         "question_id": question["question_id"],
-        "scene": scene["scene"],
+        "scene": redact(scene["scene"]),  # a presigned URL's signature stays out of the dataset
         "question": question["question"],
         "choices": question.get("choices"),
         "bbox": question.get("bbox"),

@@ -289,10 +289,11 @@ def answer_settings(config: VqaConfig, model_config: UhrConfig, model_weights: s
     The model is identified by what it is, not by its URI: a moved checkpoint is the same model, a
     retrained one written over the old is not.
     """
-    model_json = json.dumps(_without_dtypes(model_config.to_dict()), sort_keys=True, default=str)
+    model_json = json.dumps(_architecture(model_config.to_dict()), sort_keys=True, default=str)
     return {
-        # Named apart from the dtype-sensitive hash older manifests hold, which is then not compared.
-        "model_architecture_sha256": hashlib.sha256(model_json.encode()).hexdigest(),
+        # Named apart from the hashes older manifests hold (of the dtype and transformers' version
+        # too), which are then not compared.
+        "model_config_sha256": hashlib.sha256(model_json.encode()).hexdigest(),
         "model_weights": model_weights,
         "pruning": config.pruning.model_dump(mode="json"),
         "normalize": config.normalize.model_dump(mode="json"),
@@ -301,12 +302,16 @@ def answer_settings(config: VqaConfig, model_config: UhrConfig, model_weights: s
     }
 
 
-def _without_dtypes(value: Any) -> Any:
-    """A config dump without its `dtype` / `torch_dtype` entries: the weights' storage type, which a
-    load fills in (a re-saved checkpoint records float32 where its source said nothing); the run's
-    precision and the weights are settings of their own."""
+_NOT_ARCHITECTURE = ("dtype", "torch_dtype", "transformers_version", "_name_or_path")
+"""Config entries that do not decide answers: the weights' storage type, which a load fills in (a
+re-saved checkpoint records float32 where its source said nothing; the run's precision and the
+weights are settings of their own), the transformers version `to_dict` stamps, where it was loaded from."""
+
+
+def _architecture(value: Any) -> Any:
+    """A config dump without its `_NOT_ARCHITECTURE` entries, at every depth."""
     if isinstance(value, dict):
-        return {key: _without_dtypes(item) for key, item in value.items() if key not in ("dtype", "torch_dtype")}
+        return {key: _architecture(item) for key, item in value.items() if key not in _NOT_ARCHITECTURE}
     return value
 
 
@@ -315,13 +320,18 @@ def _check_resumable(output: str, earlier: dict[str, Any] | None, settings: dict
     manifest did not record (all of them, or a setting added since) is trusted."""
     if earlier is None:
         return
-    changed = sorted(key for key in settings.keys() & earlier.keys() if settings[key] != earlier[key])
+    changed = sorted(key for key in settings.keys() & earlier.keys() if not same_setting(settings[key], earlier[key]))
     if not changed:
         return
     raise InputError(
         f"output {redact(output)} holds answers made with other settings ({', '.join(changed)} changed); "
         "resuming would mix them into one dataset: pass --overwrite to start afresh, or choose another --output"
     )
+
+
+def same_setting(a: Any, b: Any) -> bool:
+    """Whether two recorded settings are equal as JSON: a NaN (nodata of float scenes) equals itself."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
 def redacted_tree(value: Any) -> Any:

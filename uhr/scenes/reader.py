@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from types import TracebackType
+from urllib.parse import urlsplit
 
 import numpy as np
 import rasterio
@@ -35,7 +36,7 @@ from uhr.errors import SceneError, SceneWarning
 from uhr.scenes.normalize import NormalizeConfig, Stretch, StretchMode, compute_stretch, to_rgb, valid_from_nodata
 from uhr.scenes.source import fit_longest_side, paste_inside
 from uhr.scenes.windows import Box
-from uhr.storage import StorageConfig, is_remote, redact, to_gdal_path
+from uhr.storage import StorageConfig, is_remote, redact, to_gdal_path, uri_protocol
 
 log = logging.getLogger(__name__)
 
@@ -429,10 +430,13 @@ class Scene:
         """Why an object GDAL could not open failed, when storage can tell; None otherwise."""
         if self.uri.startswith("/vsi"):
             return None
+        web = uri_protocol(self.uri) in ("http", "https")
         try:
             info = self.storage.filesystem(self.uri).info(self.uri)
         except FileNotFoundError:
-            return "no such file or object"
+            # fsspec's HTTP filesystem says "not found" for any failed request (an expired signature's
+            # 403 too): GDAL's own message, with the status code, is the better reason there.
+            return None if web else "no such file or object"
         except PermissionError:
             return "access denied"
         except Exception as error:  # the probe only refines a message; GDAL's own stands otherwise
@@ -444,7 +448,8 @@ class Scene:
             return "empty object (0 bytes)"
         allowed = str(self._gdal_env.get("CPL_VSIL_CURL_ALLOWED_EXTENSIONS", ""))
         extensions = tuple(ext.strip().lower() for ext in allowed.split(",") if ext.strip())
-        if is_remote(self.uri) and extensions and not self.uri.lower().endswith(extensions):
+        name = urlsplit(self.uri).path if web else self.uri  # a signed URL's query is not its name
+        if is_remote(self.uri) and extensions and not name.lower().endswith(extensions):
             return (
                 f"the name has none of the extensions GDAL may open remotely ({allowed}); "
                 "set CPL_VSIL_CURL_ALLOWED_EXTENSIONS in StorageConfig.gdal_options"
