@@ -148,9 +148,12 @@ def _write_part(path: str, table: pa.Table, storage: StorageConfig) -> None:
     geo = geo_metadata(table.column("footprint").to_pylist())
     table = table.replace_schema_metadata({b"geo": json.dumps(geo).encode()})
     if is_remote(path):
-        # An object becomes visible only when its upload completes: no partial part is ever listed.
-        with fs.open(path, "wb") as handle:
-            pq.write_table(table, handle)
+        # Serialised first, then put in one call: an object becomes visible only when its upload
+        # completes, and an error while writing uploads nothing (an fsspec file leaving a `with`
+        # block on an exception still closes, i.e. uploads, what it holds).
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        fs.pipe_file(path, sink.getvalue().to_pybytes())
     else:
         staging = path + ".tmp"
         with fs.open(staging, "wb") as handle:
