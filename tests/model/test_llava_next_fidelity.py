@@ -17,7 +17,7 @@ from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, Lla
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from tests.model.test_tokenizer_conversation import TYPED_TEMPLATE
-from uhr.model import build_tiny_tokenizer, load_model, load_model_config
+from uhr.model import build_tiny_tokenizer, load_model, load_model_config, save_model
 from uhr.model.checkpoints import TINY_PINPOINTS, _TINY_TEXT, _TINY_VISION
 from uhr.model.pruning.config import PruningConfig
 from uhr.model.pruning.none import NoneStrategy, anyres_token_count
@@ -172,6 +172,10 @@ def test_answers_stop_at_the_checkpoints_own_stop_tokens(tmp_path):
     model, loaded_tokenizer = load_model(tmp_path)
     assert loaded_tokenizer.eos_token_id == end_of_turn
     assert model.stop_token_ids() == [end_of_turn, end_of_text]
+    # Our export (what fine-tuning writes and the VQA job loads) keeps them.
+    save_model(model, tmp_path / "export")
+    exported, _ = load_model(tmp_path / "export")
+    assert exported.stop_token_ids() == [end_of_turn, end_of_text]
 
 
 def test_token_count_matches_processor_for_large_scenes():

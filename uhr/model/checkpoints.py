@@ -733,12 +733,12 @@ def load_model(
             config.image_token_id = None  # set from the tokenizer below
             model = _empty_model(config, dtype)
             _copy_mapped(model, tensors, table, optional, location)
-        if (directory / "generation_config.json").exists():  # the checkpoint's stop tokens, among others
-            model.language_model.generation_config = GenerationConfig.from_pretrained(str(directory))
     else:
         raise CheckpointError(
             location, f"config.json model_type {model_type!r} is none of 'uhr', 'llava_next', 'llava_qwen', 'llava_llama'"
         )
+    if (directory / "generation_config.json").exists():  # the checkpoint's stop tokens, among others
+        model.language_model.generation_config = GenerationConfig.from_pretrained(str(directory))
     model.attach_tokenizer(tokenizer)
     if device is not None:
         model.to(device)
@@ -751,7 +751,7 @@ def save_model(
     *,
     storage: StorageConfig | None = None,
 ) -> None:
-    """Write our export (config.json, model.safetensors, tokenizer files) to a directory or a URI."""
+    """Write our export (config.json, model.safetensors, generation_config.json, tokenizer files) to a directory or a URI."""
     location = os.fspath(path_or_uri)
     if not is_remote(location):
         model.save_pretrained(location)

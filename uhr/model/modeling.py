@@ -221,8 +221,10 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         return self._tokenizer
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
-        """Our export: config.json + model.safetensors (+ the attached tokenizer's files)."""
+        """Our export: config.json + model.safetensors + the LM's generation_config.json (its stop
+        tokens among others) (+ the attached tokenizer's files)."""
         super().save_pretrained(save_directory, *args, **kwargs)
+        self.language_model.generation_config.save_pretrained(save_directory)
         if self._tokenizer is not None:
             self._tokenizer.save_pretrained(save_directory)
 
@@ -345,6 +347,10 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
 
     def answer(self, visual: list[PrunedTokens], questions: list[str], *, max_new_tokens: int = 64) -> list[str]:
         """Greedy answers, one per (visual tokens, question) pair.
+
+        Greedy, not sampled, whatever the checkpoint's generation config says; its other settings
+        (stop tokens, a repetition penalty, suppressed tokens) apply, as they do in transformers'
+        `generate` and so in the evaluations the checkpoints' authors published.
 
         Questions whose visual tokens begin alike share one prefill of the prompt up to the end of
         the common part: its key/value cache is computed once and copied to each of them. A
