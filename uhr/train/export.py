@@ -2,10 +2,13 @@
 
 The DeepSpeed checkpoint keeps the module's weights (in the training precision) in
 `mp_rank_00_model_states.pt` and, under ZeRO-1/2, the float32 master weights of the trained
-parameters partitioned over `zero_pp_rank_*_optim_states.pt`. The export takes every tensor from
-the module state and the trained parameters from the float32 masters (DeepSpeed's own
-`zero_to_fp32` merges the partitions), so a bf16 run exports its exact master weights and a
-float32 run exports exactly what it trained. The result loads with `uhr.model.load_model`, as the
+parameters partitioned over `[bf16_]zero_pp_rank_*_optim_states.pt` (DeepSpeed prefixes them in a
+bf16 run). The export takes the trained parameters from the float32 masters (DeepSpeed's own
+`zero_to_fp32` merges the partitions) and every other tensor from the module state, except that a
+tensor the module holds below float32 and the masters lack (a frozen part or a buffer of a bf16
+run, never changed by training) is the float32 original of the model training started from. So a
+bf16 run exports its exact master weights and untouched originals, and a float32 run exports
+exactly what it trained. The result loads with `uhr.model.load_model`, as the
 VQA job does, and carries the pruning settings it was trained with as its `pruning_defaults`.
 """
 
@@ -28,8 +31,14 @@ logger = logging.getLogger(__name__)
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
-def consolidated_state_dict(checkpoint_dir: str | Path, tag: str = CHECKPOINT_TAG) -> dict[str, torch.Tensor]:
-    """Every tensor of the trained module, float32, from a (merged) DeepSpeed checkpoint directory."""
+def consolidated_state_dict(
+    checkpoint_dir: str | Path, tag: str = CHECKPOINT_TAG, base: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the trained module, float32, from a (merged) DeepSpeed checkpoint directory.
+
+    `base`, the float32 state of the model training started from, gives the tensors the masters
+    lack that the module state holds below float32 (see the module docstring).
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     directory = Path(checkpoint_dir) / tag
@@ -38,16 +47,21 @@ def consolidated_state_dict(checkpoint_dir: str | Path, tag: str = CHECKPOINT_TA
         raise FileNotFoundError(f"{checkpoint_dir} holds no DeepSpeed model states ({tag}/{MODEL_STATES})")
     # Our own checkpoints hold DeepSpeed's bookkeeping objects besides tensors: not weights-only.
     module = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+    masters: dict[str, torch.Tensor] = {}
+    if any(directory.glob("*zero_pp_rank_*_optim_states.pt")):
+        masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, exclude_frozen_parameters=True)
+        unknown = sorted(set(masters) - set(module))
+        if unknown:
+            raise ValueError(f"ZeRO master weights for parameters the module lacks: {unknown[:5]}")
     state = {}
     for name in list(module):  # each training-precision tensor freed once its float32 copy exists
         tensor = module.pop(name)
-        state[name] = tensor.float() if tensor.is_floating_point() else tensor
-    if any(directory.glob("zero_pp_rank_*_optim_states.pt")):
-        masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, exclude_frozen_parameters=True)
-        unknown = sorted(set(masters) - set(state))
-        if unknown:
-            raise ValueError(f"ZeRO master weights for parameters the module lacks: {unknown[:5]}")
-        state.update({name: tensor.float() for name, tensor in masters.items()})
+        if name in masters:
+            state[name] = masters.pop(name).float()
+        elif base is not None and name in base and tensor.is_floating_point() and tensor.element_size() < 4:
+            state[name] = base[name].float()
+        else:
+            state[name] = tensor.float() if tensor.is_floating_point() else tensor
     return state
 
 
@@ -65,7 +79,7 @@ def export_model(
     `pruning_defaults`.
     """
     model, _ = load_model(base_model, storage=storage, dtype=torch.float32)
-    model.load_state_dict(consolidated_state_dict(checkpoint_dir), strict=True)
+    model.load_state_dict(consolidated_state_dict(checkpoint_dir, base=model.state_dict()), strict=True)
     if pruning is not None:
         model.config.pruning_defaults = pruning.model_dump(mode="json")
     save_model(model, export_uri, storage=storage)
