@@ -112,7 +112,7 @@ def test_own_export_from_object_storage(tmp_path, s3_server, tiny_model, tokens_
     cache = tmp_path / "cache"
     loaded, _ = load_model(uri, storage=s3_server.storage(), cache_dir=cache)
     _assert_same(_outputs(model, tokens_factory, image_factory), _outputs(loaded, tokens_factory, image_factory))
-    weights = (cache / next(p.name for p in cache.iterdir()) / "model.safetensors").stat().st_size
+    weights = (cache / next(p.name for p in cache.iterdir() if not p.name.startswith(".")) / "model.safetensors").stat().st_size
     # A second load finds the cached copy: it lists the directory but downloads nothing.
     with s3_server.measure() as measured:
         load_model(uri, storage=s3_server.storage(), cache_dir=cache)
@@ -329,6 +329,78 @@ def test_longva_checkpoint_errors(tmp_path, tiny_model):
         load_model(tmp_path / "ok")
     with pytest.raises(CheckpointError, match="not a directory"):
         load_model(tmp_path / "absent")
+
+
+def test_weights_come_only_from_the_checkpoints_own_files(tmp_path, tiny_model):
+    model, tokenizer = tiny_model
+    kwargs = {"merge_type": "unires_max24", "text_type": "qwen2", "pinpoints": [[32, 64]], "heads_in_config": True}
+    directory = tmp_path / "ckpt"
+    _write_longva(model, tokenizer, directory, **kwargs)
+    state = load_file(str(directory / "model.safetensors"))
+    vision = {k: v for k, v in state.items() if "vision_tower" in k}
+
+    # An index naming a shard by a path: weights from outside the directory.
+    save_file(vision, str(tmp_path / "outside.safetensors"))
+    save_file({k: v for k, v in state.items() if k not in vision}, str(directory / "rest.safetensors"))
+    (directory / "model.safetensors").unlink()
+    for shard in ("../outside.safetensors", str(tmp_path / "outside.safetensors")):
+        weight_map = {**{k: shard for k in vision}, **{k: "rest.safetensors" for k in state if k not in vision}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match="names a shard outside the checkpoint"):
+            load_model(directory)
+        with pytest.raises(CheckpointError, match="names a shard outside the checkpoint"):
+            weights_fingerprint(directory)
+    (directory / "model.safetensors.index.json").unlink()
+
+    # A stray file holding keys the checkpoint's file holds too: which are the model's?
+    save_file(state, str(directory / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"is in both model.safetensors and rest.safetensors"):
+        load_model(directory)
+    (directory / "rest.safetensors").unlink()
+
+    # A key no part of the model takes (a third projector layer) stops the load, as the README says.
+    save_file({**state, "model.mm_projector.4.weight": torch.zeros(3)}, str(directory / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"no place for: \['model.mm_projector.4.weight'\]"):
+        load_model(directory)
+
+
+def test_a_module_the_checkpoint_holds_in_part_keeps_what_it_holds(tmp_path, tiny_model):
+    model, tokenizer = tiny_model
+    _write_longva(model, tokenizer, tmp_path, merge_type="spatial_unpad", text_type="qwen2", pinpoints=[[32, 64]],
+                  heads_in_config=True)  # fmt: skip
+    state = load_file(str(tmp_path / "model.safetensors"))
+    head = {"model.reghead.dw.weight": model.reghead.dw.weight, "model.reghead.pw.weight": model.reghead.pw.weight}
+    save_file({**state, **{k: v.detach().contiguous() for k, v in head.items()}}, str(tmp_path / "model.safetensors"))
+    loaded, _ = load_model(tmp_path)  # the head's bias is absent: it is initialised, its weights are the checkpoint's
+    assert torch.equal(loaded.reghead.pw.weight, model.reghead.pw.weight)
+    assert torch.equal(loaded.reghead.dw.weight, model.reghead.dw.weight)
+
+
+def test_an_export_written_over_another_leaves_one_set_of_weights(tmp_path, tiny_model):
+    model, _ = tiny_model
+    retrained, _ = build_tiny_model(seed=3)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")  # a sharded export, as large models get
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    save_model(retrained, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("model*.safetensors*")) == ["model.safetensors"]
+    loaded, _ = load_model(tmp_path)
+    assert torch.equal(loaded.multi_modal_projector.linear_1.weight, retrained.multi_modal_projector.linear_1.weight)
+    # Both layouts at once (written by something else) are refused rather than guessed between.
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(CheckpointError, match="holds both model.safetensors and model.safetensors.index.json"):
+        load_model(tmp_path)
+
+
+def test_a_remote_checkpoint_cannot_write_outside_the_cache(tmp_path, s3_server, tiny_model):
+    model, _ = tiny_model
+    bucket = s3_server.new_bucket("hostile")
+    uri = f"s3://{bucket}/a/b/ckpt"
+    save_model(model, uri, storage=s3_server.storage())
+    s3_server.client.put_object(Bucket=bucket, Key="a/b/ckpt/../../../escaped.txt", Body=b"x")
+    cache = tmp_path / "deep" / "er" / "cache"
+    with pytest.raises(CheckpointError, match="lies outside the checkpoint directory"):
+        load_model(uri, storage=s3_server.storage(), cache_dir=cache)
+    assert not list(tmp_path.rglob("escaped.txt"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +51,7 @@ from transformers import (
 )
 from transformers import initialization as init
 
-from uhr.cache import default_cache_dir
+from uhr.cache import creating, default_cache_dir
 from uhr.errors import UhrError
 from uhr.model.config import UhrConfig
 from uhr.model.modeling import UhrForConditionalGeneration
@@ -89,11 +89,39 @@ def _is_pickle_weights(name: str) -> bool:
     return name.endswith(_PICKLE_SUFFIXES) and not name.startswith("training_args")
 
 
+def _index_shards(index: dict[str, Any], location: str, exists: Callable[[str], bool]) -> list[str]:
+    """The shard file names a safetensors index lists, each a plain `*.safetensors` name beside it
+    (a path would read weights from outside the checkpoint) that `exists`."""
+    try:
+        shards = sorted(set(index["weight_map"].values()))
+    except (KeyError, AttributeError, TypeError) as error:
+        raise CheckpointError(location, f"{_SAFETENSORS_INDEX} has no weight_map of key -> shard") from error
+    for shard in shards:
+        if not isinstance(shard, str) or posixpath.basename(shard) != shard or "\\" in shard or shard in (".", ".."):
+            raise CheckpointError(location, f"{_SAFETENSORS_INDEX} names a shard outside the checkpoint: {shard!r}")
+        if not shard.endswith(".safetensors"):
+            raise CheckpointError(location, f"{_SAFETENSORS_INDEX} names a shard that is not safetensors: {shard!r}")
+        if not exists(shard):
+            raise CheckpointError(location, f"{_SAFETENSORS_INDEX} names a shard that is not there: {shard!r}")
+    return shards
+
+
+def _check_one_layout(names: Iterable[str], location: str) -> None:
+    """Refuse a directory holding both a single `model.safetensors` and an index: which weights are
+    the model's is then ambiguous (transformers reads the one, our key-mapped loads the other)."""
+    names = set(names)
+    if _SAFETENSORS_INDEX in names and "model.safetensors" in names:
+        raise CheckpointError(
+            location, f"holds both model.safetensors and {_SAFETENSORS_INDEX} (an export written over another?)"
+        )
+
+
 def _weight_files(directory: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
     """(weight files, are they safetensors) of a checkpoint directory."""
+    _check_one_layout((path.name for path in directory.iterdir()), str(directory))
     index = directory / _SAFETENSORS_INDEX
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = _index_shards(json.loads(index.read_text()), str(directory), lambda shard: (directory / shard).is_file())
         return [directory / shard for shard in shards], True
     safetensors = sorted(directory.glob("*.safetensors"))
     if safetensors:
@@ -115,15 +143,21 @@ class _CheckpointTensors:
 
     def __init__(self, files: list[Path], safetensors: bool, stack: ExitStack):
         self._where: dict[str, Any] = {}
+        found_in: dict[str, Path] = {}
         for file in files:
             if safetensors:
-                handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-                for key in handle.keys():
-                    self._where[key] = handle
+                try:
+                    handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                except Exception as error:  # safetensors' own error type; a pickle under a .safetensors name
+                    raise CheckpointError(str(file), f"not a safetensors file ({error})") from error
+                entries = {key: handle for key in handle.keys()}
             else:
-                state = torch.load(file, map_location="cpu", weights_only=True)
-                for key, tensor in state.items():
-                    self._where[key] = tensor
+                entries = torch.load(file, map_location="cpu", weights_only=True)
+            for key, value in entries.items():
+                if key in found_in:  # a stray file beside the checkpoint's would silently win
+                    raise CheckpointError(str(file.parent), f"{key!r} is in both {found_in[key].name} and {file.name}")
+                found_in[key] = file
+                self._where[key] = value
 
     def keys(self) -> list[str]:
         return sorted(self._where)
@@ -167,6 +201,9 @@ LONGVA_KEY_MAP: tuple[tuple[str, str], ...] = (
     (r"^lm_head\.(.+)$", r"language_model.lm_head.\1"),
 )
 
+# Checkpoint keys of buffers a model recomputes (old CLIP and Llama checkpoints store them): ignored.
+_RECOMPUTED = (r"\.position_ids$", r"\.rotary_emb\.inv_freq$")
+
 # Our parameters no LLaVA checkpoint holds; they keep their initialisation (zero for the
 # UHR-BAT positional term) when absent. CLIP's post-layernorm only feeds the pooled output,
 # which the model never uses.
@@ -204,15 +241,18 @@ def _copy_mapped(
     table = list(table)
     targets: dict[str, str] = {}
     ignored: list[str] = []
+    unplaced: list[str] = []
     for key in tensors.keys():
         target = _map_key(key, table)
         if target is None:
-            ignored.append(key)
+            (ignored if any(re.search(p, key) for p in _RECOMPUTED) else unplaced).append(key)
             continue
         if target in targets:
             raise CheckpointError(location, f"keys {targets[target]!r} and {key!r} both map to {target!r}")
         targets[target] = key
 
+    if unplaced:
+        raise CheckpointError(location, f"checkpoint keys the model has no place for: {unplaced[:10]}")
     params = dict(model.named_parameters())  # a tied parameter appears once, under its first name
     buffers = {name for name, _ in model.named_buffers()}
     tied = set(model.state_dict()) - set(params) - buffers
@@ -234,12 +274,8 @@ def _copy_mapped(
     ]
     if mismatched:
         raise CheckpointError(location, f"shape mismatch: {mismatched[:10]}")
-    with torch.no_grad():
-        for name in loaded:
-            params[name].copy_(tensors.get(targets[name]))
-    # The checkpoint's copy of a tied parameter (an LM head tied to the embeddings) is not needed.
-    ignored.extend(targets[name] for name in sorted(set(targets) & tied))
-
+    # Initialise the absent parameters' modules first: a module the checkpoint holds in part (a
+    # head without its bias) keeps the tensors copied next.
     initialised = sorted(set(params) - set(targets))
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -249,6 +285,10 @@ def _copy_mapped(
                 model._init_weights(modules[module_name])
             else:  # a parameter of the top-level model (image_newline)
                 model._init_weights(model)
+        for name in loaded:
+            params[name].copy_(tensors.get(targets[name]))
+    # The checkpoint's copy of a tied parameter (an LM head tied to the embeddings) is not needed.
+    ignored.extend(targets[name] for name in sorted(set(targets) & tied))
     model.tie_weights()
     report = LoadReport(copied=len(loaded), initialised=initialised, ignored=sorted(ignored))
     logger.info(
@@ -482,8 +522,10 @@ def _fetch_directory(uri: str, storage: StorageConfig, cache_dir: str | os.PathL
     """Copy a remote checkpoint directory to the local cache once; reuse it while the listing is unchanged.
 
     The cache entry is named by the URI and carries the listing it was copied from (sizes, ETags),
-    so a checkpoint rewritten in place is copied again. Copies land in a staging directory renamed
-    into place, so concurrent loaders on one node never see a half-written entry.
+    so a checkpoint rewritten in place is copied again. The loaders of one node take turns (a lock
+    beside the entry) and copy into a staging directory renamed into place, so none sees a
+    half-written entry and one copy serves them all. An object whose key climbs out of the
+    directory (`..`) is refused: it would be written outside the cache.
     """
     fs = storage.filesystem(uri)
     root = uri.rstrip("/")
@@ -494,10 +536,15 @@ def _fetch_directory(uri: str, storage: StorageConfig, cache_dir: str | os.PathL
     if not listing:
         raise CheckpointError(uri, "no such directory, or it is empty")
     stripped = split_protocol(root)[1]
-    manifest = {
-        posixpath.relpath(path, stripped): [info.get("size"), str(info.get("ETag") or info.get("mtime") or "")]
-        for path, info in sorted(listing.items())
-    }
+    sources: dict[str, str] = {}  # relative name -> the listed object
+    manifest = {}
+    for path, info in sorted(listing.items()):
+        relative = posixpath.relpath(path, stripped)
+        parts = relative.split("/")
+        if posixpath.isabs(relative) or any(part in ("", ".", "..") for part in parts) or "\\" in relative:
+            raise CheckpointError(uri, f"object {redact(path)!r} lies outside the checkpoint directory")
+        sources[relative] = path
+        manifest[relative] = [info.get("size"), str(info.get("ETag") or info.get("mtime") or "")]
     if "config.json" not in manifest:
         raise CheckpointError(uri, "no config.json at the top of the directory")
     cache = _cache_root(cache_dir) / hashlib.sha256(root.encode()).hexdigest()[:32]
@@ -508,24 +555,25 @@ def _fetch_directory(uri: str, storage: StorageConfig, cache_dir: str | os.PathL
 
     if cached():
         return cache
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".partial-"))
-    try:
-        for relative in manifest:
-            target = staging / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f"{stripped}/{relative}", str(target))
-        (staging / _MANIFEST).write_text(json.dumps(manifest))
+    with creating(cache.parent / f".{cache.name}"):  # its lock file hidden beside the entries
+        if cached():  # another loader of this node copied it while this one waited
+            return cache
+        staging = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".partial-"))
         try:
-            staging.rename(cache)
-        except OSError:
-            if not cached():  # a stale copy: move it aside, then take its place
+            for relative, source in sources.items():
+                target = staging / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(source, str(target))
+            (staging / _MANIFEST).write_text(json.dumps(manifest))
+            if cache.exists():  # a stale copy (the checkpoint changed): replace it
                 stale = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".stale-"))
                 cache.rename(stale / "old")
                 staging.rename(cache)
                 shutil.rmtree(stale, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            else:
+                staging.rename(cache)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     logger.info("copied %s (%d files) to %s", redact(uri), len(manifest), cache)
     return cache
 
@@ -584,9 +632,10 @@ def load_model_config(path_or_uri: str | os.PathLike[str], *, storage: StorageCo
 
 def _safetensors_files(fs: Any, root: str) -> list[str]:
     """The safetensors weight files of the checkpoint directory `root` on `fs`: its index's shards, else every one."""
+    _check_one_layout((posixpath.basename(path) for path in fs.ls(root, detail=False)), root)
     if fs.exists(f"{root}/{_SAFETENSORS_INDEX}"):
         index = json.loads(fs.cat_file(f"{root}/{_SAFETENSORS_INDEX}"))
-        return [f"{root}/{shard}" for shard in sorted(set(index["weight_map"].values()))]
+        return [f"{root}/{shard}" for shard in _index_shards(index, root, lambda shard: fs.exists(f"{root}/{shard}"))]
     return sorted(fs.glob(f"{root}/*.safetensors"))
 
 
@@ -751,12 +800,22 @@ def save_model(
     *,
     storage: StorageConfig | None = None,
 ) -> None:
-    """Write our export (config.json, model.safetensors, generation_config.json, tokenizer files) to a directory or a URI."""
+    """Write our export (config.json, model.safetensors, generation_config.json, tokenizer files) to a directory or a URI.
+
+    Weight files an earlier save left there are deleted first: a sharded export under a single-file
+    one (or the reverse) would leave two sets of weights, and loaders disagree on which is the model.
+    """
     location = os.fspath(path_or_uri)
+    fs = (storage or StorageConfig()).filesystem(location)
+    root = location.rstrip("/")
+    if fs.isdir(root):
+        for path in fs.ls(root, detail=False):
+            name = posixpath.basename(path)
+            if name.endswith(".safetensors") or name == _SAFETENSORS_INDEX or _is_pickle_weights(name):
+                fs.rm(path)
     if not is_remote(location):
         model.save_pretrained(location)
         return
-    fs = (storage or StorageConfig()).filesystem(location)
     with tempfile.TemporaryDirectory(prefix="uhr-export-") as staging:
         model.save_pretrained(staging)
         for name in sorted(os.listdir(staging)):
