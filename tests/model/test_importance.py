@@ -87,6 +87,20 @@ def test_one_prefix_serves_every_question(request, tokens_factory, fixture, quer
     assert all(key.shape[2] == prefix.decoder.length for key, _ in prefix.decoder.key_values)
 
 
+def test_activation_checkpointing_in_training_scores_as_inference_does(tiny_model, tokens_factory):
+    # Fine-tuning selects tokens with the model in training mode, its layers checkpointed.
+    model, _ = tiny_model
+    visual = tokens_factory(29, model.config.text_config.hidden_size, seed=5).embeds
+    with torch.no_grad():
+        expected = model.visual_importance(visual, QUESTION, layer=-1)
+        model.train()
+        model.activation_checkpointing_enable()
+        prefix = model.importance_prefix(visual, layer=-1)
+        got = model.visual_importance(visual, QUESTION, layer=-1)
+    assert len(prefix.decoder.key_values) == len(model.language_model.get_decoder().layers) - 1
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_prefix_is_checked(tiny_model, tokens_factory):
     model, _ = tiny_model
     visual = tokens_factory(7, 64).embeds

@@ -71,6 +71,9 @@ def test_tokenize_conversation_labels_only_answers():
     # Labels equal the ids where set.
     kept = row["labels"] != IGNORE_INDEX
     assert torch.equal(row["labels"][kept], row["input_ids"][kept])
+    # An answer written with leading whitespace, as some manifests hold them, is learnt all the same.
+    spaced = [conversation[0], {"from": "gpt", "value": " (B) three"}]
+    assert _labelled_text(tokenizer, tokenize_conversation(tokenizer, spaced, max_length=512)) == " (B) three<|im_end|>\n"
 
 
 def test_tokenize_conversation_truncation_and_errors():

@@ -17,6 +17,10 @@ def train_archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveIndex:
     return write_archive(str(root), scenes=3, size=256, seed=3, split="train", questions_per_scene=4)
 
 
+SIGNATURE = "0123456789abcdef0123"
+"""The signature of a signed image URL among the bad records."""
+
+
 def bad_records(good: dict) -> list[tuple[str, str]]:
     """(JSONL line, the kind of skip it must cause) for every way a manifest row can be unusable."""
     turns = good["conversations"]
@@ -40,6 +44,14 @@ def bad_records(good: dict) -> list[tuple[str, str]]:
         (json.dumps({**good, "id": "bbox-not-a-box", "bbox": [1, 2, 3]}), "bbox"),
         (json.dumps({**good, "id": "bbox-upside-down", "bbox": [10, 10, 5, 20]}), "bbox"),
         (json.dumps({**good, "id": "bbox-outside-the-window", "window": [0, 0, 64, 64], "bbox": [100, 100, 120, 120]}), "bbox"),
+        # The image alone, no question: nothing for a query-guided strategy (the tests' uhr-bat) to select with.
+        (json.dumps({**good, "id": "image-only", "conversations": [{"from": "human", "value": "<image>"}, turns[1]]}), "conversation"),
+        (json.dumps({**good, "id": "image-climbs-out", "image": "../elsewhere/scene.tif"}), "image"),
+        # Two records sharing an id (one per conversation about an image), each with its own defect: counted apart.
+        (json.dumps({**good, "id": "shared-id", "window": [0, 0, 1]}), "window"),
+        (json.dumps({**good, "id": "shared-id", "bbox": [4, 4, 2, 2]}), "bbox"),
+        # No id, so the record's text names it in logs: its signed URL's signature must not show.
+        (json.dumps({"image": f"http://127.0.0.1:1/x.tif?X-Amz-Signature={SIGNATURE}", "conversations": turns}), "image"),
     ]
 
 

@@ -35,8 +35,9 @@ def train(state: TrainState, accumulation: int, batches_per_epoch: int, epochs: 
             pending = []
             if state.step == total_steps:
                 break
-        if state.step < total_steps:
-            steps.next_epoch()
+        if state.step >= total_steps or state.epoch + 1 >= epochs:
+            break
+        steps.next_epoch()
     return done, saved
 
 

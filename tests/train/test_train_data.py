@@ -28,6 +28,8 @@ from uhr.train.data import (
     question_text,
 )
 
+from .conftest import SIGNATURE
+
 STORAGE = StorageConfig()
 NORMALIZE = NormalizeConfig()
 
@@ -149,6 +151,7 @@ def test_bad_rows_are_skipped_counted_and_named(ray_local, model_dir, manifest_w
     assert "bad-speaker" in reasons and "robot" in reasons["bad-speaker"]
     assert "[0, 0, 64]" in reasons["window-not-a-box"] and "positive size" in reasons["window-of-no-size"]
     assert "is not inside the" in reasons["window-past-the-image"]
+    assert SIGNATURE not in repr(skipped) and any("X-Amz-Signature=***" in key for key in reasons)
 
 
 def test_a_json_list_manifest_reads_like_jsonl_and_a_non_list_is_counted(ray_local, model_dir, train_archive, tmp_path):
@@ -229,6 +232,8 @@ def test_image_paths_and_questions():
     assert image_uri("scenes/a.tif", "/data/archive") == "/data/archive/scenes/a.tif"
     assert image_uri("s3://other/a.tif", "/data") == "s3://other/a.tif"
     assert image_uri("/abs/a.tif", "s3://b") == "/abs/a.tif"
+    # Object-store keys are literal: a relative path is normalised before it is joined.
+    assert image_uri("./scenes/../scenes/a.tif", "s3://b/archive") == "s3://b/archive/scenes/a.tif"
     assert default_image_root("s3://b/x/train.jsonl") == "s3://b/x"
     turns = [{"from": "human", "value": "<image>\nHow many ships?"}, {"from": "gpt", "value": "3"}]
     assert question_text(turns, "<image>") == "How many ships?"

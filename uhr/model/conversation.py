@@ -65,7 +65,7 @@ def tokenize_conversation(
         if message["role"] == "assistant":
             start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True, image_token=image_token))
             end = len(render_chat(tokenizer, messages[: i + 1], image_token=image_token))
-            if not text[start:end].lstrip().startswith(message["content"]):
+            if not text[start:end].lstrip().startswith(message["content"].strip()):
                 raise ValueError("the tokenizer's chat template does not render turns as prefixes of each other")
             spans.append((start, end))
 

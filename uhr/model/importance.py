@@ -15,6 +15,8 @@ given that prefix runs only the rest of a prompt over them.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -81,16 +83,33 @@ def _run_below(
         masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
     hidden = inputs_embeds
     position_embeddings = decoder.rotary_emb(hidden, position_ids)
-    for i, decoder_layer in enumerate(decoder.layers[:index]):
-        hidden = decoder_layer(
-            hidden,
-            attention_mask=masks[layer_types[i]],
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=cache is not None,
-            position_embeddings=position_embeddings,
-        )
+    with _cache_kept(decoder.layers[:index], cache is not None):
+        for i, decoder_layer in enumerate(decoder.layers[:index]):
+            hidden = decoder_layer(
+                hidden,
+                attention_mask=masks[layer_types[i]],
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
     return hidden, position_embeddings
+
+
+@contextmanager
+def _cache_kept(layers: Iterable[nn.Module], keep: bool) -> Iterator[None]:
+    """With `keep`, `layers` run without activation checkpointing, which drops a layer's cache in
+    training mode (fine-tuning with `activation_checkpointing`): the question would then score the
+    image without having attended to it in any layer below."""
+    layers = list(layers) if keep else []
+    saved = [getattr(layer, "gradient_checkpointing", False) for layer in layers]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, saved):
+            layer.gradient_checkpointing = value
 
 
 def _query_key(

@@ -22,10 +22,12 @@ A training worker wraps a sample's views in a `PreparedSource` for the strategy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import posixpath
 from collections import Counter
 from typing import Any
 
@@ -80,15 +82,16 @@ def load_tokenizer(model_uri: str, storage: StorageConfig) -> PreTrainedTokenize
 class SkipLedger:
     """Samples the CPU stage skipped, by sample key, with the reason (a run-long Ray actor).
 
-    Keys make the count exact however often a sample is seen: every epoch, and again after a
-    worker-group restart, reads the manifest anew.
+    A record is counted by its key and a digest of its text, which makes the count exact however
+    often it is seen (every epoch, and again after a worker-group restart, reads the manifest anew)
+    and tells apart records sharing an id (a manifest may hold one per conversation about an image).
     """
 
     def __init__(self) -> None:
-        self._reasons: dict[str, str] = {}
+        self._reasons: dict[tuple[str, str], str] = {}
 
-    def add(self, key: str, reason: str) -> None:
-        self._reasons.setdefault(key, reason)
+    def add(self, key: str, digest: str, reason: str) -> None:
+        self._reasons.setdefault((key, digest), reason)
 
     def summary(self, examples: int = 5) -> dict[str, Any]:
         """{"count": n, "by_kind": {kind: n}, "examples": [(key, reason), ...]}."""
@@ -96,7 +99,7 @@ class SkipLedger:
         return {
             "count": len(self._reasons),
             "by_kind": dict(kinds.most_common()),
-            "examples": sorted(self._reasons.items())[:examples],
+            "examples": sorted((key, reason) for (key, _), reason in self._reasons.items())[:examples],
         }
 
 
@@ -167,10 +170,15 @@ class SampleError(ValueError):
 
 
 def image_uri(image: str, image_root: str) -> str:
-    """`image` as a URI: absolute paths and URIs as they are, relative ones under `image_root`."""
+    """`image` as a URI: absolute paths and URIs as they are, relative ones under `image_root`
+    (normalised, since object-store keys are literal: `./a.tif` is not `a.tif`; one climbing above
+    the root is refused)."""
     if uri_protocol(image) is not None or image.startswith("/"):
         return image
-    return join_uri(image_root, *image.split("/"))
+    relative = posixpath.normpath(image)
+    if relative == ".." or relative.startswith("../"):
+        raise SampleError("image", f"{redact(image)!r} climbs above the image root")
+    return join_uri(image_root, *relative.split("/"))
 
 
 def default_image_root(manifest: str) -> str:
@@ -251,13 +259,14 @@ def bbox_in_window(bbox: tuple[float, float, float, float], window: Box) -> list
 
 
 def _key(record: str, sample: Any) -> str:
-    """What a skipped record is known by: its id, else the start of its text."""
+    """What a skipped record is known by in logs and the summary: its id, else the start of its
+    text, credentials masked (a record's image may be a signed URL)."""
     if isinstance(sample, dict) and sample.get("id") is not None:
-        return str(sample["id"])
+        return redact(str(sample["id"]))
     if not record:
         return "<manifest>"
     text = record if len(record) <= 80 else record[:77] + "..."
-    return f"<record {text}>"
+    return redact(f"<record {text}>")
 
 
 def prepare_sample(
@@ -282,6 +291,8 @@ def prepare_sample(
         _check_fields(sample)
         conversations = sample["conversations"]
         question = question_text(conversations, model_config.image_token)
+        if not question and build_strategy(pruning).query_guided:
+            raise SampleError("conversation", f"the image turn holds no question for {pruning.strategy.value} to select with")
         try:
             tokens = tokenize_conversation(tokenizer, conversations, max_length, image_token=model_config.image_token)
         except ValueError as error:
@@ -308,7 +319,7 @@ def prepare_sample(
         reason = redact(str(error).splitlines()[0])
         logger.warning("skipping sample %s: %s", key, reason)
         if ledger is not None:  # waited for, so the count is complete once the data is consumed
-            ray.get(ledger.add.remote(key, reason))
+            ray.get(ledger.add.remote(key, hashlib.sha256(record.encode()).hexdigest(), reason))
         return []
     return [
         {

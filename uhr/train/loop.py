@@ -11,10 +11,12 @@ partitioned over the ranks). Every `checkpoint_every_steps` all ranks write thei
 DeepSpeed checkpoint and report it, so Ray Train merges the parts into one checkpoint directory.
 A restarted worker group (lost worker, re-run of the same command) resumes from the latest one:
 the step count and schedule continue exactly, and the interrupted epoch goes on where it stopped:
-each worker reads past the micro-batches that epoch had read at the checkpoint (counted, not
-derived from steps: an epoch's last micro-batches that fill no step join the next epoch's first;
-Ray Data cannot skip rows without reading them), so every micro-batch of an epoch trains once and
-a run of `epochs` passes ends after them, not a partial epoch early.
+each worker reads past as many micro-batches as that epoch had read at the checkpoint (counted,
+not derived from steps: an epoch's last micro-batches that fill no step join the next epoch's
+first; Ray Data cannot skip rows without reading them), so every epoch trains its share of steps
+once and a run of `epochs` passes ends after them, not a partial epoch early. Which rows those are
+is Ray Data's choice: its split hands blocks to the workers as they ask, so after a restart a few
+rows of the interrupted epoch may be trained twice and as many not at all.
 """
 
 from __future__ import annotations
@@ -391,8 +393,9 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
                 f"epoch {state.epoch} gave this worker no full optimizer step ({config.batch_size} samples over "
                 f"{dist.get_world_size()} workers): too few usable samples in the manifest"
             )
-        if state.step < plan.total_steps:
-            steps.next_epoch()
+        if state.step >= plan.total_steps or (config.max_steps is None and state.epoch + 1 >= config.epochs):
+            break  # the state keeps the last epoch trained, as the summary reports it
+        steps.next_epoch()
     if last_saved != state.step:  # the epochs ran out before total_steps (skipped samples)
         save_checkpoint(engine, state, {"step": state.step, "epoch": state.epoch, "loss": state.history[-1][1]})
 
