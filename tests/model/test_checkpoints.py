@@ -317,6 +317,15 @@ def test_longva_checkpoint_errors(tmp_path, tiny_model):
         load_model(tmp_path / "ok")
     (tmp_path / "ok" / "config.json").write_text(config_text)
 
+    # A tower whose heads and activation no weight shape tells, named as no OpenAI CLIP is, and not declared.
+    raw = json.loads(config_text)
+    (tmp_path / "ok" / "config.json").write_text(
+        json.dumps({**raw, "mm_vision_tower": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "vision_config": {}})
+    )
+    with pytest.raises(CheckpointError, match="not an OpenAI CLIP ViT.*num_attention_heads and hidden_act"):
+        load_model(tmp_path / "ok")
+    (tmp_path / "ok" / "config.json").write_text(config_text)
+
     no_tower = {k: v for k, v in state.items() if "vision_tower" not in k}
     save_file(no_tower, str(tmp_path / "ok" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="openai/clip-vit-large-patch14-336.*never contacts"):

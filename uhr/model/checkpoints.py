@@ -404,6 +404,10 @@ def _clip_key(tensors: _CheckpointTensors, suffix: str) -> str | None:
     return None
 
 
+_OPENAI_CLIP = re.compile(r"clip-vit-(?:base|large)-patch(?:14|16|32)", re.IGNORECASE)
+"""Names of OpenAI's CLIP ViT towers (`openai/clip-vit-large-patch14-336`, or a local copy so named)."""
+
+
 def _infer_clip_config(raw: dict[str, Any], tensors: _CheckpointTensors, location: str) -> CLIPVisionConfig:
     """CLIP vision config from weight shapes; LongVA directories name the tower by hub id only."""
     q_proj = _clip_key(tensors, "encoder.layers.0.self_attn.q_proj.weight")
@@ -422,12 +426,23 @@ def _infer_clip_config(raw: dict[str, Any], tensors: _CheckpointTensors, locatio
     if side * side != positions - 1:
         raise CheckpointError(location, f"CLIP position table of {positions} rows is not 1 + a square grid")
     intermediate = tensors.shape(_clip_key(tensors, "encoder.layers.0.mlp.fc1.weight"))[0]
-    heads = (raw.get("vision_config") or {}).get("num_attention_heads", hidden // 64)
+    # The head count and activation are in no weight's shape: known for OpenAI's CLIP ViTs (by hub id
+    # or a local copy's name), else they must be declared.
+    declared = raw.get("vision_config") or {}
+    tower = str(raw.get("mm_vision_tower") or "")
+    if "num_attention_heads" not in declared and not _OPENAI_CLIP.search(tower):
+        raise CheckpointError(
+            location,
+            f"vision tower {tower!r} is not an OpenAI CLIP ViT (64-wide heads, quick_gelu), and config.json declares "
+            "no vision_config with its num_attention_heads and hidden_act",
+        )
     return CLIPVisionConfig(
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=heads,
+        num_attention_heads=declared.get("num_attention_heads", hidden // 64),
+        hidden_act=declared.get("hidden_act", "quick_gelu"),
+        layer_norm_eps=declared.get("layer_norm_eps", 1e-5),
         patch_size=patch,
         image_size=side * patch,
     )
