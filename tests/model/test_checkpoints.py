@@ -291,6 +291,19 @@ def test_longva_llama_checkpoint_infers_heads_from_width(tmp_path, tokens_factor
     )
 
 
+def test_pinpoints_given_as_a_range_of_tile_counts(tmp_path):
+    model, tokenizer = build_tiny_model(seed=0)
+    _write_longva(model, tokenizer, tmp_path, merge_type="spatial_unpad", text_type="qwen2",
+                  pinpoints="(1x1),...,(2x3)", heads_in_config=True)  # fmt: skip
+    # LLaVA-OneVision's form: every (width, height) count from the first to the last, times the tile.
+    expected = [[h * 32, w * 32] for w in (1, 2) for h in (1, 2, 3)]
+    assert load_model_config(tmp_path).image_grid_pinpoints == expected
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "image_grid_pinpoints": "[(32, 64), (64"}))
+    with pytest.raises(CheckpointError, match="is not a list of \\(width, height\\) pairs"):
+        load_model_config(tmp_path)
+
+
 def test_longva_checkpoint_errors(tmp_path, tiny_model):
     model, tokenizer = tiny_model
     kwargs = {"merge_type": "unires_max24", "text_type": "qwen2", "pinpoints": [[32, 64]], "heads_in_config": True}

@@ -472,9 +472,7 @@ def _longva_config(raw: dict[str, Any], tensors: _CheckpointTensors, location: s
         raise CheckpointError(location, f"mm_vision_select_feature {select_feature!r} is not supported (only 'patch')")
     tile = vision_config.image_size
     aspect = str(raw.get("image_aspect_ratio", "square"))
-    pinpoints = raw.get("image_grid_pinpoints")
-    if isinstance(pinpoints, str):  # LLaVA training scripts pass the list as a string
-        pinpoints = ast.literal_eval(pinpoints)
+    pinpoints = _parse_pinpoints(raw.get("image_grid_pinpoints"), tile, location)
     if aspect.startswith("anyres"):
         if not pinpoints:
             raise CheckpointError(location, f"image_aspect_ratio {aspect!r} without image_grid_pinpoints")
@@ -501,6 +499,11 @@ def _longva_config(raw: dict[str, Any], tensors: _CheckpointTensors, location: s
         pruning = _anyres_defaults(pinpoints, vision_config)
     elif not aspect.startswith("anyres"):
         pruning = {"strategy": "downsample", "scales": [tile]}
+    else:
+        logger.warning(
+            "%s: mm_patch_merge_type %r has no uhr equivalent; the model carries no pruning defaults, so "
+            "choose a strategy (pruning.strategy)", redact(location), merge,
+        )  # fmt: skip
     return UhrConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -508,6 +511,23 @@ def _longva_config(raw: dict[str, Any], tensors: _CheckpointTensors, location: s
         image_grid_pinpoints=pinpoints,
         pruning_defaults=pruning,
     )
+
+
+def _parse_pinpoints(value: Any, tile: int, location: str) -> Any:
+    """LLaVA's `image_grid_pinpoints` as a list of (width, height) pairs: a list, the string of one
+    (training scripts pass it so), or LLaVA-OneVision's range `"(1x1),...,(6x6)"` of tile counts."""
+    if not isinstance(value, str):
+        return value
+    if "x" in value:
+        counts = re.findall(r"\((\d+)x(\d+)\)", value)
+        if len(counts) < 2:
+            raise CheckpointError(location, f"image_grid_pinpoints {value!r} is not a range such as '(1x1),...,(6x6)'")
+        (w0, h0), (w1, h1) = (tuple(map(int, pair)) for pair in (counts[0], counts[-1]))
+        return [[w * tile, h * tile] for w in range(w0, w1 + 1) for h in range(h0, h1 + 1)]
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError) as error:
+        raise CheckpointError(location, f"image_grid_pinpoints {value!r} is not a list of (width, height) pairs") from error
 
 
 def _longva_optional(raw: dict[str, Any]) -> list[str]:
