@@ -667,8 +667,12 @@ def load_model_config(path_or_uri: str | os.PathLike[str], *, storage: StorageCo
 
 def _safetensors_files(fs: Any, root: str) -> list[str]:
     """The safetensors weight files of the checkpoint directory `root` on `fs`: its index's shards, else every one."""
-    _check_one_layout((posixpath.basename(path) for path in fs.ls(root, detail=False)), root)
-    if fs.exists(f"{root}/{_SAFETENSORS_INDEX}"):
+    try:
+        names = [posixpath.basename(path) for path in fs.ls(root, detail=False)]
+    except FileNotFoundError:
+        return []
+    _check_one_layout(names, root)
+    if _SAFETENSORS_INDEX in names:
         index = json.loads(fs.cat_file(f"{root}/{_SAFETENSORS_INDEX}"))
         return [f"{root}/{shard}" for shard in _index_shards(index, root, lambda shard: fs.exists(f"{root}/{shard}"))]
     return sorted(fs.glob(f"{root}/*.safetensors"))
