@@ -64,6 +64,7 @@ def test_gdal_env_translates_the_endpoint_and_keeps_user_overrides(clean_env):
     assert env["GDAL_CACHEMAX"] == 256 * 1024 * 1024
     secure = StorageConfig(endpoint_url="https://s3.example.org", anonymous=True).gdal_env()
     assert secure["AWS_HTTPS"] == "YES" and secure["AWS_NO_SIGN_REQUEST"] == "YES"
+    assert secure["GS_NO_SIGN_REQUEST"] == secure["AZURE_NO_SIGN_REQUEST"] == "YES"  # public gs:// and az:// too
     overrides = {"VSI_CACHE_SIZE": "1048576", "AWS_VIRTUAL_HOSTING": "TRUE"}
     tuned = StorageConfig(gdal_options=overrides, endpoint_url="http://h:1").gdal_env()
     assert tuned["VSI_CACHE_SIZE"] == "1048576" and tuned["AWS_VIRTUAL_HOSTING"] == "TRUE"

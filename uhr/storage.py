@@ -214,8 +214,8 @@ class StorageConfig(BaseModel):
             env["AWS_VIRTUAL_HOSTING"] = "FALSE"
         if self.region is not None:
             env["AWS_REGION"] = self.region
-        if self.anonymous:
-            env["AWS_NO_SIGN_REQUEST"] = "YES"
+        if self.anonymous:  # public buckets of each store GDAL reads
+            env.update({"AWS_NO_SIGN_REQUEST": "YES", "GS_NO_SIGN_REQUEST": "YES", "AZURE_NO_SIGN_REQUEST": "YES"})
         env.update(self.gdal_options)
         return env
 
@@ -236,7 +236,12 @@ class StorageConfig(BaseModel):
                 options["client_kwargs"] = {"region_name": self.region}
             options.update(self.fs_options)
             return fsspec.filesystem("s3", **options)
-        return fsspec.filesystem(protocol, **self.fs_options)
+        anonymous: dict[str, Any] = {}
+        if self.anonymous and protocol in ("gs", "gcs"):
+            anonymous = {"token": "anon"}  # gcsfs's unsigned access
+        elif self.anonymous and protocol in ("az", "abfs", "abfss"):
+            anonymous = {"anon": True}  # adlfs's
+        return fsspec.filesystem(protocol, **{**anonymous, **self.fs_options})
 
     def worker_env_vars(self) -> dict[str, str]:
         """Environment variables a Ray worker needs to read like this process does.

@@ -66,6 +66,30 @@ def test_a_footprint_across_the_antimeridian_is_split_there(tmp_path, centre_lon
     assert areas[0] == pytest.approx(areas[1], rel=1e-3)
 
 
+def test_a_scene_around_the_pole_opens_without_a_footprint(tmp_path):
+    """Antarctic polar stereographic, 2000 km across the South Pole: no lon/lat polygon, pixels fine."""
+    profile = {"driver": "GTiff", "width": 200, "height": 200, "count": 3, "dtype": "uint8", "crs": "EPSG:3031"}
+    path = tmp_path / "pole.tif"
+    with rasterio.open(path, "w", transform=rasterio.transform.from_origin(-1e6, 1e6, 1e4, 1e4), **profile) as ds:
+        ds.write(pixels(200, 200, 3, "uint8", seed=15))
+    with pytest.warns(SceneWarning, match="no footprint"), open_scene(path) as scene:
+        assert scene.footprint is None
+        assert scene.read_view(100).shape == (100, 100, 3)
+
+
+def test_an_alpha_band_is_honoured_beside_a_nodata_value(tmp_path):
+    # `gdalwarp -dstalpha` copies the source's nodata: GDAL then reports the nodata mask, not the alpha.
+    data = np.concatenate([pixels(64, 64, 3, "uint8", seed=17) | 1, np.full((1, 64, 64), 255, np.uint8)])
+    data[:3, :, :32] = 50
+    data[3, :, :32] = 0
+    interp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
+    path = write_raster(tmp_path / "rgba_nodata.tif", data, colorinterp=interp, nodata=0)
+    with open_scene(path, normalize=NormalizeConfig(fill=9)) as scene:
+        window = scene.read_window(0, 0, 64, 64)
+    assert (window[:, :32] == 9).all()
+    np.testing.assert_array_equal(window[:, 32:], hwc(data[:3])[:, 32:])
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     col_off=st.integers(-400, 750),

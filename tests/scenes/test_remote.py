@@ -154,3 +154,18 @@ def test_credentials_in_uris_never_reach_the_message(s3_server, bucket):
     with pytest.raises(SceneError) as caught:
         open_scene(f"s3://{bucket}/uhr-test-secret-access-key.tif")
     assert "uhr-test-secret-access-key" not in str(caught.value)
+
+
+def test_a_stretch_handed_over_spares_a_window_read_the_statistics(s3_server, bucket, tmp_path):
+    # uint16 without overviews: the statistics view touches every tile, the window only a few.
+    path = write_raster(tmp_path / "u16.tif", pixels(1024, 1024, 3, "uint16", seed=21), overviews=False, blocksize=128)
+    s3_server.client.upload_file(str(path), bucket, "u16/scene.tif")
+    uri, size = f"s3://{bucket}/u16/scene.tif", path.stat().st_size
+    storage = s3_server.storage()
+    with ReadMeter(uri) as computed, open_scene(uri, storage=storage) as scene:
+        stretch = scene.stretch
+        expected = scene.read_window(512, 512, 100, 100)
+    with ReadMeter(uri) as handed, open_scene(uri, storage=storage, stretch=stretch) as scene:
+        window = scene.read_window(512, 512, 100, 100)
+    np.testing.assert_array_equal(window, expected)
+    assert computed.bytes > 0.9 * size and handed.bytes < 0.2 * size

@@ -16,7 +16,7 @@ from uhr.errors import SceneError
 from uhr.pipeline.config import VqaConfig
 from uhr.scenes import open_scene
 from uhr.scenes.metering import ReadMeter
-from uhr.scenes.normalize import NormalizeConfig
+from uhr.scenes.normalize import NormalizeConfig, Stretch
 from uhr.storage import StorageConfig
 
 
@@ -48,9 +48,13 @@ def read_windows_task(
     out_size: tuple[int, int] | None,
     storage: StorageConfig,
     normalize: NormalizeConfig,
+    stretch: Stretch | None = None,
 ) -> tuple[list[np.ndarray], int]:
-    """Read windows of one scene in a CPU task (one open serves them all); returns (arrays, bytes)."""
-    with ReadMeter(uri) as meter, open_scene(uri, storage=storage, normalize=normalize) as scene:
+    """Read windows of one scene in a CPU task (one open serves them all); returns (arrays, bytes).
+
+    `stretch` is the one the read stage computed for the scene, so no task reads statistics again.
+    """
+    with ReadMeter(uri) as meter, open_scene(uri, storage=storage, normalize=normalize, stretch=stretch) as scene:
         arrays = [scene.read_window(*window, out_size=out_size) for window in windows]
     return arrays, meter.bytes
 
@@ -67,6 +71,8 @@ class StagedSource:
         self.uri = row["scene"]
         self._width, self._height = int(row["width"]), int(row["height"])
         self._views = decode_views(row)
+        stretch = row.get("stretch")
+        self._stretch = None if stretch is None else Stretch(low=tuple(stretch[0]), high=tuple(stretch[1]))
         self._config = config
         self._bytes: int | None = 0
         self._ms = 0.0
@@ -106,7 +112,8 @@ class StagedSource:
         per_task = read.windows_per_task
         chunks = [windows[i : i + per_task] for i in range(0, len(windows), per_task)]
         task = read_windows_task.options(num_cpus=read.window_num_cpus)
-        refs = [task.remote(self.uri, chunk, out_size, self._config.storage, self._config.normalize) for chunk in chunks]
+        config = self._config
+        refs = [task.remote(self.uri, chunk, out_size, config.storage, config.normalize, self._stretch) for chunk in chunks]
         results, failure = [], None
         # Every task's outcome is fetched, failed ones too: Ray logs an error nobody fetched, raw
         # traceback and all, which could carry what `redact` would have masked.

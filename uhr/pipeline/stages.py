@@ -95,6 +95,7 @@ def read_scene(
         "views": [],
         "view_shapes": [],
         "footprint": None,
+        "stretch": None,
         "bytes_read": 0,
         "read_ms": 0.0,
         "error": None,
@@ -105,6 +106,8 @@ def read_scene(
         with meter, open_scene(uri, storage=storage, normalize=normalize) as scene:
             out["width"], out["height"] = scene.width, scene.height
             out["footprint"] = scene.footprint.wkb if scene.footprint is not None else None
+            if scene.stretch is not None:  # handed to the window reads, which then compute none
+                out["stretch"] = [list(scene.stretch.low), list(scene.stretch.high)]
             for side in build_strategy(pruning).views(model_config, scene.width, scene.height):
                 view = scene.read_view(side)
                 out["views"].append(view.tobytes())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from rasterio.transform import from_gcps
 from rasterio.warp import transform as transform_coords
 from rasterio.windows import Window
 from shapely import affinity
+from shapely.errors import GEOSException
 from shapely.geometry import MultiPolygon, Polygon, box
 
 from uhr.errors import SceneError, SceneWarning
@@ -83,10 +85,15 @@ def open_scene(
     uri: str | os.PathLike[str],
     storage: StorageConfig | None = None,
     normalize: NormalizeConfig | None = None,
+    stretch: Stretch | None = None,
 ) -> Scene:
     """Open the raster at `uri` (local path, `file://`, `s3://`, `gs://`, `https://` or a GDAL
-    `/vsi...` path). Raises `SceneError` naming the URI and the reason when it cannot be read."""
-    return Scene(uri, storage=storage, normalize=normalize)
+    `/vsi...` path). Raises `SceneError` naming the URI and the reason when it cannot be read.
+
+    `stretch`, the `Scene.stretch` another open of the same scene computed, spares this one the
+    statistics read (a whole-scene view: every tile of a scene without overviews).
+    """
+    return Scene(uri, storage=storage, normalize=normalize, stretch=stretch)
 
 
 class Scene:
@@ -97,8 +104,9 @@ class Scene:
     shown as RGB or grey) and `footprint` (a shapely polygon in EPSG:4326, None when the scene
     is not georeferenced). Use as a context manager, or call `close()`.
 
-    The dataset handle is not thread-safe: use one `Scene` per thread, and processes (Ray tasks)
-    for parallel reads, since GDAL can hold the GIL while it waits on the network.
+    GDAL's dataset handle is not thread-safe: reads through one `Scene` take turns (a lock), so
+    use one `Scene` per thread for parallel reads, and processes (Ray tasks) rather than threads,
+    since GDAL can hold the GIL while it waits on the network.
     """
 
     def __init__(
@@ -106,6 +114,7 @@ class Scene:
         uri: str | os.PathLike[str],
         storage: StorageConfig | None = None,
         normalize: NormalizeConfig | None = None,
+        stretch: Stretch | None = None,
     ):
         self.uri = os.fspath(uri)
         self.storage = storage if storage is not None else StorageConfig()
@@ -115,8 +124,9 @@ class Scene:
             # The object-store default hides side-car files; a local scene's `.msk`, `.ovr` and
             # `.aux.xml` are part of it and cost nothing to find.
             self._gdal_env["GDAL_DISABLE_READDIR_ON_OPEN"] = "FALSE"
-        self._stretch: Stretch | None = None
-        self._stretch_done = False
+        self._stretch: Stretch | None = stretch
+        self._stretch_done = stretch is not None
+        self._lock = threading.RLock()  # two threads reading one GDAL dataset crash the process
         try:
             path = to_gdal_path(self.uri)
         except ValueError as error:
@@ -185,11 +195,13 @@ class Scene:
 
     def _resolve_mask(self) -> tuple[_MaskKind, int | None]:
         flags = self._dataset.mask_flag_enums[self.bands[0] - 1]
-        if MaskFlags.alpha in flags:
-            interp = list(self._dataset.colorinterp)
-            if ColorInterp.alpha not in interp:
-                return _MaskKind.MASK, None
+        interp = list(self._dataset.colorinterp)
+        # An alpha band by its colour interpretation: with a nodata value set too, GDAL reports the
+        # nodata mask instead (`gdalwarp -dstalpha` writes such files), and nodata is applied anyway.
+        if ColorInterp.alpha in interp and interp.index(ColorInterp.alpha) + 1 not in self.bands:
             return _MaskKind.ALPHA, interp.index(ColorInterp.alpha) + 1
+        if MaskFlags.alpha in flags:
+            return _MaskKind.MASK, None
         if MaskFlags.per_dataset in flags and MaskFlags.nodata not in flags:
             return _MaskKind.MASK, None
         # Nodata masks are recomputed from the values read: no second read of the same tiles.
@@ -213,13 +225,21 @@ class Scene:
         cols = np.concatenate([steps * width, np.full_like(steps, width), (1 - steps) * width, np.zeros_like(steps)])
         rows = np.concatenate([np.zeros_like(steps), steps * height, np.full_like(steps, height), (1 - steps) * height])
         xs, ys = self.transform @ (cols, rows)
+        # The pixels stay readable whatever happens here; only the index loses this scene's footprint.
         try:
             lons, lats = transform_coords(self.crs, "EPSG:4326", xs.tolist(), ys.tolist())
         except (RasterioError, CPLE_BaseError) as error:
-            # The pixels stay readable; only the index loses this scene's footprint.
             self._warn(f"no footprint: cannot transform {self.crs} to EPSG:4326 ({error})")
             return None
-        return lonlat_polygon(np.asarray(lons), np.asarray(lats))
+        lons, lats = np.asarray(lons), np.asarray(lats)
+        if not (np.isfinite(lons).all() and np.isfinite(lats).all()):
+            self._warn(f"no footprint: part of the outline has no longitude/latitude in {self.crs}")
+            return None
+        try:
+            return lonlat_polygon(lons, lats)
+        except GEOSException as error:  # an outline around a pole has no polygon in lon/lat
+            self._warn(f"no footprint: the outline is no polygon in longitude/latitude ({error})")
+            return None
 
     def _warn_about_layout(self) -> None:
         longest = max(self.width, self.height)
@@ -248,9 +268,10 @@ class Scene:
         view of `normalize.stats_max_side` when the scene has none that small), honouring
         nodata, masks and alpha.
         """
-        if not self._stretch_done:
-            self._stretch = self._compute_stretch()
-            self._stretch_done = True
+        with self._lock:
+            if not self._stretch_done:
+                self._stretch = self._compute_stretch()
+                self._stretch_done = True
         return self._stretch
 
     def _compute_stretch(self) -> Stretch | None:
@@ -369,7 +390,7 @@ class Scene:
     def _read_window_values(
         self, window: Window, out_width: int, out_height: int, resampling: Resampling
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        with self._gdal():
+        with self._lock, self._gdal():
             data = self._dataset.read(
                 list(self.bands),
                 window=window,
