@@ -163,17 +163,23 @@ def prepare(root: Path) -> dict[str, str]:
 
 
 def untrained_model(init: Path, corpus: list[str]) -> None:
-    """Save `build_demo_model(corpus)` to `init`, unless it holds the model of this very corpus already.
+    """Save `build_demo_model(corpus)` to `init`, unless it holds the model of this very corpus and
+    architecture already.
 
     The tokenizer is trained on the corpus, so a model saved for another training split (older
-    settings or generator) is built again rather than reused.
+    settings or generator) or other architecture constants is built again rather than reused.
     """
-    stamp = {"corpus_sha256": hashlib.sha256("\0".join(corpus).encode()).hexdigest(), "seed": MODEL_SEED}
+    architecture = json.dumps([DEMO_VISION, DEMO_TEXT, DEMO_PINPOINTS, DEMO_PRUNING_DEFAULTS, TOKENIZER_VOCAB], sort_keys=True)
+    stamp = {
+        "corpus_sha256": hashlib.sha256("\0".join(corpus).encode()).hexdigest(),
+        "architecture_sha256": hashlib.sha256(architecture.encode()).hexdigest(),
+        "seed": MODEL_SEED,
+    }
     built_from = init / "built_from.json"
     if built_from.exists() and json.loads(built_from.read_text()) == stamp:
         return
     if init.exists():
-        logger.info("building the untrained demo model again at %s: its training corpus changed", init)
+        logger.info("building the untrained demo model again at %s: its training corpus or architecture changed", init)
         shutil.rmtree(init)
     save_model(build_demo_model(corpus), init)
     built_from.write_text(json.dumps(stamp))

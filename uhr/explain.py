@@ -47,13 +47,15 @@ if TYPE_CHECKING:
 
 DPI = 128
 """Figure resolution; a power of two, so pixel sizes divided by it are exact inches."""
-LEGEND_WIDTH = 300
+LEGEND_WIDTH = 330
 """Width in pixels of the legend panel right of the view."""
 FONT_SIZE = 8.0
 LINE_SPACING = 1.4
 TITLE_LINE_HEIGHT = math.ceil(FONT_SIZE / 72 * DPI * LINE_SPACING)
 """Pixels per title line: the font size in pixels times matplotlib's line spacing."""
 TITLE_PADDING = 14
+# One legend entry's height in pixels (matplotlib's default label spacing, 0.5 em, with the text).
+LEGEND_LINE_HEIGHT = math.ceil(FONT_SIZE / 72 * DPI * 1.7)
 """Pixels of the title band above and below its lines."""
 FILL_ALPHA = 0.4
 MERGED_FILL_ALPHA = 0.15
@@ -221,18 +223,21 @@ def _legend_handles(explanation: Explanation) -> list[Patch | Line2D]:
 
 
 def render_explanation(explanation: Explanation) -> ExplanationFigure:
-    """Draw `explanation` (see the module docstring) as a PNG; its size depends only on the view and title."""
+    """Draw `explanation` (see the module docstring) as a PNG; its size depends only on the view,
+    the title and the legend (a view shorter than the legend leaves room below it)."""
     view_h, view_w = explanation.view.shape[:2]
     width = view_w + LEGEND_WIDTH
     chars = max(24, int(width / (FONT_SIZE * DPI / 72 * 0.6)))
     lines = _title_lines(explanation, chars)
     title_h = TITLE_LINE_HEIGHT * len(lines) + TITLE_PADDING
-    height = view_h + title_h
+    handles = _legend_handles(explanation)
+    body_h = max(view_h, LEGEND_LINE_HEIGHT * (len(handles) + 1) + TITLE_PADDING)  # + 1: the legend's title
+    height = body_h + title_h
 
     figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
     # The view unresampled at the top-left below the title (figimage offsets count from the bottom).
-    figure.figimage(explanation.view, xo=0, yo=0, origin="upper", zorder=0)
-    ax = figure.add_axes((0, 0, view_w / width, view_h / height), frameon=False, zorder=1)
+    figure.figimage(explanation.view, xo=0, yo=body_h - view_h, origin="upper", zorder=0)
+    ax = figure.add_axes((0, (body_h - view_h) / height, view_w / width, view_h / height), frameon=False, zorder=1)
     ax.set_axis_off()
     ax.set_xlim(0, view_w)
     ax.set_ylim(view_h, 0)
@@ -257,9 +262,9 @@ def render_explanation(explanation: Explanation) -> ExplanationFigure:
     top = 1 - TITLE_PADDING / 2 / height
     figure.text(6 / width, top, "\n".join(lines), fontsize=FONT_SIZE, va="top", ha="left", linespacing=LINE_SPACING)
     figure.legend(
-        handles=_legend_handles(explanation),
+        handles=handles,
         loc="upper left",
-        bbox_to_anchor=((view_w + 6) / width, view_h / height),
+        bbox_to_anchor=((view_w + 6) / width, body_h / height),
         fontsize=FONT_SIZE - 1,
         frameon=False,
         title="visual tokens by scale",
@@ -268,7 +273,7 @@ def render_explanation(explanation: Explanation) -> ExplanationFigure:
     )
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI)
-    # figimage's yo counts from the bottom: the view spans rows [title_h, height) of the PNG.
+    # figimage's yo counts from the bottom: the view spans rows [title_h, title_h + view_h) of the PNG.
     return ExplanationFigure(png=buffer.getvalue(), size=(width, height), view_origin=(0, title_h))
 
 

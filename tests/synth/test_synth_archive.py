@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import subprocess
 import sys
@@ -90,13 +91,22 @@ def test_evidence_windows_add_a_conversation_on_a_window_around_each_evidence(tm
             assert before["id"] + "@window" == record["id"]
     for record in records:  # the evidence box rides along, in scene pixels, for the grounding loss
         assert record.get("bbox") == rows[record["id"].removesuffix("@window")]["bbox"]
+    boxes = re.compile(r"\[(\d+), (\d+), (\d+), (\d+)\]")
     for record in windowed:
         row = rows[record["id"].removesuffix("@window")]
-        assert record["conversations"] == next(r for r in whole if r["id"] == row["question_id"])["conversations"]
         col, line, width, height = record["window"]
         x0, y0, x1, y1 = row["bbox"]
         assert width == height >= 96 and 0 <= col and 0 <= line and col + width <= 512 and line + height <= 512
         assert col <= x0 and line <= y0 and x1 <= col + width and y1 <= line + height
+        # The same conversation, a region it names rewritten in the window's frame and held whole by it.
+        (asked, answer), (scene_asked, scene_answer) = record["conversations"], next(
+            r for r in whole if r["id"] == row["question_id"]
+        )["conversations"]
+        assert answer == scene_answer and boxes.sub("", asked["value"]) == boxes.sub("", scene_asked["value"])
+        for shown, named in zip(boxes.findall(asked["value"]), boxes.findall(scene_asked["value"])):
+            a0, b0, a1, b1 = map(int, named)
+            assert list(map(int, shown)) == [a0 - col, b0 - line, a1 - col, b1 - line]
+            assert 0 <= a0 - col and 0 <= b0 - line and a1 - col <= width and b1 - line <= height
 
 
 def test_object_captions_name_what_a_window_around_each_object_shows(tmp_path, train_archive) -> None:
@@ -287,7 +297,7 @@ def test_cached_archive_is_written_once_and_then_read_from_its_index(tmp_path):
 # What generator GENERATOR_VERSION writes for a few planned scenes (questions and training records):
 # a change to it must come with a new version, or cached archives (the sample, the demo's splits)
 # keep what the old generator wrote.
-GENERATED_DIGEST = {6: "ecba6eba1f8a8efde96a8900f5d2cb3d16c5db534c39ae93047662669ed5fd95"}
+GENERATED_DIGEST = {7: "0a94c933d5ec84589953de8fa8cd920877937489d9967a8c6d9dc517cb68dbed"}
 
 
 def test_a_change_to_what_the_generator_writes_comes_with_a_new_version() -> None:

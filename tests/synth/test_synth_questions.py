@@ -83,6 +83,7 @@ def check_question(q: Question, truth: SceneTruth) -> None:
         (box,) = regions
         (obj,) = [o for o in objects if meets(o, box)]
         assert inside(obj, box) and q.object_size_px == obj.size_px
+        assert q.bbox == [float(v) for v in obj.bbox]  # the evidence is the object, not the region around it
         if category is Category.OBJECT_COLOUR:
             assert f"the {obj.cls.value} in" in q.question and q.answer_text == obj.colour
             assert truth.bands >= 3
@@ -112,7 +113,7 @@ def check_question(q: Question, truth: SceneTruth) -> None:
         assert all(inside(o, box) for o in objects if meets(o, box))
         present = any(o.cls is cls and inside(o, box) for o in objects)
         assert q.answer_text == ("yes" if present else "no")
-    if regions and category is not Category.SPATIAL_RELATION:
+    if regions and category not in (Category.SPATIAL_RELATION, Category.OBJECT_COLOUR, Category.OBJECT_CLASS):
         assert q.bbox == [float(v) for v in regions[0]]
 
 

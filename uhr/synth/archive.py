@@ -23,10 +23,11 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ SPLITS = ("test", "train")
 # 3: evidence-window records follow their question's record. 4: training records carry `bbox`.
 # 5: count options with the answer at a uniformly drawn place; presence questions in yes/no pairs.
 # 6: count options consecutive; a presence pair shares its object size and form.
-GENERATOR_VERSION = 6
+# 7: a region's colour or class question has the object as its evidence bbox; an evidence-window
+# record holds the regions its question names, their boxes rewritten in its frame.
+GENERATOR_VERSION = 7
 # The prompt of an object-caption conversation (`caption_conversation`).
 CAPTION_PROMPT = "List the objects in the image."
 QUESTIONS_SCHEMA = pa.schema(
@@ -262,6 +265,28 @@ def write_archive(
     )
 
 
+_REGION_TEXT = re.compile(r"\[(\d+), (\d+), (\d+), (\d+)\]")
+"""A region named in a question's text (`uhr.synth.questions` writes it as [x0, y0, x1, y1])."""
+
+
+def _window_record(question: Question, size: int, min_side: int) -> dict[str, Any]:
+    """`question` as a conversation on a window around its evidence and the regions it names.
+
+    The window holds named regions whole, so the answer about them stands; their boxes are
+    rewritten in the window's frame, the one the model sees the window in as a scene of its own.
+    """
+    boxes = [question.bbox, *([float(v) for v in named.groups()] for named in _REGION_TEXT.finditer(question.question))]
+    around = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+    col, row, side, _ = window_around(around, size, min_side)
+
+    def shifted(match: re.Match[str]) -> str:
+        x0, y0, x1, y1 = (int(value) for value in match.groups())
+        return f"[{x0 - col}, {y0 - row}, {x1 - col}, {y1 - row}]"
+
+    asked = replace(question, question=_REGION_TEXT.sub(shifted, question.question))
+    return {**conversation(asked), "id": f"{question.question_id}@window", "window": [col, row, side, side]}
+
+
 def _training_records(
     questions: list[Question],
     truth: SceneTruth,
@@ -278,8 +303,7 @@ def _training_records(
             records.append(conversation(question))
         # Right after the whole-scene record: a training loader's local shuffle then mixes both kinds.
         if evidence_window is not None and question.bbox is not None:
-            window = window_around(question.bbox, size, evidence_window)
-            records.append({**conversation(question), "id": f"{question.question_id}@window", "window": window})
+            records.append(_window_record(question, size, evidence_window))
     if object_captions is not None:
         index = SceneIndex(truth)
         records.extend(caption_conversation(index, scene, number, object_captions) for number in range(len(truth.objects)))

@@ -257,7 +257,8 @@ def _object_colour(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
     obj = index.objects[i]
     box = index.alone(i, rng)
     question = f"What is the color of the {obj.cls.value} in the region {_box_text(box)}?"
-    return [_Item(Category.OBJECT_COLOUR, question, _other_options(obj.colour, COLOURS, rng), box, obj.size_px, COLOURS)]
+    # The evidence is the object, not the region around it.
+    return [_Item(Category.OBJECT_COLOUR, question, _other_options(obj.colour, COLOURS, rng), obj.bbox, obj.size_px, COLOURS)]
 
 
 def _object_class(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
@@ -268,7 +269,7 @@ def _object_class(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
     box = index.alone(i, rng)
     names = tuple(cls.value for cls in OBJECT_CLASSES)
     question = f"What is the category of the object in the region {_box_text(box)}?"
-    return [_Item(Category.OBJECT_CLASS, question, _other_options(obj.cls.value, names, rng), box, obj.size_px, names)]
+    return [_Item(Category.OBJECT_CLASS, question, _other_options(obj.cls.value, names, rng), obj.bbox, obj.size_px, names)]
 
 
 def _regional_land_use(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
@@ -436,14 +437,22 @@ def _in_random_order(items: list[_Item], rng: np.random.Generator) -> list[_Item
     return [items[k] for k in rng.permutation(len(items))]
 
 
+_LABEL_BLOCK = 2048
+"""Side of the blocks a whole scene's land-cover labels are counted in."""
+
+
 def _scene_land_use(index: SceneIndex, rng: np.random.Generator) -> list[_Item]:
     """The land cover that clearly covers most of the scene."""
     truth = index.truth
-    labels = truth.landcover.labels(0, 0, truth.width, truth.height)
-    shares = np.sort(np.bincount(labels.ravel(), minlength=len(LAND_COVERS)) / labels.size)
+    counts = np.zeros(len(LAND_COVERS), dtype=np.int64)
+    for y in range(0, truth.height, _LABEL_BLOCK):  # block by block: bounded memory on a UHR scene
+        for x in range(0, truth.width, _LABEL_BLOCK):
+            width, height = min(_LABEL_BLOCK, truth.width - x), min(_LABEL_BLOCK, truth.height - y)
+            counts += np.bincount(truth.landcover.labels(x, y, width, height).ravel(), minlength=len(LAND_COVERS))
+    shares = np.sort(counts / counts.sum())
     if shares[-1] - shares[-2] < DOMINANT_MARGIN:
         return []
-    cover = LAND_COVERS[int(np.bincount(labels.ravel(), minlength=len(LAND_COVERS)).argmax())].value
+    cover = LAND_COVERS[int(counts.argmax())].value
     names = tuple(c.value for c in LAND_COVERS)
     question = "What is the dominant land use type in the image?"
     return [_Item(Category.REGIONAL_LAND_USE, question, _other_options(cover, names, rng), None, None, names)]
