@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -42,6 +43,10 @@ from uhr.storage import StorageConfig
 from uhr.synth.archive import write_archive
 
 
+def _content_name(data: bytes, suffix: str) -> str:
+    return hashlib.sha256(data).hexdigest()[:24] + suffix
+
+
 def test_xlrs_from_save_to_disk_folder(tmp_path: Path) -> None:
     items = load_xlrs_lite(str(write_xlrs_save_to_disk(tmp_path / "XLRS-Bench-lite")), image_dir=str(tmp_path / "img"))
     assert items.schema == ITEM_SCHEMA
@@ -51,13 +56,15 @@ def test_xlrs_from_save_to_disk_folder(tmp_path: Path) -> None:
     assert {r["form"] for r in rows} == {"mc"}
 
     single, multi_answer, multi_image = rows
-    # Images are written out in their published bytes, with the format's suffix.
-    assert single["images"] == [str(tmp_path / "img" / "7_0.png")]
+    # Images are written out in their published bytes, named by them, with the format's suffix.
+    assert single["images"] == [str(tmp_path / "img" / _content_name(XLRS_ROWS[0]["image"][0]["bytes"], ".png"))]
     assert Path(single["images"][0]).read_bytes() == XLRS_ROWS[0]["image"][0]["bytes"]
-    assert multi_answer["images"] == [str(tmp_path / "img" / "8_0.jpg")]
+    assert multi_answer["images"] == [str(tmp_path / "img" / _content_name(XLRS_ROWS[1]["image"][0]["bytes"], ".jpg"))]
     assert Image.open(multi_answer["images"][0]).size == (16, 16)
     # Multi-image items keep every image; the pipeline reads images[0].
-    assert multi_image["images"] == [str(tmp_path / "img" / "9_0.png"), str(tmp_path / "img" / "9_1.png")]
+    assert multi_image["images"] == [
+        str(tmp_path / "img" / _content_name(image["bytes"], ".png")) for image in XLRS_ROWS[2]["image"]
+    ]
     assert np.asarray(Image.open(multi_image["images"][1]))[0, 0, 0] == 255
     assert [json.loads(r["meta"])["n_images"] for r in rows] == [1, 1, 2]
     assert json.loads(single["meta"])["l2-category"] == "Counting/Overall counting"
@@ -292,5 +299,5 @@ def test_benchmarks_in_object_storage(s3_server, tmp_path: Path) -> None:
     items = load_xlrs_lite(f"s3://{bucket}/xlrs", image_dir=f"s3://{bucket}/xlrs-images", storage=storage)
     assert items.column("question_id").to_pylist() == ["7", "8", "9"]
     first = items.column("images")[0].as_py()[0]
-    assert first == f"s3://{bucket}/xlrs-images/7_0.png"
+    assert first == f"s3://{bucket}/xlrs-images/{_content_name(XLRS_ROWS[0]['image'][0]['bytes'], '.png')}"
     assert fs.cat(first) == XLRS_ROWS[0]["image"][0]["bytes"]

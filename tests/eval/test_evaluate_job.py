@@ -22,13 +22,16 @@ from uhr.eval.run import (
     ITEMS_NAME,
     QUESTIONS_NAME,
     SWAPPED_QUESTIONS_NAME,
+    EvalRun,
     EvaluateConfig,
     parse_sweep,
     plan_runs,
+    swap_effect,
     swapped_scenes,
 )
 from uhr.config import ConfigError
 from uhr.model import load_model, load_model_config, save_model
+from uhr.pipeline import VqaConfig
 from uhr.pipeline.output import MANIFEST_NAME
 from uhr.storage import StorageConfig
 from uhr.synth import ArchiveIndex, write_archive
@@ -208,6 +211,25 @@ def test_swap_control_asks_every_item_about_another_scene(ray_local, model_dir, 
     assert control["changed"] == pytest.approx(sum(changed) / len(changed))
     assert "## Swap control" in fs.cat(f"{output}/{REPORT_MD}").decode()
     assert "swap control downsample+swapped-b64" in capsys.readouterr().out
+    # A smaller --limit asks its items about the scenes the full pairing gave them (one item alone
+    # has one scene: the pairing is made before the limit).
+    assert main([*command, "--swap-control", "--sweep", "strategy=downsample", "budget=64", "--limit", "1"]) == 0
+    assert pq.read_table(f"{output}/{SWAPPED_QUESTIONS_NAME}").to_pylist() == swapped[:1]
+
+
+def test_the_swap_control_compares_only_items_answered_in_both_runs() -> None:
+    run = EvalRun("downsample", 64, "out", VqaConfig(), swapped=True)
+    rows = [  # (strategy, question_id, status, prediction, correct)
+        ("downsample", "q1", "answered", "A", True), ("downsample+swapped", "q1", "answered", "B", False),
+        ("downsample", "q2", "answered", "C", True), ("downsample+swapped", "q2", "answered", "C", True),
+        ("downsample", "q3", "error", None, False), ("downsample+swapped", "q3", "answered", "D", False),
+    ]  # fmt: skip
+    judged = pa.Table.from_pylist(
+        [{"strategy": s, "budget": 64, "question_id": q, "category": "count", "status": st, "prediction": p, "correct": c}
+         for s, q, st, p, c in rows]  # fmt: skip
+    )
+    effect = swap_effect(judged, run)
+    assert (effect["items"], effect["items_not_answered_in_both"], effect["changed"]) == (2, 1, 0.5)
 
 
 def test_swapped_scenes_never_keep_a_scene() -> None:

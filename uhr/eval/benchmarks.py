@@ -302,7 +302,7 @@ def _record_batches(path: str, fs: fsspec.AbstractFileSystem) -> Iterator[pa.Rec
 
 
 def _write_image(data: pa.Buffer, target: str, fs: fsspec.AbstractFileSystem) -> None:
-    """Write an extracted image once; a complete earlier copy (same size) is kept."""
+    """Write an extracted image once; a complete earlier copy (named by its content, same size) is kept."""
     if fs.exists(target) and fs.size(target) == data.size:
         return
     if uri_protocol(target) is None:
@@ -314,7 +314,12 @@ def _write_image(data: pa.Buffer, target: str, fs: fsspec.AbstractFileSystem) ->
 def _xlrs_images(
     index: str, images: pa.ListScalar, data_dir: str, image_dir: str, fs_out: fsspec.AbstractFileSystem, where: str
 ) -> list[str]:
-    """URIs of one item's images; embedded ones are written out, one image in memory at a time."""
+    """URIs of one item's images; embedded ones are written out, one image in memory at a time.
+
+    An extracted image is named by its content: XLRS asks several questions about one picture,
+    which is then one file (read and encoded once by the VQA job), and two different names are
+    two different pictures (what the swap control's pairing relies on).
+    """
     if not images.is_valid or len(images) == 0:
         raise BenchmarkFormatError(f"{where}: 'image' must be a non-empty list of images")
     uris = []
@@ -324,7 +329,7 @@ def _xlrs_images(
         path = image["path"].as_py()
         if data is not None and data.size:
             suffix = _image_suffix(data.slice(0, min(16, data.size)).to_pybytes(), path, where)
-            target = join_uri(image_dir, f"{index}_{k}{suffix}")
+            target = join_uri(image_dir, f"{hashlib.sha256(memoryview(data)).hexdigest()[:24]}{suffix}")
             _write_image(data, target, fs_out)
             uris.append(target)
         elif path:

@@ -56,8 +56,8 @@ from uhr.pipeline.config import VqaConfig
 from uhr.pipeline.defaults import default_model, sample_archive
 from uhr.pipeline.output import PART_GLOB, RunManifest
 from uhr.pipeline.plan import is_proper_box
-from uhr.pipeline.vqa import RunSummary, resolve_pruning, run_vqa, same_setting
-from uhr.storage import StorageConfig, is_remote, join_uri, redact, uri_protocol
+from uhr.pipeline.vqa import RunSummary, connect_ray, resolve_pruning, run_vqa, same_setting
+from uhr.storage import StorageConfig, absolute_uri, is_remote, join_uri, redact, uri_protocol
 
 logger = logging.getLogger(__name__)
 
@@ -471,10 +471,12 @@ def swap_effect(judged: pa.Table, run: EvalRun) -> dict[str, Any]:
     `judged` is `judged_items`' table. Returns the share of items whose prediction changed (overall
     and per category) and both runs' accuracy: an image-blind model changes none.
     """
-    rows = judged.select(["strategy", "budget", "question_id", "category", "prediction", "correct"]).to_pylist()
+    rows = judged.select(["strategy", "budget", "question_id", "category", "status", "prediction", "correct"]).to_pylist()
     own = {r["question_id"]: r for r in rows if (r["strategy"], r["budget"]) == (run.strategy, run.budget)}
     swapped = {r["question_id"]: r for r in rows if (r["strategy"], r["budget"]) == (run.report_strategy, run.budget)}
-    ids = sorted(own.keys() & swapped.keys())
+    # Only items answered in both runs: a read error is no changed prediction.
+    common = own.keys() & swapped.keys()
+    ids = sorted(q for q in common if own[q]["status"] == swapped[q]["status"] == "answered")
     by_category: dict[str, list[bool]] = defaultdict(list)
     for qid in ids:
         by_category[own[qid]["category"] or "—"].append(own[qid]["prediction"] != swapped[qid]["prediction"])
@@ -483,6 +485,7 @@ def swap_effect(judged: pa.Table, run: EvalRun) -> dict[str, Any]:
         "run": run.label,
         "compared_with": run_label(run.strategy, run.budget),
         "items": len(ids),
+        "items_not_answered_in_both": len(common) - len(ids),
         "changed": sum(changed) / len(changed) if changed else None,
         "changed_by_category": {name: sum(flags) / len(flags) for name, flags in sorted(by_category.items())},
         "accuracy_own_scene": sum(own[q]["correct"] for q in ids) / len(ids) if ids else None,
@@ -618,12 +621,17 @@ def run_evaluation(config: EvaluateConfig, wordnet: WordNetCorpusReader | None =
     (`ConfigError`, `BenchmarkFormatError`, `FileNotFoundError`). Re-running the same command
     resumes each run where it stopped. `wordnet` (for open answers) defaults to `load_wordnet()`.
     """
+    config = config.model_copy(update={"output": absolute_uri(config.output)})  # `file://` spelled as a path
     storage = config.vqa.storage
     spec = benchmark_spec(config)
     items = load_benchmark(spec, storage)
     published = items.num_rows
+    # Built from every published item, then limited like the items: a question is asked about the
+    # same other scene whatever the limit, so answers of runs with other limits never mix two pairings.
+    swapped_questions = questions_table(items, swap=True) if config.swap_control else None
     if config.limit is not None:
         items = items.slice(0, config.limit)
+        swapped_questions = None if swapped_questions is None else swapped_questions.slice(0, config.limit)
     if items.num_rows == 0:
         raise ConfigError(f"benchmark {spec.name.value} at {redact(spec.uri)} has no items")
     if wordnet is None and "open" in items.column("form").to_pylist():
@@ -632,7 +640,6 @@ def run_evaluation(config: EvaluateConfig, wordnet: WordNetCorpusReader | None =
     model_config = load_model_config(model_uri, storage=storage)
     questions_uri = join_uri(config.output, QUESTIONS_NAME)
     swapped_uri = join_uri(config.output, SWAPPED_QUESTIONS_NAME)
-    swapped_questions = questions_table(items, swap=True) if config.swap_control else None
     # Every run loads the same model, the default one included.
     pinned = config.model_copy(update={"vqa": config.vqa.model_copy(update={"model": model_uri})})
     runs = plan_runs(pinned, model_config, questions_uri, swapped_uri)
@@ -646,6 +653,8 @@ def run_evaluation(config: EvaluateConfig, wordnet: WordNetCorpusReader | None =
         spec.name.value, items.num_rows, len(runs), ", ".join(run.label for run in runs),
     )  # fmt: skip
 
+    # Ray started before the first run: its start-up would otherwise count in that run's throughput only.
+    connect_ray()
     summaries = []
     for run in runs:
         logger.info("run %s -> %s", run.label, redact(run.output))
@@ -656,9 +665,14 @@ def run_evaluation(config: EvaluateConfig, wordnet: WordNetCorpusReader | None =
     # Answers to items beyond `limit` (from an earlier, larger evaluation) are not scored.
     ids = items.column("question_id")
     tables = [read_answers(run.output, storage, run.report_strategy if run.swapped else None) for run in runs]
-    answers = pa.concat_tables([table.filter(pc.is_in(table["question_id"], value_set=ids)) for table in tables])
+    # Schemas promoted: a run made before a column was added to the output lacks it.
+    answers = pa.concat_tables(
+        [table.filter(pc.is_in(table["question_id"], value_set=ids)) for table in tables], promote_options="default"
+    )
     report = evaluate(items, answers, wordnet)
     judged = judged_items(items, answers, wordnet)
+    images = pa.array([[redact(uri) for uri in row] for row in judged.column("images").to_pylist()], pa.list_(pa.string()))
+    judged = judged.set_column(judged.schema.get_field_index("images"), "images", images)  # a signed URL's credentials
     _write_parquet(judged, join_uri(config.output, ITEMS_NAME), storage)
     throughput = [run_throughput(run, storage) for run in runs]
     header = {
