@@ -407,7 +407,7 @@ def format_report(result: TrainBenchResult) -> str:
         "training, checkpoint, export).",
         "",
         "| strategy | ZeRO | budget | steady samples/s per worker | mean | overall samples/s per worker | wall s | "
-        "optimizer state MiB per rank | loss first -> last |",
+        "Adam moments MiB per rank | loss first -> last |",
         "|" + "---|" * 9,
     ]
     for r in [*result.runs, *([result.zero0] if result.zero0 else [])]:
@@ -424,12 +424,13 @@ def format_report(result: TrainBenchResult) -> str:
         adam = ADAM_STATE_BYTES * result.trained_parameters
         lines += [
             "",
-            f"Optimizer state per rank, ZeRO-2 / ZeRO-0 ({result.zero0.strategy}, world size {config.num_workers}): "
+            f"Adam moments per rank, ZeRO-2 / ZeRO-0 ({result.zero0.strategy}, world size {config.num_workers}): "
             f"{result.zero2.state_bytes:,} / {result.zero0.state_bytes:,} bytes = {ratio:.3f} (target <= "
             f"{ZERO2_RATIO_TARGET}): {'met' if ratio <= ZERO2_RATIO_TARGET else 'MISSED'}. Adam's moments of all "
             f"{result.trained_parameters:,} trained parameters: {adam:,} bytes (ZeRO-0 holds moments only for "
             "parameters that received a gradient; ZeRO-2's flat partitions cover every trained parameter, padded for "
-            "alignment).",
+            "alignment). Not counted: ZeRO-2's float32 master copy of its partition, half the moments' bytes, which "
+            "a float32 ZeRO-0 run does without (it steps the model's own weights) and a bf16 ZeRO-0 run holds whole.",
         ]
     lines += ["", *sizing_report(config.sizing)]
     return "\n".join(lines)

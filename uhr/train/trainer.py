@@ -84,7 +84,7 @@ class FinetuneSummary:
                 *grounding,
                 f"  workers        {len(self.nodes)} on {len(set(self.nodes))} node(s), {sum(self.samples)} samples trained",
                 f"  samples/s      {rates} (per worker)",
-                f"  optimizer MiB  {state} (per rank)",
+                f"  Adam MiB       {state} (moments, per rank)",
                 f"  skipped        {self.skipped.get('count', 0)} samples" + (f" ({kinds})" if kinds else ""),
                 f"  checkpoints    {redact(self.run)}",
                 f"  export         {redact(self.export)}",
