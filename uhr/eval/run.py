@@ -56,7 +56,7 @@ from uhr.pipeline.config import VqaConfig
 from uhr.pipeline.defaults import default_model, sample_archive
 from uhr.pipeline.output import PART_GLOB, RunManifest
 from uhr.pipeline.plan import is_proper_box
-from uhr.pipeline.vqa import RunSummary, connect_ray, resolve_pruning, run_vqa, same_setting
+from uhr.pipeline.vqa import RunSummary, connect_ray, required_cpus, resolve_pruning, run_vqa, same_setting
 from uhr.storage import StorageConfig, absolute_uri, is_remote, join_uri, redact, uri_protocol
 
 logger = logging.getLogger(__name__)
@@ -654,7 +654,7 @@ def run_evaluation(config: EvaluateConfig, wordnet: WordNetCorpusReader | None =
     )  # fmt: skip
 
     # Ray started before the first run: its start-up would otherwise count in that run's throughput only.
-    connect_ray()
+    connect_ray(min_cpus=max(required_cpus(run.config) for run in runs))
     summaries = []
     for run in runs:
         logger.info("run %s -> %s", run.label, redact(run.output))

@@ -63,6 +63,20 @@ def worker_env(storage: StorageConfig) -> dict[str, Any]:
     return {"env_vars": env}
 
 
+ACTOR_TASK_RETRIES = 3
+"""Attempts of a batch after its actor died: enough for a lost node; a scene whose batch kills
+its actor every time (out of memory) stops the job instead of being retried forever (Ray Data's
+default), its rows so far written and a rerun resuming."""
+
+
+def required_cpus(config: VqaConfig) -> float:
+    """CPUs a local Ray needs for this job to make progress: the actor pools' minimum actors hold
+    theirs for their lifetime, so a read task and a window-read task need CPUs of their own."""
+    encode, answer, read = config.encode, config.answer, config.read
+    actors = encode.min_actors * encode.num_cpus + (0 if config.fused else answer.min_actors * answer.num_cpus)
+    return actors + read.num_cpus + read.window_num_cpus
+
+
 def build_vqa_dataset(
     groups: list[dict[str, Any]], config: VqaConfig, model_uri: str, model_config: UhrConfig, run_id: str
 ) -> ray.data.Dataset:
@@ -98,6 +112,7 @@ def build_vqa_dataset(
         num_cpus=encode.num_cpus,
         accelerator_type=encode.accelerator_type,
         runtime_env=runtime_env,
+        max_task_retries=ACTOR_TASK_RETRIES,
     )
     if not config.fused:
         ds = ds.map_batches(
@@ -114,6 +129,7 @@ def build_vqa_dataset(
             num_cpus=answer.num_cpus,
             accelerator_type=answer.accelerator_type,
             runtime_env=runtime_env,
+            max_task_retries=ACTOR_TASK_RETRIES,
         )
     return ds
 
@@ -414,18 +430,29 @@ def run_vqa(config: VqaConfig) -> RunSummary:
     writer = ResultWriter(config.output, run_id, storage, config.rows_per_file, config.flush_interval_s)
     status = "failed"
     stats = ""
+    written: set[str] = set()  # question ids this run wrote
     try:
         # Leaving the writer's context writes what it buffered, also on an exception or Ctrl-C.
         with writer:
             if plan.groups:
-                connect_ray()
+                connect_ray(min_cpus=required_cpus(config))
                 ds = build_vqa_dataset(plan.groups, config, model_uri, model_config, run_id)
+                # A retried actor task may send rows its dead attempt had already sent (Ray Data skips
+                # a retry's blocks by position, and a retry may cut its output differently): each
+                # question is written once, and one never sent leaves the run incomplete.
                 with progress:
                     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                        fresh = []
+                        for index, qid in enumerate(batch["question_id"].to_pylist()):
+                            if qid not in written:
+                                written.add(qid)
+                                fresh.append(index)
+                        if len(fresh) < batch.num_rows:
+                            batch = batch.take(fresh)
                         writer.write(batch)
                         progress.add(batch)
                 stats = ds.stats()
-        status = "completed"
+        status = "completed" if len(written) >= plan.pending else "incomplete"
     except KeyboardInterrupt:
         status = "interrupted"
         raise
