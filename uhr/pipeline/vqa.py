@@ -71,10 +71,11 @@ default), its rows so far written and a rerun resuming."""
 
 def required_cpus(config: VqaConfig) -> float:
     """CPUs a local Ray needs for this job to make progress: the actor pools' minimum actors hold
-    theirs for their lifetime, so a read task and a window-read task need CPUs of their own."""
-    encode, answer, read = config.encode, config.answer, config.read
+    theirs for their lifetime, so a read task needs one beside them (a window read an actor waits
+    for then takes a read task's CPU when it ends)."""
+    encode, answer = config.encode, config.answer
     actors = encode.min_actors * encode.num_cpus + (0 if config.fused else answer.min_actors * answer.num_cpus)
-    return actors + read.num_cpus + read.window_num_cpus
+    return actors + config.read.num_cpus
 
 
 def build_vqa_dataset(
