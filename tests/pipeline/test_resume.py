@@ -116,7 +116,7 @@ def test_relative_paths_reach_the_workers_and_secrets_stay_out_of_manifest_and_r
 
 
 def test_a_signed_scene_url_is_masked_in_its_rows(ray_local, model_dir, tmp_path):
-    signature = "0123456789abcdef0123"
+    signature = "uhr-not-a-real-signature"
     signed = f"http://127.0.0.1:1/archive/scene.tif?X-Amz-Signature={signature}"  # nothing listens there
     scenes = tmp_path / "scenes.txt"
     scenes.write_text(signed + "\n")

@@ -17,7 +17,7 @@ from uhr.errors import SceneError
 from uhr.scenes import open_scene
 from uhr.storage import StorageConfig
 
-SIGNATURE = "0123456789abcdef0123"
+SIGNATURE = "uhr-not-a-real-signature"
 
 SERVER = """
 import http.server, sys

@@ -17,7 +17,7 @@ def train_archive(tmp_path_factory: pytest.TempPathFactory) -> ArchiveIndex:
     return write_archive(str(root), scenes=3, size=256, seed=3, split="train", questions_per_scene=4)
 
 
-SIGNATURE = "0123456789abcdef0123"
+SIGNATURE = "uhr-not-a-real-signature"
 """The signature of a signed image URL among the bad records."""
 
 
