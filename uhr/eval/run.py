@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from itertools import product
@@ -222,11 +221,6 @@ def benchmark_spec(config: EvaluateConfig) -> BenchmarkSpec:
     )
 
 
-def _absolute(uri: str) -> str:
-    """Local paths made absolute: the VQA job's workers need not share the driver's working directory."""
-    return os.path.abspath(uri) if uri_protocol(uri) is None else uri
-
-
 def swapped_scenes(scenes: list[str]) -> dict[str, str]:
     """Each distinct scene -> the next one in sorted order (the last -> the first): no scene keeps its own.
 
@@ -246,7 +240,7 @@ def questions_table(items: pa.Table, swap: bool = False) -> pa.Table:
     a proper box, so the answers say how the kept tokens covered the evidence.
     """
     rows = items.select(["question_id", "images", "question", "choices", "prompt", "bbox"]).to_pylist()
-    scenes = [_absolute(row["images"][0]) for row in rows]
+    scenes = [absolute_uri(row["images"][0]) for row in rows]  # workers run in other directories
     if swap:
         others = swapped_scenes(scenes)
         scenes = [others[scene] for scene in scenes]
