@@ -291,7 +291,8 @@ def prepare_sample(
         _check_fields(sample)
         conversations = sample["conversations"]
         question = question_text(conversations, model_config.image_token)
-        if not question and build_strategy(pruning).query_guided:
+        strategy = build_strategy(pruning)
+        if not question and strategy.query_guided:
             raise SampleError("conversation", f"the image turn holds no question for {pruning.strategy.value} to select with")
         try:
             tokens = tokenize_conversation(tokenizer, conversations, max_length, image_token=model_config.image_token)
@@ -305,7 +306,7 @@ def prepare_sample(
             with open_scene(uri, storage=storage, normalize=normalize) as scene:
                 window = window or Box(0, 0, scene.width, scene.height)
                 source = _window_of(scene, window)
-                for side in build_strategy(pruning).views(model_config, source.width, source.height):
+                for side in strategy.views(model_config, source.width, source.height):
                     view = source.read_view(side)
                     views.append(view.tobytes())
                     shapes.append(list(view.shape))
