@@ -118,14 +118,9 @@ def _check_one_layout(names: Iterable[str], location: str) -> None:
 
 def _weight_files(directory: Path, allow_pickle: bool) -> tuple[list[Path], bool]:
     """(weight files, are they safetensors) of a checkpoint directory."""
-    _check_one_layout((path.name for path in directory.iterdir()), str(directory))
-    index = directory / _SAFETENSORS_INDEX
-    if index.exists():
-        shards = _index_shards(json.loads(index.read_text()), str(directory), lambda shard: (directory / shard).is_file())
-        return [directory / shard for shard in shards], True
-    safetensors = sorted(directory.glob("*.safetensors"))
+    safetensors = _safetensors_files(StorageConfig().filesystem(str(directory)), str(directory))
     if safetensors:
-        return safetensors, True
+        return [Path(path) for path in safetensors], True
     pickles = sorted(p for p in directory.iterdir() if _is_pickle_weights(p.name))
     if not pickles:
         raise CheckpointError(str(directory), "no weights (*.safetensors, or *.bin / *.pt with allow_pickle=True)")
