@@ -29,7 +29,7 @@ def _outputs(model, tokens_factory, image_factory):
     with torch.no_grad():
         features, cls = model.encode_tiles(tiles)
         visual = tokens_factory(12, model.config.text_config.hidden_size, seed=5)
-        ids, position, _ = model._prompt(PROMPT_QUESTION)
+        ids, _, _ = model._prompt(PROMPT_QUESTION)
         logits = model(input_ids=torch.tensor([ids]), visual=[visual]).logits
         return {
             "features": features,

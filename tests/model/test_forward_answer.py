@@ -143,6 +143,27 @@ def test_questions_sharing_leading_visual_tokens_answer_as_one_by_one(tiny_model
     assert len(set(single)) > 1, "the questions must get different answers for this check to mean anything"
 
 
+def test_multi_image_questions_answer_as_one_by_one(tiny_model, tokens_factory):
+    """Questions on the same image pair share the prefill of the first image; a single-image
+    question on that first image shares it too; each gets the answer it gets alone."""
+    model, _ = tiny_model
+    before, after, other = (tokens_factory(count, 64, seed=seed) for count, seed in ((40, 3), (12, 4), (9, 7)))
+    visual = [[before, after], [before, after], before, [before, other], [after, before]]
+    questions = ["How many ships?", "Is there a bridge over the river?", "How many ships?", "What is in the box?", "Any planes?"]
+    firsts = [v[0] if isinstance(v, list) else v for v in visual]
+    prompts = [model._prompt(q, images=len(v) if isinstance(v, list) else 1) for v, q in zip(visual, questions)]
+    assert _shared_prefix_groups(firsts, [(torch.tensor(i), p) for i, p, _ in prompts]) == [([0, 1, 2, 3], 40), ([4], 12)]
+    together = model.answer(visual, questions, max_new_tokens=8)
+    single = [model.answer([v], [q], max_new_tokens=8)[0] for v, q in zip(visual, questions)]
+    assert together == single
+    assert len(set(single)) > 1, "the questions must get different answers for this check to mean anything"
+    ids, positions, question_tokens = model._prompt(questions[0], images=2)
+    assert [ids[p] for p in positions] == [model.config.image_token_id] * 2
+    assert model.tokenizer.decode([ids[t] for t in question_tokens]).strip() == questions[0]
+    with pytest.raises(ValueError, match="at least one image"):
+        model.answer([[]], ["x"])
+
+
 def test_answer_needs_a_tokenizer(tiny_model, tokens_factory):
     model, _ = tiny_model
     model._tokenizer = None

@@ -127,6 +127,31 @@ def test_none_reproduces_llava_next(tmp_path, image_factory, config_geometry, te
     assert model.answer([tokens], [QUESTION], max_new_tokens=8) == [expected_text]
 
 
+def test_two_images_answer_as_llava_next(tmp_path, image_factory):
+    """A multi-image question (XLRS-Bench's bi-temporal pairs): each image gets its own placeholder,
+    written as lmms-eval writes them for LLaVA models, and its own anyres tokens; LLaVA-NeXT given
+    both images and that prompt generates what `answer` does."""
+    tokenizer = build_tiny_tokenizer()
+    reference = _llava_next("qwen2", tokenizer)
+    _save(reference, tokenizer, tmp_path, "save_pretrained")
+    model, _ = load_model(tmp_path)
+    before, after = image_factory(45, 70, seed=1), image_factory(60, 60, seed=2)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"<image> <image>\n{QUESTION}"}], tokenize=False, add_generation_prompt=True
+    )
+    inputs = _processor(tokenizer)(images=[before, after], text=prompt, return_tensors="pt")
+
+    strategy = NoneStrategy(PruningConfig(strategy="none", budget=10_000))
+    tokens = [strategy.select(model, strategy.encode(model, ArraySource(image)), QUESTION) for image in (before, after)]
+    assert sum(len(t) for t in tokens) == int((inputs["input_ids"] == tokenizer.image_token_id).sum())
+
+    generated = reference.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    expected = tokenizer.decode(generated, skip_special_tokens=True).strip()
+    assert model.answer([tokens], [QUESTION], max_new_tokens=8) == [expected]
+    # The order of the images is part of the question.
+    assert model.answer([tokens[::-1]], [QUESTION], max_new_tokens=8) != [expected]
+
+
 @pytest.mark.parametrize(
     ("top", "text_tie"),
     [
@@ -156,7 +181,7 @@ def test_a_processor_chat_template_answers(tmp_path, tokens_factory):
     (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": TYPED_TEMPLATE}))
     model, loaded_tokenizer = load_model(tmp_path)
     assert loaded_tokenizer.chat_template == TYPED_TEMPLATE
-    ids, position, question_tokens = model._prompt(QUESTION)
+    ids, (position,), question_tokens = model._prompt(QUESTION)
     assert ids[position] == model.config.image_token_id
     assert loaded_tokenizer.decode([ids[t] for t in question_tokens]).strip() == QUESTION
     visual = tokens_factory(6, model.config.text_config.hidden_size)

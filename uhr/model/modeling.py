@@ -13,6 +13,7 @@ width; N visual tokens handed to the LM.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -308,35 +309,42 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
 
     # -- prompt path ---------------------------------------------------------------------------
 
-    def _prompt(self, question: str) -> tuple[list[int], int, list[int]]:
-        """Chat-template prompt for one question with the image placeholder before it.
+    def _prompt(self, question: str, images: int = 1) -> tuple[list[int], list[int], list[int]]:
+        """Chat-template prompt for one question with `images` image placeholders before it.
 
-        Returns (token ids, index of the image token, indices of the question's own tokens).
+        Several images are written as lmms-eval writes them for LLaVA models: the placeholders
+        joined by spaces, then a newline and the question. Returns (token ids, indices of the image
+        tokens in order, indices of the question's own tokens).
         """
         tokenizer, image_token = self.tokenizer, self.config.image_token
         if image_token in question:
             raise ValueError(f"question must not contain the image placeholder {image_token!r}: {question!r}")
-        messages = [{"role": "user", "content": f"{image_token}\n{question}"}]
+        if images < 1:
+            raise ValueError(f"a prompt needs at least one image, got {images}")
+        messages = [{"role": "user", "content": " ".join([image_token] * images) + f"\n{question}"}]
         text = render_chat(tokenizer, messages, add_generation_prompt=True, image_token=image_token)
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = encoding["input_ids"]
         image_positions = [i for i, token in enumerate(ids) if token == self.config.image_token_id]
-        if len(image_positions) != 1:
-            raise ValueError(f"prompt holds {len(image_positions)} image tokens, expected 1: {text!r}")
-        start = text.index(question, text.index(image_token) + len(image_token))
+        if len(image_positions) != images:
+            raise ValueError(f"prompt holds {len(image_positions)} image tokens, expected {images}: {text!r}")
+        start = text.index(question, text.rindex(image_token) + len(image_token))
         end = start + len(question)
         question_tokens = [i for i, (a, b) in enumerate(encoding["offset_mapping"]) if a < end and b > start]
-        return ids, image_positions[0], question_tokens
+        return ids, image_positions, question_tokens
 
     def _embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """LM input embeddings of `input_ids`; image tokens (replaced later) may lie past the LM vocabulary."""
         return self.get_input_embeddings()(input_ids.masked_fill(input_ids == self.config.image_token_id, 0))
 
-    def _splice(self, input_ids: torch.Tensor, position: int, visual: torch.Tensor) -> torch.Tensor:
-        """(L,) ids with the image token at `position`, (N, D) visual -> (L - 1 + N, D) LM inputs."""
+    def _splice(self, input_ids: torch.Tensor, positions: list[int], visual: list[torch.Tensor]) -> torch.Tensor:
+        """(L,) ids with image tokens at `positions`, one (N_k, D) visual per position -> (L - K + sum N_k, D) LM inputs."""
         embeds = self._embed_text(input_ids)
-        visual = visual.to(embeds.device, embeds.dtype)
-        return torch.cat([embeds[:position], visual, embeds[position + 1 :]])
+        parts, start = [], 0
+        for position, tokens in zip(positions, visual, strict=True):
+            parts += [embeds[start:position], tokens.to(embeds.device, embeds.dtype)]
+            start = position + 1
+        return torch.cat([*parts, embeds[start:]])
 
     def _check_visual(self, visual: PrunedTokens) -> None:
         dim = self.config.text_config.hidden_size
@@ -345,20 +353,27 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
 
     # -- entry points --------------------------------------------------------------------------
 
-    def answer(self, visual: list[PrunedTokens], questions: list[str], *, max_new_tokens: int = 64) -> list[str]:
+    def answer(
+        self, visual: Sequence[PrunedTokens | Sequence[PrunedTokens]], questions: list[str], *, max_new_tokens: int = 64
+    ) -> list[str]:
         """Greedy answers, one per (visual tokens, question) pair.
+
+        A question's visual input is one image's tokens or, for a multi-image question (XLRS-Bench's
+        bi-temporal pairs), a sequence of them, one per image in order: each image gets its own
+        placeholder, written as lmms-eval writes them for LLaVA models (joined by spaces, then a
+        newline and the question).
 
         Greedy, not sampled, whatever the checkpoint's generation config says; its other settings
         (stop tokens, a repetition penalty, suppressed tokens) apply, as they do in transformers'
         `generate` and so in the evaluations the checkpoints' authors published.
 
-        Questions whose visual tokens begin alike share one prefill of the prompt up to the end of
-        the common part: its key/value cache is computed once and copied to each of them. A
-        query-independent strategy gives every question on a scene the same tokens, so the scene's
-        image is read by the LM once, not once per question; `c2f` puts the scene's thumbnail before
-        each question's own fine tokens, so the thumbnail is. The rest of each prompt is prefilled
-        per question, left-padded in one batch, as are the questions that share nothing. Returns
-        only the new text, special tokens removed, stripped.
+        Questions whose (first) image's visual tokens begin alike share one prefill of the prompt up
+        to the end of the common part: its key/value cache is computed once and copied to each of
+        them. A query-independent strategy gives every question on a scene the same tokens, so the
+        scene's image is read by the LM once, not once per question; `c2f` puts the scene's
+        thumbnail before each question's own fine tokens, so the thumbnail is. The rest of each
+        prompt is prefilled per question, left-padded in one batch, as are the questions that share
+        nothing. Returns only the new text, special tokens removed, stripped.
         """
         if len(visual) != len(questions):
             raise ValueError(f"got {len(visual)} visual inputs for {len(questions)} questions")
@@ -366,6 +381,7 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not questions:
             return []
+        images = [[item] if isinstance(item, PrunedTokens) else list(item) for item in visual]
         device = self.get_input_embeddings().weight.device
         generation_config = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -377,26 +393,31 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         answers: list[str] = [""] * len(questions)
         with torch.inference_mode():
             prompts = []
-            for tokens, question in zip(visual, questions):
-                self._check_visual(tokens)
-                ids, position, _ = self._prompt(question)
-                prompts.append((torch.tensor(ids, device=device), position))
+            for tokens, question in zip(images, questions):
+                for image in tokens:
+                    self._check_visual(image)
+                ids, positions, _ = self._prompt(question, images=len(tokens))
+                prompts.append((torch.tensor(ids, device=device), positions))
+            embeds = [[image.embeds for image in tokens] for tokens in images]
             alone: list[int] = []
-            for group, shared in _shared_prefix_groups(visual, prompts):
+            for group, shared in _shared_prefix_groups([tokens[0] for tokens in images], prompts):
                 if len(group) == 1:
                     alone.extend(group)
                     continue
-                ids, position = prompts[group[0]]
-                prefix = self._splice(ids[: position + 1], position, visual[group[0]].embeds[:shared])  # (P, D)
+                ids, (first, *_) = prompts[group[0]]
+                prefix = self._splice(ids[: first + 1], [first], [embeds[group[0]][0][:shared]])  # (P, D)
                 cache = self.language_model(inputs_embeds=prefix[None], use_cache=True, logits_to_keep=1).past_key_values
                 cache.batch_repeat_interleave(len(group))
-                # Each suffix: the question's own visual tokens, then its text after the image token.
-                suffixes = [self._splice(prompts[i][0][position:], 0, visual[i].embeds[shared:]) for i in group]
+                # Each suffix: the rest of the first image's tokens, then the prompt after its slot.
+                suffixes = []
+                for i in group:
+                    suffix_ids, positions = prompts[i][0][first:], [p - first for p in prompts[i][1]]
+                    suffixes.append(self._splice(suffix_ids, positions, [embeds[i][0][shared:], *embeds[i][1:]]))
                 texts = self._generate([prefix] * len(group), suffixes, generation_config, cache)
                 for i, text in zip(group, texts):
                     answers[i] = text
             if alone:
-                rows = [self._splice(prompts[i][0], prompts[i][1], visual[i].embeds) for i in alone]
+                rows = [self._splice(prompts[i][0], prompts[i][1], embeds[i]) for i in alone]
                 empty = rows[0][:0]
                 for i, text in zip(alone, self._generate([empty] * len(rows), rows, generation_config, None)):
                     answers[i] = text
@@ -532,7 +553,7 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         own tokens over them. A strategy keeps this with a scene's encoding, so scoring the visual
         tokens costs the LM a pass over them once per scene instead of once per question.
         """
-        ids, position, _ = self._prompt("")
+        ids, (position,), _ = self._prompt("")
         return self._importance_prefix(ids[:position], visual_embeds, layer)
 
     def _importance_prefix(self, head: list[int], visual_embeds: torch.Tensor, layer: int) -> ImportancePrefix:
@@ -542,7 +563,7 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         with torch.no_grad():
             # The head with the image token, spliced: the sequence `visual_importance` would run.
             ids = torch.tensor([*head, self.config.image_token_id], device=device)
-            inputs_embeds = self._splice(ids, len(head), visual_embeds)[None]
+            inputs_embeds = self._splice(ids, [len(head)], [visual_embeds])[None]
             decoder = decoder_prefix(self.language_model, inputs_embeds, layer)
         return ImportancePrefix(head=head, count=visual_embeds.shape[0], decoder=decoder)
 
@@ -553,7 +574,7 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
 
         Equals `visual_importance` over the same visual tokens at the prefix's layer; see there for `query`.
         """
-        ids, position, question_tokens = self._prompt(question)
+        ids, (position,), question_tokens = self._prompt(question)
         if ids[:position] != prefix.head:
             raise ValueError(f"the chat template's text before the image depends on the question {question!r}; no prefix to share")
         return self._attention_to_prefix(prefix, question, ids, position, question_tokens, query)
@@ -602,7 +623,7 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         counts from the end. Only the layers up to `layer` run. For many questions on the same
         visual tokens, `importance_prefix` once and `prefixed_importance` per question cost less.
         """
-        ids, position, question_tokens = self._prompt(question)
+        ids, (position,), question_tokens = self._prompt(question)
         prefix = self._importance_prefix(ids[:position], visual_embeds, layer)
         return self._attention_to_prefix(prefix, question, ids, position, question_tokens, query)
 
@@ -643,17 +664,18 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
 
 
 def _shared_prefix_groups(
-    visual: list[PrunedTokens], prompts: list[tuple[torch.Tensor, int]]
+    visual: list[PrunedTokens], prompts: list[tuple[torch.Tensor, list[int]]]
 ) -> list[tuple[list[int], int]]:
-    """Questions grouped by identical prompt head and leading visual tokens, in first-seen order.
+    """Questions grouped by identical prompt head and leading visual tokens of their first image, in
+    first-seen order (`visual`: each question's first image; `prompts`: ids and image positions).
 
     Each group comes with how many leading visual tokens all its members share (at least one for a
     group of several; a lone question's count is its own length).
     """
     groups: list[tuple[list[int], int]] = []
-    for i, (tokens, (ids, position)) in enumerate(zip(visual, prompts)):
+    for i, (tokens, (ids, (position, *_))) in enumerate(zip(visual, prompts)):
         for g, (group, shared) in enumerate(groups):
-            other, (other_ids, other_position) = visual[group[0]], prompts[group[0]]
+            other, (other_ids, (other_position, *_)) = visual[group[0]], prompts[group[0]]
             if position != other_position or not torch.equal(ids[:position], other_ids[:position]):
                 continue
             common = min(shared, tokens.shared_prefix(other))

@@ -287,7 +287,7 @@ def test_importance_is_question_and_head_averaged_attention_at_the_configured_la
         importance = strategy.anchor_importance(model, encoding, question).reshape(-1)
         # eager forward with output_attentions on the same prompt
         anchor = encoding.scales[0].embeds
-        ids, position, question_tokens = model._prompt(question)
+        ids, (position,), question_tokens = model._prompt(question)
         embeds = model.get_input_embeddings()(torch.tensor(ids))
         inputs = torch.cat([embeds[:position], anchor, embeds[position + 1 :]])[None]
         model.language_model.config._attn_implementation = "eager"
