@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", help="YAML file with VqaConfig fields")
     parser.add_argument("--scenes", help="scene prefix (dir or s3://...) or a .txt file listing scene URIs")
-    parser.add_argument("--questions", help="questions table: .parquet, .jsonl or .csv (question_id, scene, question[, choices, bbox, prompt])")
+    parser.add_argument("--questions", help="questions table: .parquet, .jsonl or .csv (question_id, scene, question[, choices, bbox, prompt, extra_scenes])")
     parser.add_argument("--ask", action="append", help="a question for every scene (repeatable; instead of --questions)")
     parser.add_argument("--output", help="output dataset URI (default outputs/vqa)")
     parser.add_argument("--model", help="model directory or URI (default: the bundled default model)")

@@ -114,7 +114,7 @@ def test_xlrs_micro_macro_and_subtasks() -> None:
     assert list(score.subtasks) == [name for name in XLRS_SUBTASKS if name in score.subtasks]  # published order
     assert score.tasks["Counting"] == Accuracy(2, 3)
     assert score.multi_image_items == 1
-    assert any("first image" in note for note in score.notes())
+    assert any("asked of all of them" in note for note in score.notes())
     as_json = json.loads(json.dumps(score.to_dict()))
     assert as_json["subtasks"][COUNTING] == {"correct": 2, "total": 3, "accuracy": 2 / 3}
 

@@ -123,14 +123,14 @@ def test_each_published_layout_through_the_job(ray_local, s3_server, model_dir, 
     items = load_benchmark(BenchmarkSpec(name=name, uri=data, image_dir=f"{output}/images"), storage)
     report = _check_report(fs, output, name, items.num_rows, ["uhr-bat-b256"])  # the model's default pruning
 
-    # The VQA job got each benchmark's own prompt, verbatim, and the first image of every item.
+    # The VQA job got each benchmark's own prompt, verbatim, and every image of every item, in order.
     questions = _read_parquet(fs, f"{output}/{QUESTIONS_NAME}").to_pylist()
     assert [q["prompt"] for q in questions] == items.column("prompt").to_pylist()
-    assert [q["scene"] for q in questions] == [images[0] for images in items.column("images").to_pylist()]
+    assert [[q["scene"], *(q["extra_scenes"] or [])] for q in questions] == items.column("images").to_pylist()
     if name == "xlrs-lite":
         assert all(q["scene"].startswith(f"s3://{bucket}/eval/images/") for q in questions)
-        assert report["evaluation"]["multi_image_items"] == 1  # item 9: two images, answered from the first
-        assert "answered them from the first image" in fs.cat(f"{output}/{REPORT_MD}").decode()
+        assert report["evaluation"]["multi_image_items"] == 1  # item 9: two images, both asked
+        assert "asked of all of them" in fs.cat(f"{output}/{REPORT_MD}").decode()
     # What the job answered is what was scored.
     answers = _read_parquet(fs, f"{output}/runs/uhr-bat-b256")
     judged = _read_parquet(fs, f"{output}/{ITEMS_NAME}")

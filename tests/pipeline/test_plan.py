@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pyarrow as pa
@@ -10,7 +11,7 @@ import pytest
 
 from uhr.config import ConfigError
 from uhr.pipeline import VqaConfig
-from uhr.pipeline.plan import load_questions, make_plan, questions_from_ask, resolve_scene, scene_uris
+from uhr.pipeline.plan import InputError, load_questions, make_plan, questions_from_ask, resolve_scene, scene_uris
 from uhr.storage import StorageConfig
 
 from .helpers import config
@@ -68,3 +69,36 @@ def test_credentials_in_gdal_options_are_refused_without_echoing_them(option):
     # Tuning options and file paths are not credentials.
     fine = {"VSI_CACHE_SIZE": "1048576", "GDAL_HTTP_HEADER_FILE": "/etc/gdal/headers", "GDAL_HTTP_HEADERS": "User-Agent: uhr"}
     assert VqaConfig(storage={"gdal_options": fine}).storage.gdal_options == fine
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_multi_image_questions_group_by_their_image_sequence(tmp_path, suffix):
+    """A question's extra scenes (CSV: JSON text; JSONL: a list) resolve like its scene, and each
+    distinct image sequence is one group, read and encoded once for its questions."""
+    rows = [
+        {"question_id": "pair-1", "scene": "a.tif", "question": "How many ships arrived?", "extra_scenes": ["b.tif"]},
+        {"question_id": "pair-2", "scene": "a.tif", "question": "Which roads are new?", "extra_scenes": ["b.tif"]},
+        {"question_id": "reversed", "scene": "b.tif", "question": "How many ships left?", "extra_scenes": ["a.tif"]},
+        {"question_id": "alone", "scene": "a.tif", "question": "How many ships?", "extra_scenes": None},
+        {"question_id": "remote", "scene": "a.tif", "question": "Changed?", "extra_scenes": ["s3://other/c.tif"]},
+    ]
+    path = tmp_path / f"q.{suffix}"
+    if suffix == "csv":
+        table = pa.table({key: [row[key] if key != "extra_scenes" or row[key] is None else json.dumps(row[key])
+                                for row in rows] for key in rows[0]})  # fmt: skip
+        pacsv.write_csv(table, path)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    questions = load_questions(str(path), StorageConfig())
+    plan = make_plan(questions, "s3://bucket/scenes", set())
+    groups = {(group["scene"], *group["extra_scenes"]): [q["question_id"] for q in group["questions"]] for group in plan.groups}
+    assert groups == {
+        ("s3://bucket/scenes/a.tif",): ["alone"],
+        ("s3://bucket/scenes/a.tif", "s3://bucket/scenes/b.tif"): ["pair-1", "pair-2"],
+        ("s3://bucket/scenes/a.tif", "s3://other/c.tif"): ["remote"],
+        ("s3://bucket/scenes/b.tif", "s3://bucket/scenes/a.tif"): ["reversed"],
+    }
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**rows[0], "extra_scenes": ["b.tif", ""]}) + "\n")
+    with pytest.raises(InputError, match=r"row 0: extra_scenes holds an empty scene"):
+        load_questions(str(bad), StorageConfig())

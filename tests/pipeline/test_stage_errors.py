@@ -41,3 +41,21 @@ def test_a_failed_window_read_is_one_line_naming_the_scene_and_the_reason(ray_lo
     # The log keeps the traceback, credentials masked as in the rows.
     assert "selecting tokens for question q0" in caplog.text and masked in caplog.text
     assert SECRET not in caplog.text and not any(SECRET in row["error"] for row in rows)
+
+
+def test_a_multi_image_group_with_an_unreadable_image_is_error_rows_naming_it(ray_local, model_dir, tmp_path):
+    before, after = str(tmp_path / "before.tif"), str(tmp_path / "after.tif")
+    write_scene(before, 256, seed=1)
+    (tmp_path / "after.tif").write_text("not a raster")
+    model_config = load_model_config(str(model_dir))
+    run = config(model=str(model_dir), overrides={"pruning.strategy": "downsample", "max_new_tokens": 2})
+    run = run.model_copy(update={"pruning": resolve_pruning(run.pruning, model_config)})
+    questions = [{"question_id": "q", "question": "How many ships arrived?", "choices": None, "bbox": None, "prompt": None}]
+    scene = read_scene({"scene": before, "extra_scenes": [after], "questions": questions}, model_config=model_config,
+                       pruning=run.pruning, storage=run.storage, normalize=run.normalize)  # fmt: skip
+    assert scene["error"].startswith(f"cannot read scene {after}: not a raster format"), scene["error"]
+    assert scene["views"] == [] and scene["extra_images"] == []  # nothing rides along to the actors
+    stage = EncodeStage(run, str(model_dir), "r", fused=True)
+    (row,) = pa.concat_tables(list(stage(pa.Table.from_pylist([scene])))).to_pylist()
+    assert row["answer"] is None and row["error"] == scene["error"]
+    assert row["scene"] == before and row["extra_scenes"] == [after]

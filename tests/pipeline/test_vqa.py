@@ -22,10 +22,12 @@ import transformers.configuration_utils
 
 from jobs.vqa import main
 from uhr.cli import run_main
-from uhr.model import build_tiny_model, load_model, save_model
+from uhr.model import build_tiny_model, load_model, load_model_config, save_model
+from uhr.model.pruning import build_strategy
 from uhr.pipeline import MANIFEST_NAME, OUTPUT_SCHEMA, VqaConfig, run_vqa
 from uhr.pipeline.plan import InputError, question_id
-from uhr.pipeline.vqa import _check_resumable, answer_settings
+from uhr.pipeline.vqa import _check_resumable, answer_settings, resolve_pruning
+from uhr.scenes import open_scene
 from uhr.synth import write_scene
 
 from .helpers import config, read_manifest, read_rows, scored_by_hand
@@ -254,3 +256,37 @@ def test_split_stages_answer_like_fused(ray_local, archive, model_dir, tmp_path)
         assert row["answer"] == b[qid]["answer"] and row["tokens_per_scale"] == b[qid]["tokens_per_scale"]
     assert np.isclose(sum(r["tokens_kept"] for r in a.values()), sum(r["tokens_kept"] for r in b.values()))
     assert fsspec.filesystem("file").exists(str(tmp_path / "split" / MANIFEST_NAME))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_multi_image_questions_are_asked_of_every_image(ray_local, archive, model_dir, tmp_path, fused):
+    """A question with extra scenes (a bi-temporal pair) is answered from all its images, in order,
+    each pruned as a scene of its own: the rows equal the model's answers given the images directly."""
+    first, second = (os.path.join(archive.root, scene) for scene in archive.scenes[:2])
+    asked = [("pair", first, [second]), ("reversed", second, [first]), ("alone", first, None), ("pair-2", first, [second])]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        "".join(json.dumps({"question_id": qid, "scene": scene, "question": "How many ships?", "extra_scenes": extra}) + "\n"
+                for qid, scene, extra in asked)  # fmt: skip
+    )
+    overrides = {"max_new_tokens": 6, "pruning.strategy": "uhr-bat", "pruning.budget": 48}
+    if not fused:
+        overrides.update({"fused": False, "encode.num_cpus": 0.5, "answer.num_cpus": 0.5})
+    run = config(questions=str(questions), output=str(tmp_path / "out"), model=str(model_dir), overrides=overrides)
+    summary = run_vqa(run)
+    rows = {row["question_id"]: row for row in read_rows(str(tmp_path / "out")).to_pylist()}
+    assert summary.rows == len(asked) and all(row["error"] is None for row in rows.values())
+
+    model, _ = load_model(model_dir)
+    strategy = build_strategy(resolve_pruning(run.pruning, load_model_config(model_dir)))
+    for qid, scene, extra in asked:
+        tokens = []
+        for uri in [scene, *(extra or [])]:
+            with open_scene(uri) as source, torch.inference_mode():
+                tokens.append(strategy.select(model, strategy.encode(model, source), "How many ships?"))
+        row = rows[qid]
+        assert row["extra_scenes"] == extra and row["scene"] == scene
+        assert row["answer"] == model.answer([tokens], ["How many ships?"], max_new_tokens=6)[0], qid
+        assert row["tokens_kept"] == sum(len(t) for t in tokens) and row["tokens_dense"] == sum(t.dense for t in tokens)
+        assert sum(row["tokens_per_scale"]) == row["tokens_kept"]
+    assert rows["pair"]["tokens_kept"] > rows["alone"]["tokens_kept"]

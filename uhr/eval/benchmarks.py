@@ -4,7 +4,7 @@ Every loader returns a pyarrow table with `ITEM_SCHEMA`, one row per question:
 
     question_id     string        the benchmark's own id (XLRS `index`, LRS-VQA `question_id`, ...)
     source          string        the benchmark (`Benchmark` value)
-    images          list<string>  image URIs; the single-image pipeline reads images[0] (see XLRS)
+    images          list<string>  image URIs, in the order the model sees them (several: see XLRS)
     question        string        the question as published, without options or instructions
     choices         list<string>  lettered options "(A) ..." as published; [] for open questions
     answer          string        the truth as published: option letter(s), or the open answer
@@ -27,9 +27,9 @@ Layouts (facts from the benchmarks' public code):
   `index`, `image` (a list of {bytes, path} images), `question`, `multi-choice options`,
   `answer`, `category`, `l2-category`. Images are embedded, so the loader writes each one out once
   (to `image_dir`) and the table holds their URIs. Multi-image items (the bi-temporal change-
-  detection sub-task): the pipeline answers from images[0], the first published image; the item
-  stays in every denominator so micro/macro remain comparable with published numbers, and the
-  report counts these items (`n_images` in `meta`).
+  detection sub-task) are asked of every image, in order, as lmms-eval's `xlrs_doc_to_visual`
+  hands them all to the model (one image placeholder each); the report counts these items
+  (`n_images` in `meta`).
 * LRS-VQA (`LRS_VQA/LRS_VQA_merged.jsonl`): `question_id` (`FAIR_n`, `STAR_n`, `GLH-Bridge_n`),
   `image` (relative to the folder ABOVE `LRS_VQA/`, e.g. "LRS_VQA/image/15565.tif"), `category`,
   `text` (already ends with the answer instruction), `ground_truth`, and `hbox`, `rbox`,

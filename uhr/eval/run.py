@@ -6,15 +6,15 @@ strategies and budgets) once per combination of the sweep, scores every run by t
 rules (`uhr.eval.scoring`) and writes the report. Each question is asked with the benchmark's own
 prompt template (the item's `prompt`, used verbatim by the VQA job); multiple-choice replies are
 scored by the benchmark's rule on the raw reply. Items published with several images (XLRS-Bench's
-bi-temporal change counting) are answered from the first image, as `uhr.eval.benchmarks` decided,
-and stay in every denominator; the report counts them.
+bi-temporal change counting) are asked of all of them, in order, as lmms-eval asks them (see
+`uhr.eval.benchmarks`); the report counts them.
 
 Layout under `output`:
 
     _evaluation.json              what the answers depend on (benchmark, data, model, pruning,
                                   prompts, generation); a rerun with other settings is refused
-    questions.parquet             the VQA job's questions table: scene = first image, prompt = the
-                                  benchmark's template
+    questions.parquet             the VQA job's questions table: scene = first image, extra_scenes =
+                                  the others, prompt = the benchmark's template
     runs/<strategy>-b<budget>/    one VQA job output per combination (answer parts + `_run.json`),
                                   so re-running the same command resumes every combination
     items.parquet                 one row per (run, item): the item, the reply, what the scorer
@@ -233,21 +233,23 @@ def swapped_scenes(scenes: list[str]) -> dict[str, str]:
 
 
 def questions_table(items: pa.Table, swap: bool = False) -> pa.Table:
-    """The VQA job's questions for `items`: scene = the first image, prompt = the benchmark's template.
+    """The VQA job's questions for `items`: scene = the first image, extra_scenes = the others (null
+    for one image), prompt = the benchmark's template.
 
-    `swap`: every item is asked about another scene's image (`swapped_scenes`), its text unchanged
-    and without its bbox (the evidence is not in that image). An item's bbox goes with it when it is
-    a proper box, so the answers say how the kept tokens covered the evidence.
+    `swap`: every image of every item is replaced by another scene's image (`swapped_scenes`), its
+    text unchanged and without its bbox (the evidence is not in that image). An item's bbox goes
+    with it when it is a proper box, so the answers say how the kept tokens covered the evidence.
     """
     rows = items.select(["question_id", "images", "question", "choices", "prompt", "bbox"]).to_pylist()
-    scenes = [absolute_uri(row["images"][0]) for row in rows]  # workers run in other directories
+    images = [[absolute_uri(image) for image in row["images"]] for row in rows]  # workers run in other directories
     if swap:
-        others = swapped_scenes(scenes)
-        scenes = [others[scene] for scene in scenes]
+        others = swapped_scenes([image for item in images for image in item])
+        images = [[others[image] for image in item] for item in images]
     return pa.table(
         {
             "question_id": [row["question_id"] for row in rows],
-            "scene": scenes,
+            "scene": [item[0] for item in images],
+            "extra_scenes": pa.array([item[1:] or None for item in images], pa.list_(pa.string())),
             "question": [row["question"] for row in rows],
             "choices": pa.array([row["choices"] or None for row in rows], pa.list_(pa.string())),
             "prompt": [row["prompt"] for row in rows],

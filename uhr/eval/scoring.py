@@ -122,7 +122,7 @@ class XlrsScore:
     `micro`: correct / all items (the sample-weighted average, "w.Avg." in UHR-BAT's Table 1).
     `macro`: mean of the 13 sub-task accuracies; a sub-task without items counts 0, as published,
     so `subtasks_without_items` says when a partial run drags it down. `multi_image_items`: items
-    published with several images (answered from the first; see `uhr.eval.benchmarks`).
+    published with several images (asked of all of them; see `uhr.eval.benchmarks`).
     """
 
     overall: Accuracy
@@ -149,8 +149,8 @@ class XlrsScore:
         notes = []
         if self.multi_image_items:
             notes.append(
-                f"{self.multi_image_items} item(s) are published with several images; the single-image "
-                "pipeline answered them from the first image."
+                f"{self.multi_image_items} item(s) are published with several images; each was asked of "
+                "all of them, in order, each image pruned to the budget on its own."
             )
         if self.subtasks_without_items:
             notes.append(

@@ -83,7 +83,7 @@ class VqaConfig(BaseModel):
         "against the list file's folder.",
     )
     questions: str | None = Field(
-        None, description="Questions table (Parquet, JSONL or CSV: question_id, scene, question, optional choices, bbox)."
+        None, description="Questions table (Parquet, JSONL or CSV: question_id, scene, question, optional choices, bbox, prompt, extra_scenes)."
     )
     ask: list[str] = Field(
         default_factory=list,

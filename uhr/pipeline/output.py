@@ -41,6 +41,7 @@ OUTPUT_SCHEMA = pa.schema(
     [
         pa.field("question_id", pa.string(), nullable=False),
         pa.field("scene", pa.string(), nullable=False),
+        pa.field("extra_scenes", pa.list_(pa.string())),
         pa.field("question", pa.string(), nullable=False),
         pa.field("choices", pa.list_(pa.string())),
         pa.field("bbox", pa.list_(pa.float64())),

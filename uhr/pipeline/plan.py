@@ -33,15 +33,19 @@ QUESTIONS_SCHEMA = pa.schema(
         pa.field("scene", pa.string(), nullable=False),
         pa.field("question", pa.string(), nullable=False),
         pa.field("choices", pa.list_(pa.string())),
+        # In `scene`'s pixels: a multi-image question's evidence lies in its first image.
         pa.field("bbox", pa.list_(pa.float64())),
         pa.field("prompt", pa.string()),
+        # A multi-image question's further images, shown after `scene` in this order (XLRS-Bench's
+        # bi-temporal pairs); null or empty for a question on one image.
+        pa.field("extra_scenes", pa.list_(pa.string())),
         # The table's `answer` column when it has one (a benchmark's or synthetic archive's truth).
         pa.field("reference", pa.string()),
     ]
 )
 REQUIRED_COLUMNS = ("question_id", "scene", "question")
 # Columns CSV cells are read as text (no type inference: id 007 stays "007", not 7).
-TEXT_COLUMNS = ("question_id", "scene", "question", "choices", "bbox", "prompt", "answer")
+TEXT_COLUMNS = ("question_id", "scene", "question", "choices", "bbox", "prompt", "answer", "extra_scenes")
 SCENE_LIST_SUFFIXES = (".txt", ".lst")
 
 
@@ -97,7 +101,7 @@ def load_questions(uri: str, storage: StorageConfig) -> pa.Table:
     """Read a questions table (Parquet, JSONL or CSV) into `QUESTIONS_SCHEMA`, validated.
 
     Raises `InputError` for a missing or unreadable file, missing columns, empty or duplicate
-    question ids, empty questions, or a bbox that is not four numbers.
+    question ids, empty questions, a bbox that is not four numbers, or an empty extra scene.
     """
     table = _read_table(uri, storage)
     missing = [name for name in REQUIRED_COLUMNS if name not in table.column_names]
@@ -108,7 +112,7 @@ def load_questions(uri: str, storage: StorageConfig) -> pa.Table:
     if table.num_rows == 0:
         raise InputError(f"questions file {redact(uri)} has no rows")
     columns = {name: table.column(name).cast(pa.string()) for name in REQUIRED_COLUMNS}
-    for name, value_type in (("choices", pa.string()), ("bbox", pa.float64())):
+    for name, value_type in (("choices", pa.string()), ("bbox", pa.float64()), ("extra_scenes", pa.string())):
         if name in table.column_names:
             columns[name] = _as_list_column(table, name, value_type, uri)
         else:
@@ -133,6 +137,9 @@ def load_questions(uri: str, storage: StorageConfig) -> pa.Table:
     for row, box in enumerate(questions["bbox"].to_pylist()):
         if box is not None and not is_proper_box(box):
             raise InputError(f"questions file {redact(uri)}, row {row}: bbox must be [x0, y0, x1, y1] with x1 > x0, y1 > y0, got {box}")
+    for row, extras in enumerate(questions["extra_scenes"].to_pylist()):
+        if extras and not all(extras):
+            raise InputError(f"questions file {redact(uri)}, row {row}: extra_scenes holds an empty scene: {extras}")
     return questions
 
 
@@ -175,6 +182,7 @@ def questions_from_ask(scenes: Iterable[str], asks: list[str]) -> pa.Table:
             "choices": pa.nulls(len(rows), type=pa.list_(pa.string())),
             "bbox": pa.nulls(len(rows), type=pa.list_(pa.float64())),
             "prompt": pa.nulls(len(rows), type=pa.string()),
+            "extra_scenes": pa.nulls(len(rows), type=pa.list_(pa.string())),
             "reference": pa.nulls(len(rows), type=pa.string()),
         },
         schema=QUESTIONS_SCHEMA.remove_metadata(),
@@ -229,7 +237,9 @@ class Plan:
     """What a run will do: pending questions grouped by scene, and what was already done."""
 
     groups: list[dict]
-    """One row per scene: {"scene": uri, "questions": [{"question_id", "question", "choices", "bbox", "prompt"}, ...]}."""
+    """One row per scene, or per image sequence of multi-image questions: {"scene": uri,
+    "extra_scenes": [uri, ...] (empty for one image), "questions": [{"question_id", "question",
+    "choices", "bbox", "prompt"}, ...]}."""
     total: int
     """Questions in the input."""
     done: int
@@ -250,18 +260,24 @@ def choice_references(questions: pa.Table) -> dict[str, str]:
 
 
 def make_plan(questions: pa.Table, scenes_prefix: str | None, done_ids: set[str]) -> Plan:
-    """Group pending questions by resolved scene URI, scenes and questions in a stable order."""
-    groups: dict[str, list[dict]] = {}
+    """Group pending questions by their resolved images (a scene, or a multi-image question's
+    sequence), groups and questions in a stable order.
+
+    Each group is read and encoded once for all its questions; an image that is also asked about
+    alone or in another sequence is encoded once per group it is in.
+    """
+    groups: dict[tuple[str, ...], list[dict]] = {}
     done = 0
     for row in questions.to_pylist():
         if row["question_id"] in done_ids:
             done += 1
             continue
-        scene = resolve_scene(row["scene"], scenes_prefix)
-        groups.setdefault(scene, []).append(
+        images = tuple(resolve_scene(scene, scenes_prefix) for scene in [row["scene"], *(row.get("extra_scenes") or [])])
+        groups.setdefault(images, []).append(
             {key: row[key] for key in ("question_id", "question", "choices", "bbox", "prompt")}
         )
     ordered = [
-        {"scene": scene, "questions": sorted(items, key=lambda q: q["question_id"])} for scene, items in sorted(groups.items())
+        {"scene": images[0], "extra_scenes": list(images[1:]), "questions": sorted(items, key=lambda q: q["question_id"])}
+        for images, items in sorted(groups.items())
     ]
     return Plan(groups=ordered, total=questions.num_rows, done=done)

@@ -2,15 +2,18 @@
 
 Rows flowing between stages:
 
-* plan row (one per scene): `scene`, `questions` (list of {question_id, question, choices, bbox,
-  prompt});
+* plan row (one per scene, or per image sequence of multi-image questions): `scene`,
+  `extra_scenes` (the further images, usually none), `questions` (list of {question_id, question,
+  choices, bbox, prompt});
 * read row: the plan row plus `width`, `height`, `views` (raw RGB bytes of the whole-scene views
-  the strategy will ask for, with `view_shapes`), `footprint` (WKB), `bytes_read`, `read_ms`,
-  `error`;
-* token row (split mode, one per question): question fields, the pruned tokens (`embeds` bytes and
-  provenance) and the costs so far;
+  the strategy will ask for, with `view_shapes`), `footprint` (WKB), `stretch`, `bytes_read`,
+  `read_ms`, `error`, and `extra_images`: the same image fields for each extra scene;
+* token row (split mode, one per question): question fields, the pruned tokens of each image
+  (`embeds` bytes and provenance) and the costs so far;
 * answer row (one per question): `OUTPUT_SCHEMA` of `uhr.pipeline.output`.
 
+A multi-image question's images are each encoded and pruned as a scene of their own (the budget
+applies per image, as each image is a model input of its own) and handed to the model together.
 Scene-level costs (the coarse read, the query-independent encode) are shared by a scene's
 questions: each row carries its equal share plus what its own question cost (the fine windows it
 read, its selection, its answer), so summing a column over rows gives the run's total.
@@ -74,6 +77,38 @@ def _log_failure(what: str, error: BaseException) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _read_image(
+    uri: str, *, model_config: UhrConfig, pruning: PruningConfig, storage: StorageConfig, normalize: NormalizeConfig
+) -> tuple[dict[str, Any], int | None, str | None]:
+    """One image's read-row fields (`scene`, size, views, footprint, stretch), its bytes read and
+    its error (None when it was read)."""
+    image: dict[str, Any] = {
+        "scene": uri,
+        "width": 0,
+        "height": 0,
+        "views": [],
+        "view_shapes": [],
+        "footprint": None,
+        "stretch": None,
+    }
+    meter = ReadMeter(uri)
+    error = None
+    try:
+        with meter, open_scene(uri, storage=storage, normalize=normalize) as scene:
+            image["width"], image["height"] = scene.width, scene.height
+            image["footprint"] = scene.footprint.wkb if scene.footprint is not None else None
+            if scene.stretch is not None:  # handed to the window reads, which then compute none
+                image["stretch"] = [list(scene.stretch.low), list(scene.stretch.high)]
+            for side in build_strategy(pruning).views(model_config, scene.width, scene.height):
+                view = scene.read_view(side)
+                image["views"].append(view.tobytes())
+                image["view_shapes"].append(list(view.shape))
+    except Exception as err:  # one bad scene must not fail the job: it becomes error rows
+        image["views"], image["view_shapes"] = [], []
+        error = _error_text(uri, err)
+    return image, meter.bytes, error
+
+
 def read_scene(
     row: dict[str, Any],
     *,
@@ -82,42 +117,35 @@ def read_scene(
     storage: StorageConfig,
     normalize: NormalizeConfig,
 ) -> dict[str, Any]:
-    """Open a scene and read the whole-scene views its strategy will ask for; never raises.
+    """Open a scene (and a multi-image group's further images) and read the whole-scene views its
+    strategy will ask for; never raises.
 
-    A scene that cannot be read comes out with `error` set; its questions become error rows later.
+    The first image's fields are the row's own; further images come in `extra_images`, each with
+    the same fields. A group with an image that cannot be read comes out with `error` set (naming
+    that image) and no views; its questions become error rows later.
     """
-    uri = row["scene"]
-    out: dict[str, Any] = {
-        "scene": uri,
-        "questions": row["questions"],
-        "width": 0,
-        "height": 0,
-        "views": [],
-        "view_shapes": [],
-        "footprint": None,
-        "stretch": None,
-        "bytes_read": 0,
-        "read_ms": 0.0,
-        "error": None,
-    }
     start = time.perf_counter()
-    meter = ReadMeter(uri)
-    try:
-        with meter, open_scene(uri, storage=storage, normalize=normalize) as scene:
-            out["width"], out["height"] = scene.width, scene.height
-            out["footprint"] = scene.footprint.wkb if scene.footprint is not None else None
-            if scene.stretch is not None:  # handed to the window reads, which then compute none
-                out["stretch"] = [list(scene.stretch.low), list(scene.stretch.high)]
-            for side in build_strategy(pruning).views(model_config, scene.width, scene.height):
-                view = scene.read_view(side)
-                out["views"].append(view.tobytes())
-                out["view_shapes"].append(list(view.shape))
-    except Exception as error:  # one bad scene must not fail the job: it becomes error rows
-        out["views"], out["view_shapes"] = [], []
-        out["error"] = _error_text(uri, error)
-    out["bytes_read"] = meter.bytes
-    out["read_ms"] = (time.perf_counter() - start) * 1000
-    return out
+    images: list[dict[str, Any]] = []
+    bytes_read: int | None = 0
+    error = None
+    for uri in [row["scene"], *(row.get("extra_scenes") or [])]:
+        image, count, error = _read_image(uri, model_config=model_config, pruning=pruning, storage=storage, normalize=normalize)
+        images.append(image)
+        bytes_read = _add(bytes_read, count)
+        if error:
+            break
+    if error:  # nothing of the group is encoded: its views would only ride along
+        for image in images:
+            image["views"], image["view_shapes"] = [], []
+    return {
+        **images[0],
+        "questions": row["questions"],
+        "extra_scenes": list(row.get("extra_scenes") or []),
+        "extra_images": images[1:] if not error else [],
+        "bytes_read": bytes_read,
+        "read_ms": (time.perf_counter() - start) * 1000,
+        "error": error,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,6 +165,15 @@ def question_prompt(question: dict[str, Any]) -> str:
 def _add(a: int | None, b: int | None) -> int | None:
     """Sum of byte counts; None (not metered) wins."""
     return None if a is None or b is None else a + b
+
+
+def _take_reads(sources: list[StagedSource]) -> tuple[int | None, float]:
+    """(bytes, ms) the sources' CPU-task reads took since the last call, summed over a group's images."""
+    bytes_read, ms = 0, 0.0
+    for source in sources:
+        count, took = source.take_reads()
+        bytes_read, ms = _add(bytes_read, count), ms + took
+    return bytes_read, ms
 
 
 def evidence_seen(tokens: PrunedTokens, bbox: list[float] | None) -> dict[str, Any]:
@@ -165,6 +202,7 @@ def _base_row(scene: dict[str, Any], question: dict[str, Any], config: VqaConfig
     return {
         "question_id": question["question_id"],
         "scene": redact(scene["scene"]),  # a presigned URL's signature stays out of the dataset
+        "extra_scenes": [redact(uri) for uri in scene.get("extra_scenes") or []] or None,
         "question": question["question"],
         "choices": question.get("choices"),
         "bbox": question.get("bbox"),
@@ -202,7 +240,7 @@ class _ModelStage:
         )
         self.strategy = build_strategy(config.pruning)
 
-    def _answer(self, tokens: list[PrunedTokens], prompts: list[str]) -> tuple[list[str], float]:
+    def _answer(self, tokens: list[list[PrunedTokens]], prompts: list[str]) -> tuple[list[str], float]:
         start = time.perf_counter()
         answers = self.model.answer(tokens, prompts, max_new_tokens=self.config.max_new_tokens)
         return answers, (time.perf_counter() - start) * 1000 / len(prompts)
@@ -234,49 +272,59 @@ class EncodeStage(_ModelStage):
             for row in rows:
                 row["error"] = scene["error"]
             return rows
-        source = StagedSource(scene, self.config)
+        images = [scene, *(scene.get("extra_images") or [])]
+        sources = [StagedSource(image, self.config) for image in images]
         start = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                encoding = self.strategy.encode(self.model, source)
-        except Exception as error:
-            _log_failure(f"encoding {scene['scene']}", error)
-            for row in rows:
-                row["error"] = _error_text(scene["scene"], error, "encoding: ")
-            return rows
-        extra_bytes, extra_read_ms = source.take_reads()
+        encodings = []
+        for image, source in zip(images, sources):
+            try:
+                with torch.inference_mode():
+                    encodings.append(self.strategy.encode(self.model, source))
+            except Exception as error:
+                _log_failure(f"encoding {image['scene']}", error)
+                for row in rows:
+                    row["error"] = _error_text(image["scene"], error, "encoding: ")
+                return rows
+        extra_bytes, extra_read_ms = _take_reads(sources)
         scene_encode_ms = (time.perf_counter() - start) * 1000 - extra_read_ms
         scene_bytes = _add(scene["bytes_read"], extra_bytes)
         scene_read_ms = scene["read_ms"] + extra_read_ms
 
-        selected: list[tuple[dict[str, Any], PrunedTokens, str]] = []
+        selected: list[tuple[dict[str, Any], list[PrunedTokens], str]] = []
         for row, question in zip(rows, questions):
             start = time.perf_counter()
+            prompt = question_prompt(question)
+            tokens: list[PrunedTokens] = []
             try:
                 with torch.inference_mode():
-                    tokens = self.strategy.select(self.model, encoding, question_prompt(question))
+                    for encoding in encodings:
+                        tokens.append(self.strategy.select(self.model, encoding, prompt))
             except Exception as error:
-                _log_failure(f"selecting tokens for question {question['question_id']} of {scene['scene']}", error)
-                row["error"] = f"question {question['question_id']}: " + _error_text(scene["scene"], error, "selecting tokens: ")
+                failed = images[len(tokens)]["scene"]
+                _log_failure(f"selecting tokens for question {question['question_id']} of {failed}", error)
+                row["error"] = f"question {question['question_id']}: " + _error_text(failed, error, "selecting tokens: ")
                 # What its failed reads cost is this question's, not the next one's.
-                own_bytes, own_read_ms = source.take_reads()
+                own_bytes, own_read_ms = _take_reads(sources)
                 row.update(
                     bytes_read=_add(None if scene_bytes is None else round(scene_bytes / count), own_bytes),
                     read_ms=scene_read_ms / count + own_read_ms,
                 )
                 continue
-            own_bytes, own_read_ms = source.take_reads()
-            per_scale = tokens.per_scale()
+            own_bytes, own_read_ms = _take_reads(sources)
+            per_scale: dict[int, int] = {}
+            for image_tokens in tokens:
+                for s, n in image_tokens.per_scale().items():
+                    per_scale[s] = per_scale.get(s, 0) + n
             row.update(
-                tokens_dense=tokens.dense,
-                tokens_kept=len(tokens),
+                tokens_dense=sum(t.dense for t in tokens),
+                tokens_kept=sum(len(t) for t in tokens),
                 tokens_per_scale=[per_scale.get(s, 0) for s in range(max(per_scale, default=-1) + 1)],
                 bytes_read=_add(None if scene_bytes is None else round(scene_bytes / count), own_bytes),
                 read_ms=scene_read_ms / count + own_read_ms,
                 encode_ms=scene_encode_ms / count + (time.perf_counter() - start) * 1000 - own_read_ms,
-                **evidence_seen(tokens, row["bbox"]),
+                **evidence_seen(tokens[0], row["bbox"]),  # the bbox is in the first image's pixels
             )
-            selected.append((row, tokens, question_prompt(question)))
+            selected.append((row, tokens, prompt))
         if not self.fused:
             return [{**row, **token_payload(tokens, prompt)} for row, tokens, prompt in selected] + [
                 {**row, **token_payload(None, None)} for row in rows if row["error"]
@@ -284,7 +332,7 @@ class EncodeStage(_ModelStage):
         self._answer_rows(selected)
         return rows
 
-    def _answer_rows(self, selected: list[tuple[dict[str, Any], PrunedTokens, str]]) -> None:
+    def _answer_rows(self, selected: list[tuple[dict[str, Any], list[PrunedTokens], str]]) -> None:
         size = self.config.answer.batch_size
         for i in range(0, len(selected), size):
             chunk = selected[i : i + size]
@@ -328,35 +376,43 @@ _PROVENANCE = ("scale", "row", "col", "tile", "n_source")
 
 
 def token_schema() -> pa.Schema:
-    """Answer columns plus the pruned tokens of the question, for the split answer stage."""
-    return OUTPUT_SCHEMA.append(pa.field("prompt", pa.string())).append(pa.field("embeds", pa.large_binary())).append(
-        pa.field("embeds_shape", pa.list_(pa.int64()))
-    ).append(pa.field("provenance", pa.large_binary())).append(pa.field("boxes", pa.large_binary()))
+    """Answer columns plus the pruned tokens of the question, one list entry per image, for the split answer stage."""
+    schema = OUTPUT_SCHEMA.append(pa.field("prompt", pa.string()))
+    for name in ("embeds", "provenance", "boxes"):
+        schema = schema.append(pa.field(name, pa.list_(pa.large_binary())))
+    return schema.append(pa.field("embeds_shape", pa.list_(pa.list_(pa.int64())))).append(pa.field("image_dense", pa.list_(pa.int64())))
 
 
-def token_payload(tokens: PrunedTokens | None, prompt: str | None) -> dict[str, Any]:
-    """The columns that carry `tokens` (float32 embeddings, int64 provenance, float32 boxes)."""
+def token_payload(tokens: list[PrunedTokens] | None, prompt: str | None) -> dict[str, Any]:
+    """The columns that carry each image's `tokens` (float32 embeddings, int64 provenance, float32 boxes)."""
+    payload: dict[str, Any] = {"prompt": prompt, "embeds": None, "embeds_shape": None, "provenance": None, "boxes": None, "image_dense": None}
     if tokens is None:
-        return {"prompt": prompt, "embeds": None, "embeds_shape": None, "provenance": None, "boxes": None}
-    embeds = tokens.embeds.detach().float().cpu().numpy()
-    provenance = torch.stack([getattr(tokens, name) for name in _PROVENANCE]).cpu().numpy().astype(np.int64)
-    return {
-        "prompt": prompt,
-        "embeds": embeds.tobytes(),
-        "embeds_shape": list(embeds.shape),
-        "provenance": provenance.tobytes(),
-        "boxes": tokens.box.float().cpu().numpy().tobytes(),
-    }
+        return payload
+    payload.update(embeds=[], embeds_shape=[], provenance=[], boxes=[], image_dense=[])
+    for image in tokens:
+        embeds = image.embeds.detach().float().cpu().numpy()
+        payload["embeds"].append(embeds.tobytes())
+        payload["embeds_shape"].append(list(embeds.shape))
+        provenance = torch.stack([getattr(image, name) for name in _PROVENANCE]).cpu().numpy().astype(np.int64)
+        payload["provenance"].append(provenance.tobytes())
+        payload["boxes"].append(image.box.float().cpu().numpy().tobytes())
+        payload["image_dense"].append(image.dense)
+    return payload
 
 
-def tokens_from_payload(row: dict[str, Any]) -> PrunedTokens:
-    """Rebuild the `PrunedTokens` that `token_payload` wrote."""
-    count, dim = row["embeds_shape"]
-    provenance = torch.from_numpy(np.frombuffer(row["provenance"], dtype=np.int64).reshape(len(_PROVENANCE), count).copy())
-    return PrunedTokens(
-        embeds=torch.from_numpy(np.frombuffer(row["embeds"], dtype=np.float32).reshape(count, dim).copy()),
-        **{name: provenance[i] for i, name in enumerate(_PROVENANCE)},
-        box=torch.from_numpy(np.frombuffer(row["boxes"], dtype=np.float32).reshape(count, 4).copy()),
-        dense=int(row["tokens_dense"]),
-    )
-
+def tokens_from_payload(row: dict[str, Any]) -> list[PrunedTokens]:
+    """Rebuild each image's `PrunedTokens` that `token_payload` wrote."""
+    tokens = []
+    for embeds, (count, dim), provenance, boxes, dense in zip(
+        row["embeds"], row["embeds_shape"], row["provenance"], row["boxes"], row["image_dense"], strict=True
+    ):
+        provenance = torch.from_numpy(np.frombuffer(provenance, dtype=np.int64).reshape(len(_PROVENANCE), count).copy())
+        tokens.append(
+            PrunedTokens(
+                embeds=torch.from_numpy(np.frombuffer(embeds, dtype=np.float32).reshape(count, dim).copy()),
+                **{name: provenance[i] for i, name in enumerate(_PROVENANCE)},
+                box=torch.from_numpy(np.frombuffer(boxes, dtype=np.float32).reshape(count, 4).copy()),
+                dense=int(dense),
+            )
+        )
+    return tokens
