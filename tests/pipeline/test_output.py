@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from uhr.pipeline import OUTPUT_SCHEMA
-from uhr.pipeline.output import OutputError, ResultWriter, read_done
+from uhr.pipeline.output import OutputError, ResultWriter, drop_error_rows, read_done
 from uhr.storage import StorageConfig
 from uhr.testing.waiting import wait_for
 
@@ -55,3 +55,16 @@ def test_rows_waiting_longer_than_the_flush_interval_are_written_without_a_new_b
         wait_for(lambda: writer.rows_written == 1, 10, "the timed flush")
         writer.write(_rows(["b"]))
     assert writer.rows_written == 2 and len(list(tmp_path.glob("part-*.parquet"))) == 2
+
+
+def test_dropping_error_rows_from_a_part_an_older_uhr_wrote_keeps_the_schema(tmp_path):
+    """Parts written before `extra_scenes` existed lack it; resuming over them rewrites such a part
+    in today's schema instead of failing the job."""
+    rows = _rows(["a", "b"]).to_pylist()
+    rows[1].update(answer=None, error="scene /s.tif: unreadable")
+    older = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA).drop_columns(["extra_scenes"])
+    pq.write_table(older, tmp_path / "part-old-00000.parquet")
+    assert drop_error_rows(str(tmp_path), StorageConfig(), {"a", "b"}) == 1
+    kept = pq.read_table(tmp_path / "part-old-00000.parquet")
+    assert kept.schema.remove_metadata() == OUTPUT_SCHEMA
+    assert kept["question_id"].to_pylist() == ["a"] and kept["extra_scenes"].to_pylist() == [None]

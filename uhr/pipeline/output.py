@@ -162,6 +162,16 @@ def _write_part(path: str, table: pa.Table, storage: StorageConfig) -> None:
         fs.mv(staging, path)
 
 
+def _conform(table: pa.Table) -> pa.Table:
+    """`table` as `OUTPUT_SCHEMA`: a column that parts written by an older uhr lack (`extra_scenes`)
+    comes in as nulls, so rewriting such a part keeps the dataset's one schema."""
+    columns = [
+        table[name] if name in table.column_names else pa.nulls(table.num_rows, OUTPUT_SCHEMA.field(name).type)
+        for name in OUTPUT_SCHEMA.names
+    ]
+    return pa.table(columns, names=OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+
+
 def drop_error_rows(output: str, storage: StorageConfig, question_ids: set[str]) -> int:
     """Take the error rows of `question_ids` out of `output`'s parts; returns how many were dropped.
 
@@ -179,7 +189,7 @@ def drop_error_rows(output: str, storage: StorageConfig, question_ids: set[str])
         drop = pc.and_(pc.is_in(table["question_id"], wanted), pc.is_valid(table["error"]))
         if not pc.any(drop).as_py():
             continue
-        rest = table.filter(pc.invert(drop)).select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+        rest = _conform(table.filter(pc.invert(drop)))
         dropped += table.num_rows - rest.num_rows
         if rest.num_rows:
             _write_part(path, rest, storage)
