@@ -21,9 +21,11 @@ from uhr.eval.report import REPORT_JSON, REPORT_MD, REPORT_PLOT
 from uhr.eval.run import (
     ITEMS_NAME,
     QUESTIONS_NAME,
+    SETTINGS_NAME,
     SWAPPED_QUESTIONS_NAME,
     EvalRun,
     EvaluateConfig,
+    _prepare_output,
     parse_sweep,
     plan_runs,
     swap_effect,
@@ -290,3 +292,13 @@ def test_embedded_sample_archive_by_default(ray_local, tmp_path) -> None:
     report = json.loads((tmp_path / "eval" / REPORT_JSON).read_text())
     assert report["evaluation"]["data"].endswith("archive-4x4096-seed7")
     assert report["runs"][0]["answered"] == report["evaluation"]["items"] > 0
+
+
+def test_overwrite_clears_every_file_an_evaluation_wrote(tmp_path) -> None:
+    """Including the swap control's questions: a rerun without the control must not leave them behind."""
+    output = tmp_path / "eval"
+    (output / "runs" / "downsample-b64").mkdir(parents=True)
+    for name in (ITEMS_NAME, QUESTIONS_NAME, SWAPPED_QUESTIONS_NAME, REPORT_JSON, REPORT_MD, REPORT_PLOT):
+        (output / name).write_text("from the earlier evaluation")
+    _prepare_output(EvaluateConfig(benchmark="synthetic", output=str(output), overwrite=True), {"model": "m"}, StorageConfig())
+    assert sorted(path.name for path in output.iterdir()) == [SETTINGS_NAME]

@@ -353,7 +353,7 @@ def _prepare_output(config: EvaluateConfig, settings: dict[str, Any], storage: S
     fs = storage.filesystem(config.output)
     settings_uri = join_uri(config.output, SETTINGS_NAME)
     if config.overwrite:
-        for name in (RUNS_DIR, ITEMS_NAME, QUESTIONS_NAME, REPORT_JSON, REPORT_MD, REPORT_PLOT, SETTINGS_NAME):
+        for name in (RUNS_DIR, ITEMS_NAME, QUESTIONS_NAME, SWAPPED_QUESTIONS_NAME, REPORT_JSON, REPORT_MD, REPORT_PLOT, SETTINGS_NAME):
             uri = join_uri(config.output, name)
             if fs.exists(uri):
                 fs.rm(uri, recursive=True)
