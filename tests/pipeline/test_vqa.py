@@ -261,15 +261,22 @@ def test_split_stages_answer_like_fused(ray_local, archive, model_dir, tmp_path)
 @pytest.mark.parametrize("fused", [True, False])
 def test_multi_image_questions_are_asked_of_every_image(ray_local, archive, model_dir, tmp_path, fused):
     """A question with extra scenes (a bi-temporal pair) is answered from all its images, in order,
-    each pruned as a scene of its own: the rows equal the model's answers given the images directly."""
+    each pruned as a scene of its own: the rows equal the model's answers given the images directly.
+
+    One encode batch holds pairs of 8-bit scenes and a pair of 16-bit ones (whose extra image carries
+    a stretch): their read rows must join into one Arrow batch."""
     first, second = (os.path.join(archive.root, scene) for scene in archive.scenes[:2])
-    asked = [("pair", first, [second]), ("reversed", second, [first]), ("alone", first, None), ("pair-2", first, [second])]
+    deep = [str(tmp_path / f"uint16-{i}.tif") for i in range(2)]
+    for i, uri in enumerate(deep):
+        write_scene(uri, 256, seed=40 + i, dtype="uint16")
+    asked = [("pair", first, [second]), ("reversed", second, [first]), ("alone", first, None), ("pair-2", first, [second]),
+             ("uint16", deep[0], [deep[1]])]  # fmt: skip
     questions = tmp_path / "questions.jsonl"
     questions.write_text(
         "".join(json.dumps({"question_id": qid, "scene": scene, "question": "How many ships?", "extra_scenes": extra}) + "\n"
                 for qid, scene, extra in asked)  # fmt: skip
     )
-    overrides = {"max_new_tokens": 6, "pruning.strategy": "uhr-bat", "pruning.budget": 48}
+    overrides = {"max_new_tokens": 6, "pruning.strategy": "uhr-bat", "pruning.budget": 48, "encode.batch_size": 8}
     if not fused:
         overrides.update({"fused": False, "encode.num_cpus": 0.5, "answer.num_cpus": 0.5})
     run = config(questions=str(questions), output=str(tmp_path / "out"), model=str(model_dir), overrides=overrides)

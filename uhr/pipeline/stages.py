@@ -148,6 +148,31 @@ def read_scene(
     }
 
 
+# Explicit because Ray Data infers a row's types per block and cannot join a struct field inferred
+# as null in one block (an extra image without a stretch) with the same field typed in another.
+EXTRA_IMAGES_TYPE = pa.list_(
+    pa.struct(
+        [
+            pa.field("scene", pa.string()),
+            pa.field("width", pa.int64()),
+            pa.field("height", pa.int64()),
+            pa.field("views", pa.list_(pa.binary())),
+            pa.field("view_shapes", pa.list_(pa.list_(pa.int64()))),
+            pa.field("footprint", pa.binary()),
+            pa.field("stretch", pa.list_(pa.list_(pa.float64()))),
+        ]
+    )
+)
+
+
+def read_scenes(batch: pa.Table, **kwargs: Any) -> pa.Table:
+    """`read_scene` over a batch of plan rows (keyword arguments as there), `extra_images` typed
+    `EXTRA_IMAGES_TYPE`: the read stage's Ray Data function."""
+    rows = [read_scene(row, **kwargs) for row in batch.to_pylist()]
+    extra_images = pa.array([row.pop("extra_images") for row in rows], EXTRA_IMAGES_TYPE)
+    return pa.Table.from_pylist(rows).append_column("extra_images", extra_images)
+
+
 # ----------------------------------------------------------------------------------------------
 # Accelerator stages (actors)
 # ----------------------------------------------------------------------------------------------

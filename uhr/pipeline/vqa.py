@@ -40,7 +40,7 @@ from uhr.pipeline.plan import (
     questions_from_ask,
     scene_uris,
 )
-from uhr.pipeline.stages import AnswerStage, EncodeStage, read_scene
+from uhr.pipeline.stages import AnswerStage, EncodeStage, read_scenes
 from uhr.storage import CREDENTIAL_ENV_VARS, StorageConfig, absolute_uri, redact
 
 logger = logging.getLogger(__name__)
@@ -88,8 +88,10 @@ def build_vqa_dataset(
     ds = ray.data.from_items(groups, override_num_blocks=max(1, len(groups)))
     # Ray Data spreads its tasks over the nodes itself (DataContext.scheduling_strategy, SPREAD by
     # default): scene reads fan out without a strategy of ours.
-    ds = ds.map(
-        read_scene,
+    ds = ds.map_batches(
+        read_scenes,
+        batch_size=1,
+        batch_format="pyarrow",
         fn_kwargs={
             "model_config": model_config,
             "pruning": config.pruning,
