@@ -234,10 +234,17 @@ def test_the_swap_control_compares_only_items_answered_in_both_runs() -> None:
     assert (effect["items"], effect["items_not_answered_in_both"], effect["changed"]) == (2, 1, 0.5)
 
 
-def test_swapped_scenes_never_keep_a_scene() -> None:
-    assert swapped_scenes(["b", "a", "c", "a"]) == {"a": "b", "b": "c", "c": "a"}
-    with pytest.raises(ConfigError, match="at least two scenes"):
-        swapped_scenes(["a", "a"])
+def test_swapped_scenes_never_keep_an_image_of_their_own() -> None:
+    assert swapped_scenes([("b",), ("a",), ("c",), ("a",)]) == {("a",): ("b",), ("b",): ("c",), ("c",): ("a",)}
+    with pytest.raises(ConfigError, match=r"for the item\(s\) on a, another item on 1 image\(s\)"):
+        swapped_scenes([("a",), ("a",)])
+    # A pair gets another pair, skipping one that shares an image with it; single images rotate apart.
+    pairs = [("a", "b"), ("b", "c"), ("d", "e"), ("x",), ("y",)]
+    assert swapped_scenes(pairs) == {
+        ("a", "b"): ("d", "e"), ("b", "c"): ("d", "e"), ("d", "e"): ("a", "b"), ("x",): ("y",), ("y",): ("x",)
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match="on a, b, another item on 2 image"):
+        swapped_scenes([("a", "b"), ("b", "c"), ("x",), ("y",)])
 
 
 @pytest.mark.parametrize(

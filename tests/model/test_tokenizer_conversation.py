@@ -125,3 +125,12 @@ def test_processor_templates_get_typed_content():
     tokenizer.chat_template = "{% for message in messages %}{{ message['role'] }}{% endfor %}"
     with pytest.raises(ValueError, match="renders neither string nor typed"):
         render_chat(tokenizer, [user])
+
+
+def test_processor_templates_lay_out_several_images_themselves():
+    """A multi-image prompt (`<image> <image>\n` + question) reaches a processor template as image
+    parts, then the question: no stray text part between the images."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = TYPED_TEMPLATE
+    user = {"role": "user", "content": "<image> <image>\nHow many ships arrived?"}
+    assert render_chat(tokenizer, [user], add_generation_prompt=True) == "USER: <image>\n<image>\nHow many ships arrived? ASSISTANT:"

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from uhr.pipeline import OUTPUT_SCHEMA
-from uhr.pipeline.output import OutputError, ResultWriter, drop_error_rows, read_done
+from uhr.pipeline.output import OutputError, ResultWriter, drop_rows, read_done
 from uhr.storage import StorageConfig
 from uhr.testing.waiting import wait_for
 
@@ -64,7 +64,7 @@ def test_dropping_error_rows_from_a_part_an_older_uhr_wrote_keeps_the_schema(tmp
     rows[1].update(answer=None, error="scene /s.tif: unreadable")
     older = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA).drop_columns(["extra_scenes"])
     pq.write_table(older, tmp_path / "part-old-00000.parquet")
-    assert drop_error_rows(str(tmp_path), StorageConfig(), {"a", "b"}) == 1
+    assert drop_rows(str(tmp_path), StorageConfig(), {"b"}) == 1
     kept = pq.read_table(tmp_path / "part-old-00000.parquet")
     assert kept.schema.remove_metadata() == OUTPUT_SCHEMA
     assert kept["question_id"].to_pylist() == ["a"] and kept["extra_scenes"].to_pylist() == [None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import json
 import logging
 import re
 import shutil
@@ -35,7 +36,7 @@ def test_a_rerun_with_a_fixed_run_id_asks_error_rows_again_and_loses_none(ray_lo
     (tmp_path / "late.tif").rename(late)
     second = run_vqa(run)
     assert (second.skipped, second.retried, second.rows, second.errors) == (3, 3, 3, 0)
-    assert "3 already done (3 earlier error rows asked again)" in second.format()
+    assert "3 already done (3 earlier rows asked again)" in second.format()
     rows = read_rows(output)
     # One row per question, the first run's answers kept (its part was not overwritten by the
     # second run's, though both are run "nightly"), the late scene's questions answered.
@@ -128,3 +129,33 @@ def test_a_signed_scene_url_is_masked_in_its_rows(ray_local, model_dir, tmp_path
     # The error names the scene, then (after a colon, not eaten by a second redaction) why it failed.
     assert rows["error"][0].as_py().startswith(f"cannot read scene {signed.replace(signature, '***')}: ")
     assert signature not in (tmp_path / "out" / MANIFEST_NAME).read_text()
+
+
+def test_a_question_answered_from_fewer_images_than_it_now_has_is_asked_again(ray_local, archive, model_dir, tmp_path):
+    """An older uhr answered multi-image questions from their first image and wrote no `extra_scenes`
+    column: a resume asks such a question again with all its images and keeps the other rows."""
+    first, second = (str(Path(archive.root) / scene) for scene in archive.scenes[:2])
+    questions, output = tmp_path / "questions.jsonl", str(tmp_path / "out")
+
+    def ask(extra: list[str] | None) -> None:
+        rows = [("pair", "How many ships?", extra), ("alone", "Is there a road?", None)]
+        questions.write_text("".join(json.dumps({"question_id": q, "scene": first, "question": text, "extra_scenes": e}) + "\n"
+                                     for q, text, e in rows))  # fmt: skip
+
+    run = config(questions=str(questions), output=output, model=str(model_dir),
+                 overrides={"max_new_tokens": 2, "pruning.strategy": "downsample"})  # fmt: skip
+    ask(None)
+    assert run_vqa(run).rows == 2
+    for part in Path(output).glob("part-*.parquet"):  # as an older uhr wrote them
+        pq.write_table(pq.read_table(part).drop_columns(["extra_scenes"]), part)
+    alone = next(r for r in read_rows(output).to_pylist() if r["question_id"] == "alone")
+
+    ask([second])
+    again = run_vqa(run)
+    assert (again.rows, again.skipped, again.retried) == (1, 1, 1)
+    rows = {r["question_id"]: r for r in read_rows(output).to_pylist()}
+    assert len(rows) == 2 and rows["alone"] == {**alone, "extra_scenes": None}
+    assert rows["pair"]["extra_scenes"] == [second] and rows["pair"]["tokens_kept"] == 2 * alone["tokens_kept"]
+    assert not list(Path(output).glob("*.unreadable"))
+    # Nothing more to do: the answered pair counts as done.
+    assert run_vqa(run).rows == 0

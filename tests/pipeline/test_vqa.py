@@ -283,6 +283,7 @@ def test_multi_image_questions_are_asked_of_every_image(ray_local, archive, mode
     summary = run_vqa(run)
     rows = {row["question_id"]: row for row in read_rows(str(tmp_path / "out")).to_pylist()}
     assert summary.rows == len(asked) and all(row["error"] is None for row in rows.values())
+    assert summary.scenes == 7  # each group reads its images: the pairs both ways, the 16-bit pair, the lone scene
 
     model, _ = load_model(model_dir)
     strategy = build_strategy(resolve_pruning(run.pruning, load_model_config(model_dir)))

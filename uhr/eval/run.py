@@ -221,35 +221,46 @@ def benchmark_spec(config: EvaluateConfig) -> BenchmarkSpec:
     )
 
 
-def swapped_scenes(scenes: list[str]) -> dict[str, str]:
-    """Each distinct scene -> the next one in sorted order (the last -> the first): no scene keeps its own.
+def swapped_scenes(sequences: list[tuple[str, ...]]) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Each distinct image sequence (one image, or a multi-image item's) -> the next one in sorted
+    order with as many images and none of its own (the last wraps to the first): no item keeps an
+    image of its own, and a pair stays a pair.
 
-    Raises `ConfigError` when there are fewer than two scenes to swap.
+    Raises `ConfigError` naming the sequence when no other sequence can stand in for it.
     """
-    distinct = sorted(set(scenes))
-    if len(distinct) < 2:
-        raise ConfigError(f"the swap control needs items on at least two scenes, these are all on {len(distinct)}")
-    return {scene: distinct[(i + 1) % len(distinct)] for i, scene in enumerate(distinct)}
+    distinct = sorted(set(sequences))
+    swapped = {}
+    for sequence in distinct:
+        peers = [other for other in distinct if len(other) == len(sequence)]
+        i = peers.index(sequence)
+        stand_in = next((other for other in peers[i + 1 :] + peers[:i] if not set(other) & set(sequence)), None)
+        if stand_in is None:
+            raise ConfigError(
+                f"the swap control needs, for the item(s) on {redact(', '.join(sequence))}, another item on "
+                f"{len(sequence)} image(s) sharing none of theirs; there is none"
+            )
+        swapped[sequence] = stand_in
+    return swapped
 
 
 def questions_table(items: pa.Table, swap: bool = False) -> pa.Table:
     """The VQA job's questions for `items`: scene = the first image, extra_scenes = the others (null
     for one image), prompt = the benchmark's template.
 
-    `swap`: every image of every item is replaced by another scene's image (`swapped_scenes`), its
-    text unchanged and without its bbox (the evidence is not in that image). An item's bbox goes
+    `swap`: every item is asked about another item's images (`swapped_scenes`), its text unchanged
+    and without its bbox (the evidence is not in that image). An item's bbox goes
     with it when it is a proper box, so the answers say how the kept tokens covered the evidence.
     """
     rows = items.select(["question_id", "images", "question", "choices", "prompt", "bbox"]).to_pylist()
-    images = [[absolute_uri(image) for image in row["images"]] for row in rows]  # workers run in other directories
+    images = [tuple(absolute_uri(image) for image in row["images"]) for row in rows]  # workers run in other directories
     if swap:
-        others = swapped_scenes([image for item in images for image in item])
-        images = [[others[image] for image in item] for item in images]
+        others = swapped_scenes(images)
+        images = [others[item] for item in images]
     return pa.table(
         {
             "question_id": [row["question_id"] for row in rows],
             "scene": [item[0] for item in images],
-            "extra_scenes": pa.array([item[1:] or None for item in images], pa.list_(pa.string())),
+            "extra_scenes": pa.array([list(item[1:]) or None for item in images], pa.list_(pa.string())),
             "question": [row["question"] for row in rows],
             "choices": pa.array([row["choices"] or None for row in rows], pa.list_(pa.string())),
             "prompt": [row["prompt"] for row in rows],

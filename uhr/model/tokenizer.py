@@ -75,13 +75,15 @@ def build_tokenizer(
 
 
 def _typed_parts(content: str, image_token: str) -> list[dict[str, str]]:
-    """The typed parts a processor template takes: `<image>` + newline + Q -> an image part, then a text part Q."""
+    """The typed parts a processor template takes: `<image>` + newline + Q -> an image part, then a
+    text part Q; `<image> <image>\n` + Q -> two image parts, then Q (the template lays out the images)."""
     parts: list[dict[str, str]] = []
-    for i, piece in enumerate(content.split(image_token)):
+    pieces = content.split(image_token)
+    for i, piece in enumerate(pieces):
         if i > 0:
             parts.append({"type": "image"})
             piece = piece.removeprefix("\n")  # processor templates write "<image>\n" themselves
-        if piece:
+        if piece and not (piece.isspace() and i < len(pieces) - 1):
             parts.append({"type": "text", "text": piece})
     return parts
 

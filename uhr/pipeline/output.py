@@ -4,9 +4,10 @@ Rows are written by the driver as they stream out of Ray Data, in part files nam
 (`part-<run_id>-<n>.parquet`, `n` counting on from the parts an earlier run of the same `run_id`
 left, so a rerun never replaces them). A part appears whole or not at all (local parts are renamed
 into place; object-store uploads become visible on completion), so an interrupted run leaves only
-complete parts and the next run skips exactly the questions they hold. Error rows are the exception:
-a resume takes them out of their parts (`drop_error_rows`, each part rewritten whole) and asks their
-questions again.
+complete parts and the next run skips exactly the questions they hold. Error rows are the exception,
+and rows answered from another number of images than the question now has (a multi-image question
+answered by an older uhr from its first image): a resume takes them out of their parts (`drop_rows`,
+each part rewritten whole) and asks their questions again.
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ def _part_paths(output: str, storage: StorageConfig) -> list[str]:
     return [fs.unstrip_protocol(p) for p in paths] if is_remote(output) else paths
 
 
-# What a resumed run needs of the rows already written: which questions to skip, and their choices to score.
-DONE_COLUMNS = ("question_id", "error", "choice")
+# What a resumed run needs of the rows already written: which questions to skip (and whether they
+# were asked of the images they have now), and their choices to score.
+DONE_COLUMNS = ("question_id", "error", "choice", "extra_scenes")
 
 
 def _read_part(path: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table | None:
@@ -113,9 +115,19 @@ def _read_part(path: str, storage: StorageConfig, columns: list[str] | None = No
             "nothing was changed: run again when the store answers"
         ) from err
     try:
-        return pq.read_table(pa.BufferReader(data), columns=columns)
+        part = pq.ParquetFile(pa.BufferReader(data))
+        present = None if columns is None else [name for name in columns if name in part.schema_arrow.names]
+        table = part.read(columns=present)
     except (pa.ArrowException, OSError, ValueError):
         return None
+    return _conform(table, columns or OUTPUT_SCHEMA.names)
+
+
+def _conform(table: pa.Table, names: list[str] | tuple[str, ...]) -> pa.Table:
+    """The columns `names` of `table`, typed as in `OUTPUT_SCHEMA`; a column that parts written by
+    an older uhr lack (`extra_scenes`) comes in as nulls, so the dataset keeps one schema."""
+    columns = [table[name] if name in table.column_names else pa.nulls(table.num_rows, OUTPUT_SCHEMA.field(name).type) for name in names]
+    return pa.table(columns, schema=pa.schema([OUTPUT_SCHEMA.field(name) for name in names]))
 
 
 def _set_aside(path: str, storage: StorageConfig) -> None:
@@ -124,7 +136,7 @@ def _set_aside(path: str, storage: StorageConfig) -> None:
 
 
 def read_done(output: str, storage: StorageConfig) -> pa.Table:
-    """`question_id`, `error` and `choice` of every row already in `output` (empty table if none).
+    """`DONE_COLUMNS` of every row already in `output` (empty table if none).
 
     A part whose content is not valid Parquet (cut short by a crash of another writer, or damaged)
     is renamed `*.unreadable` with a warning, so its questions are answered again instead of failing
@@ -138,9 +150,7 @@ def read_done(output: str, storage: StorageConfig) -> pa.Table:
             _set_aside(path, storage)
         else:
             tables.append(table)
-    if not tables:
-        return pa.table({name: pa.array([], pa.string()) for name in DONE_COLUMNS})
-    return pa.concat_tables(tables)
+    return pa.concat_tables(tables) if tables else _conform(pa.table({}), DONE_COLUMNS)
 
 
 def _write_part(path: str, table: pa.Table, storage: StorageConfig) -> None:
@@ -162,22 +172,12 @@ def _write_part(path: str, table: pa.Table, storage: StorageConfig) -> None:
         fs.mv(staging, path)
 
 
-def _conform(table: pa.Table) -> pa.Table:
-    """`table` as `OUTPUT_SCHEMA`: a column that parts written by an older uhr lack (`extra_scenes`)
-    comes in as nulls, so rewriting such a part keeps the dataset's one schema."""
-    columns = [
-        table[name] if name in table.column_names else pa.nulls(table.num_rows, OUTPUT_SCHEMA.field(name).type)
-        for name in OUTPUT_SCHEMA.names
-    ]
-    return pa.table(columns, names=OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
-
-
-def drop_error_rows(output: str, storage: StorageConfig, question_ids: set[str]) -> int:
-    """Take the error rows of `question_ids` out of `output`'s parts; returns how many were dropped.
+def drop_rows(output: str, storage: StorageConfig, question_ids: set[str]) -> int:
+    """Take every row of `question_ids` out of `output`'s parts; returns how many were dropped.
 
     Each part holding any is rewritten without them in one step (replaced whole, deleted when
     nothing is left), so an interruption leaves every part either as it was or without those rows:
-    their questions are simply not done, and the next run asks them. Answered rows stay.
+    their questions are simply not done, and the next run asks them.
     """
     dropped = 0
     fs = storage.filesystem(output)
@@ -186,10 +186,10 @@ def drop_error_rows(output: str, storage: StorageConfig, question_ids: set[str])
         table = _read_part(path, storage)
         if table is None:
             continue
-        drop = pc.and_(pc.is_in(table["question_id"], wanted), pc.is_valid(table["error"]))
+        drop = pc.is_in(table["question_id"], wanted)
         if not pc.any(drop).as_py():
             continue
-        rest = _conform(table.filter(pc.invert(drop)))
+        rest = table.filter(pc.invert(drop))
         dropped += table.num_rows - rest.num_rows
         if rest.num_rows:
             _write_part(path, rest, storage)

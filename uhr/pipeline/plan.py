@@ -249,6 +249,11 @@ class Plan:
     def pending(self) -> int:
         return self.total - self.done
 
+    @property
+    def scene_reads(self) -> int:
+        """Scenes the run reads and encodes: each group's images (one read per group it is in)."""
+        return sum(1 + len(group["extra_scenes"]) for group in self.groups)
+
 
 def choice_references(questions: pa.Table) -> dict[str, str]:
     """question_id -> reference letter(s), for the multiple-choice questions that have a reference answer."""

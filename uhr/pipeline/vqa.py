@@ -30,7 +30,7 @@ from uhr.model.config import UhrConfig
 from uhr.model.pruning.config import PruningConfig
 from uhr.pipeline.config import VqaConfig
 from uhr.pipeline.defaults import default_model, sample_archive
-from uhr.pipeline.output import ResultWriter, RunManifest, clear_output, drop_error_rows, read_done
+from uhr.pipeline.output import ResultWriter, RunManifest, clear_output, drop_rows, read_done
 from uhr.pipeline.plan import (
     InputError,
     Plan,
@@ -157,7 +157,8 @@ class RunSummary:
     # over every row the output holds for the run's questions, earlier runs' included.
     scored: int = 0
     correct: int = 0
-    # Questions whose earlier row was an error, asked again by this run (counted in `rows`, not `skipped`).
+    # Questions whose earlier row was an error or answered from another number of images, asked
+    # again by this run (counted in `rows`, not `skipped`).
     retried: int = 0
 
     @property
@@ -179,7 +180,7 @@ class RunSummary:
             else "n/a"
         )
         earlier = ", earlier runs' rows included" if self.skipped else ""
-        retried = f" ({self.retried} earlier error rows asked again)" if self.retried else ""
+        retried = f" ({self.retried} earlier rows asked again)" if self.retried else ""
         return "\n".join(
             [
                 f"run {self.run_id}: {self.status}",
@@ -377,13 +378,25 @@ def _error_ids(done: pa.Table, questions: pa.Table) -> set[str]:
     return set(pc.filter(errors, pc.is_in(errors, questions["question_id"])).to_pylist()) - set(answered.to_pylist())
 
 
+def _stale_ids(done: pa.Table, questions: pa.Table) -> set[str]:
+    """Ids of this run's questions answered from another number of images than they now have (a
+    multi-image question an older uhr answered from its first image): a resume asks them again."""
+    images = {qid: 1 + len(extra or []) for qid, extra in zip(questions["question_id"].to_pylist(), questions["extra_scenes"].to_pylist())}
+    answered = done.filter(pc.is_null(done["error"]))
+    return {
+        qid
+        for qid, extra in zip(answered["question_id"].to_pylist(), answered["extra_scenes"].to_pylist())
+        if qid in images and images[qid] != 1 + len(extra or [])
+    }
+
+
 def run_vqa(config: VqaConfig) -> RunSummary:
     """Answer every pending question of the run's inputs and write them under `config.output`.
 
     Inputs are checked before Ray starts (`InputError`, `ConfigError`); re-running on the same
-    output skips the questions it already holds, except those whose row is an error: those rows
-    are taken out of the output (`drop_error_rows`) and their questions asked again, so the output
-    keeps one row per question. Rows computed before an interruption are written on the way out.
+    output skips the questions it already holds, except those whose row is an error or was answered
+    from another number of images than the question now has: those rows are taken out of the
+    output (`drop_rows`) and their questions asked again, so the output keeps one row per question. Rows computed before an interruption are written on the way out.
     """
     storage = config.storage
     run_id = config.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
@@ -396,16 +409,19 @@ def run_vqa(config: VqaConfig) -> RunSummary:
     if config.overwrite:
         clear_output(config.output, storage)
     done = read_done(config.output, storage)
-    retry = _error_ids(done, questions)
+    failed, stale = _error_ids(done, questions), _stale_ids(done, questions)
+    retry = failed | stale
 
     manifest = RunManifest.load(config.output, storage)
     settings = answer_settings(config, model_config, weights_fingerprint(model_uri, storage=storage))
     if done.num_rows:
         _check_resumable(config.output, manifest.data.get("answer_settings"), settings)
     if retry:
-        dropped = drop_error_rows(config.output, storage, retry)
-        logger.info("asking %d questions again: their rows in the output were errors (%d rows dropped)", len(retry), dropped)
-        # Every row of those questions is an error row (`_error_ids`), and now gone from the output.
+        dropped = drop_rows(config.output, storage, retry)
+        logger.info(
+            "asking %d questions again: %d had error rows, %d were answered from another number of images (%d rows dropped)",
+            len(retry), len(failed), len(stale), dropped,
+        )  # fmt: skip
         done = done.filter(pc.invert(pc.is_in(done["question_id"], pa.array(sorted(retry), pa.string()))))
     plan: Plan = make_plan(questions, scenes_prefix, set(done["question_id"].to_pylist()))
     manifest.data["answer_settings"] = settings
@@ -417,7 +433,7 @@ def run_vqa(config: VqaConfig) -> RunSummary:
         "started": datetime.now(timezone.utc).isoformat(),
         "status": "running",
         "pending": plan.pending,
-        "scenes": len(plan.groups),
+        "scenes": plan.scene_reads,
     }
     # Redacted: a presigned questions or model URI carries its signature.
     manifest.data.update(
@@ -425,7 +441,7 @@ def run_vqa(config: VqaConfig) -> RunSummary:
     )
     manifest.data["runs"].append(entry)
     manifest.save()
-    logger.info("run %s: %d questions, %d already done, %d scenes to read", run_id, plan.total, plan.done, len(plan.groups))
+    logger.info("run %s: %d questions, %d already done, %d scenes to read", run_id, plan.total, plan.done, plan.scene_reads)
 
     start = time.monotonic()
     progress = _Progress(plan.pending, config.status_interval_s, choice_references(questions))
@@ -471,7 +487,7 @@ def run_vqa(config: VqaConfig) -> RunSummary:
             rows=writer.rows_written,
             answered=progress.answered,
             errors=progress.errors,
-            scenes=len(plan.groups),
+            scenes=plan.scene_reads,
             wall_s=wall,
             mean_tokens_kept=progress.kept / progress.answered if progress.answered else None,
             mean_tokens_dense=progress.dense / progress.answered if progress.answered else None,
