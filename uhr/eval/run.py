@@ -248,8 +248,8 @@ def questions_table(items: pa.Table, swap: bool = False) -> pa.Table:
     for one image), prompt = the benchmark's template.
 
     `swap`: every item is asked about another item's images (`swapped_scenes`), its text unchanged
-    and without its bbox (the evidence is not in that image). An item's bbox goes
-    with it when it is a proper box, so the answers say how the kept tokens covered the evidence.
+    and without its bbox (the evidence is not in that image). An item's bbox goes with it when it is
+    a proper box, so the answers say how the kept tokens covered the evidence.
     """
     rows = items.select(["question_id", "images", "question", "choices", "prompt", "bbox"]).to_pylist()
     images = [tuple(absolute_uri(image) for image in row["images"]) for row in rows]  # workers run in other directories
