@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import rasterio
 
 from uhr.errors import SceneError
 from uhr.scenes import open_scene
 from uhr.scenes.metering import ReadMeter, gdal_downloaded_bytes
+from uhr.scenes.windows import Box
 from uhr.storage import StorageConfig
 from uhr.testing.s3_server import FAKE_SHAPED_KEY_ID
 
@@ -37,6 +39,24 @@ def test_coarse_view_of_an_8k_cog_fetches_a_small_fraction_of_the_object(s3_serv
     assert opening.requests <= 2 and opening.bytes_sent <= 64 * 1024
     fraction = (opening.bytes_sent + viewing.bytes_sent) / size
     assert fraction <= 0.05, f"read_view(672) fetched {fraction:.1%} of the object"
+
+
+def test_a_view_read_in_strips_fetches_only_its_overview(s3_server, remote_8k, cog_8k):
+    """A 4032-px view decodes the 4096-px overview (48 MB) in strips; reading them top-down made
+    GDAL fetch ahead past the overview into full-resolution tiles no strip needs."""
+    uri, _ = remote_8k
+    with rasterio.open(cog_8k, overview_level=0) as level:  # the 4096-px overview, as stored
+        rows, cols = level.block_shapes[0]
+        blocks = [(j, i) for j in range(-(-level.height // rows)) for i in range(-(-level.width // cols))]
+        level_bytes = sum(level.block_size(1, j, i) for j, i in blocks)
+    with open_scene(uri) as scene:
+        assert scene._strip_rows(Box(0, 0, scene.width, scene.height), 4032) < 4032  # read in strips
+        with s3_server.measure() as viewing:
+            view = scene.read_view(4032)
+    assert view.shape == (4032, 4032, 3)
+    assert viewing.bytes_sent <= 1.05 * level_bytes + 64 * 1024, (viewing.bytes_sent, level_bytes)
+    with open_scene(cog_8k) as local:  # strips or not, the pixels are a single read's
+        np.testing.assert_array_equal(view, local.read_view(4032))
 
 
 def test_windows_reuse_the_open_header_and_fetch_only_their_tiles(s3_server, remote_8k):
