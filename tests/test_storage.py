@@ -170,7 +170,7 @@ PEM = "-----{} " + "PRIVATE KEY-----"
     ("text", "secret"),
     [
         ("https://bucket.s3.amazonaws.com/a.tif?X-Amz-Signature=uhr-not-a-real-signature&X-Amz-Date=1", "uhr-not-a-real-signature"),
-        ("https://x/a.tif?X-Amz-Security-Token=FwoGZXIvYXdzEJr//token", "FwoGZXIvYXdzEJr//token"),
+        ("https://x/a.tif?X-Amz-Security-Token=uhr//not-a-real-session-token", "uhr//not-a-real-session-token"),
         ("https://x/a.tif?sv=2020&sig=AzureSignature%3D", "AzureSignature%3D"),
         ("s3://alice:pa55word@host/bucket/a.tif", "pa55word"),
         ("Authorization: AWS4-HMAC-SHA256 Credential=AKIA/2025, Signature=deadbeef", "deadbeef"),
