@@ -31,7 +31,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,9 +89,9 @@ def _is_pickle_weights(name: str) -> bool:
     return name.endswith(_PICKLE_SUFFIXES) and not name.startswith("training_args")
 
 
-def _index_shards(index: dict[str, Any], location: str, exists: Callable[[str], bool]) -> list[str]:
+def _index_shards(index: dict[str, Any], location: str, names: set[str]) -> list[str]:
     """The shard file names a safetensors index lists, each a plain `*.safetensors` name beside it
-    (a path would read weights from outside the checkpoint) that `exists`."""
+    (a path would read weights from outside the checkpoint), among the directory's `names`."""
     try:
         shards = sorted(set(index["weight_map"].values()))
     except (KeyError, AttributeError, TypeError) as error:
@@ -101,7 +101,7 @@ def _index_shards(index: dict[str, Any], location: str, exists: Callable[[str], 
             raise CheckpointError(location, f"{_SAFETENSORS_INDEX} names a shard outside the checkpoint: {shard!r}")
         if not shard.endswith(".safetensors"):
             raise CheckpointError(location, f"{_SAFETENSORS_INDEX} names a shard that is not safetensors: {shard!r}")
-        if not exists(shard):
+        if shard not in names:
             raise CheckpointError(location, f"{_SAFETENSORS_INDEX} names a shard that is not there: {shard!r}")
     return shards
 
@@ -663,13 +663,13 @@ def load_model_config(path_or_uri: str | os.PathLike[str], *, storage: StorageCo
 def _safetensors_files(fs: Any, root: str) -> list[str]:
     """The safetensors weight files of the checkpoint directory `root` on `fs`: its index's shards, else every one."""
     try:
-        names = [posixpath.basename(path) for path in fs.ls(root, detail=False)]
+        names = {posixpath.basename(path) for path in fs.ls(root, detail=False)}
     except FileNotFoundError:
         return []
     _check_one_layout(names, root)
     if _SAFETENSORS_INDEX in names:
         index = json.loads(fs.cat_file(f"{root}/{_SAFETENSORS_INDEX}"))
-        return [f"{root}/{shard}" for shard in _index_shards(index, root, lambda shard: fs.exists(f"{root}/{shard}"))]
+        return [f"{root}/{shard}" for shard in _index_shards(index, root, names)]
     return sorted(fs.glob(f"{root}/*.safetensors"))
 
 
