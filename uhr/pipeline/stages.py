@@ -25,6 +25,7 @@ import logging
 import re
 import time
 import traceback
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -104,7 +105,6 @@ def _read_image(
                 image["views"].append(view.tobytes())
                 image["view_shapes"].append(list(view.shape))
     except Exception as err:  # one bad scene must not fail the job: it becomes error rows
-        image["views"], image["view_shapes"] = [], []
         error = _error_text(uri, err)
     return image, meter.bytes, error
 
@@ -336,10 +336,7 @@ class EncodeStage(_ModelStage):
                 )
                 continue
             own_bytes, own_read_ms = _take_reads(sources)
-            per_scale: dict[int, int] = {}
-            for image_tokens in tokens:
-                for s, n in image_tokens.per_scale().items():
-                    per_scale[s] = per_scale.get(s, 0) + n
+            per_scale = sum((Counter(image_tokens.per_scale()) for image_tokens in tokens), Counter())
             row.update(
                 tokens_dense=sum(t.dense for t in tokens),
                 tokens_kept=sum(len(t) for t in tokens),

@@ -396,7 +396,8 @@ def run_vqa(config: VqaConfig) -> RunSummary:
     Inputs are checked before Ray starts (`InputError`, `ConfigError`); re-running on the same
     output skips the questions it already holds, except those whose row is an error or was answered
     from another number of images than the question now has: those rows are taken out of the
-    output (`drop_rows`) and their questions asked again, so the output keeps one row per question. Rows computed before an interruption are written on the way out.
+    output (`drop_rows`) and their questions asked again, so the output keeps one row per question.
+    Rows computed before an interruption are written on the way out.
     """
     storage = config.storage
     run_id = config.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
