@@ -68,3 +68,20 @@ def test_dropping_error_rows_from_a_part_an_older_uhr_wrote_keeps_the_schema(tmp
     kept = pq.read_table(tmp_path / "part-old-00000.parquet")
     assert kept.schema.remove_metadata() == OUTPUT_SCHEMA
     assert kept["question_id"].to_pylist() == ["a"] and kept["extra_scenes"].to_pylist() == [None]
+
+
+def test_a_part_whose_columns_cannot_take_uhrs_types_stops_the_job_naming_it(tmp_path):
+    """Castable types (int32 token counts) are read as uhr's; a column that cannot be (lists for text)
+    stops the resume naming the part and column, and the part is left as it was."""
+    castable = _rows(["a"]).set_column(OUTPUT_SCHEMA.get_field_index("tokens_kept"), "tokens_kept", pa.array([7], pa.int32()))
+    pq.write_table(castable, tmp_path / "part-int32-00000.parquet")
+    assert read_done(str(tmp_path), StorageConfig())["question_id"].to_pylist() == ["a"]
+
+    foreign = _rows(["b"]).set_column(OUTPUT_SCHEMA.get_field_index("error"), "error", pa.array([[1.5]]))
+    pq.write_table(foreign, tmp_path / "part-foreign-00000.parquet")
+    before = (tmp_path / "part-foreign-00000.parquet").read_bytes()
+    with pytest.raises(OutputError, match=r"part-foreign-00000\.parquet: column 'error' is list<element: double>, uhr writes string"):
+        read_done(str(tmp_path), StorageConfig())
+    with pytest.raises(OutputError, match=r"part-foreign-00000\.parquet: column 'error'"):
+        drop_rows(str(tmp_path), StorageConfig(), {"b"})
+    assert (tmp_path / "part-foreign-00000.parquet").read_bytes() == before

@@ -120,13 +120,30 @@ def _read_part(path: str, storage: StorageConfig, columns: list[str] | None = No
         table = part.read(columns=present)
     except (pa.ArrowException, OSError, ValueError):
         return None
-    return _conform(table, columns or OUTPUT_SCHEMA.names)
+    return _conform(table, columns or OUTPUT_SCHEMA.names, path)
 
 
-def _conform(table: pa.Table, names: list[str] | tuple[str, ...]) -> pa.Table:
+def _conform(table: pa.Table, names: list[str] | tuple[str, ...], path: str = "") -> pa.Table:
     """The columns `names` of `table`, typed as in `OUTPUT_SCHEMA`; a column that parts written by
-    an older uhr lack (`extra_scenes`) comes in as nulls, so the dataset keeps one schema."""
-    columns = [table[name] if name in table.column_names else pa.nulls(table.num_rows, OUTPUT_SCHEMA.field(name).type) for name in names]
+    an older uhr lack (`extra_scenes`) comes in as nulls, so the dataset keeps one schema.
+
+    A column whose values cannot take uhr's type (a part some other program wrote into the output)
+    raises `OutputError` naming the part `path` and the column: resuming over it would
+    answer its questions twice or rewrite it.
+    """
+    columns = []
+    for name in names:
+        field = OUTPUT_SCHEMA.field(name)
+        if name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
+        try:
+            columns.append(table[name].cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise OutputError(
+                f"output part {redact(path)}: column {name!r} is {table.schema.field(name).type}, uhr writes {field.type} "
+                f"({err}); uhr cannot resume over it: move it out of the output, or write to another --output"
+            ) from err
     return pa.table(columns, schema=pa.schema([OUTPUT_SCHEMA.field(name) for name in names]))
 
 
