@@ -3,7 +3,8 @@
 Prints Markdown tables: per pruning strategy on a synthetic 8192^2 scene, with a tiny model that has
 CLIP's real tile geometry, the dense and kept visual tokens, encode / select / answer times on this
 machine and the cost of 8 questions against 1; then the same work priced at real sizes (CLIP
-ViT-L/14-336 + Qwen2-7B) in TFLOPs and estimated A100 / H100 seconds, next to published figures.
+ViT-L/14-336 + Qwen2-7B) in TFLOPs and estimated A100 / H100 seconds, next to published figures,
+and uhr-bat's CPU-side k-means timed at the real tower width.
 """
 
 from __future__ import annotations

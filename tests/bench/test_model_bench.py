@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from uhr.bench.model import ModelBenchConfig, estimated_seconds, format_report, run_model_benchmark
+from uhr.bench.inputs import build_bench_model, cached_scene, strategy_config
+from uhr.bench.model import ModelBenchConfig, estimated_seconds, format_report, partition_at_real_width, run_model_benchmark
+from uhr.model.pruning import StrategyName
 
 
 @pytest.mark.slow  # ~30 s of the five strategies; the job itself is what users run
@@ -37,3 +39,17 @@ def test_model_benchmark_runs_every_strategy_and_reports_measured_and_priced_fig
     for name in by_name:
         assert report.count(f"| {name} |") == 2  # measured and priced rows
     assert "Against the published figures" in report and "UHR-BAT dense tokens" in report
+    assert "region partition at the real tower width" in report
+    assert [r.strategy for r in results if r.partition is not None] == ["uhr-bat"]
+
+
+def test_uhr_bat_partition_is_timed_on_every_scale_at_clip_l_width(tmp_path):
+    """Every token of every scale is partitioned, in embeddings of CLIP ViT-L's width + 2 coordinates."""
+    path = cached_scene(tmp_path, 1024, 0)
+    model, _ = build_bench_model()
+    pruning = strategy_config(StrategyName.UHR_BAT, model.config, 1024, 1024)
+    cost = partition_at_real_width(model, pruning, path)
+    # 672 px: 2 x 2 tiles of 24 x 24 tokens; 1344 px clamped to the scene's 1024: 74 valid 14-px
+    # tokens a side (the rest of its 4 x 4 tiles is padding).
+    assert cost.sides == [672, 1024] and cost.tokens == [48 * 48, 74 * 74] and cost.width == 1026
+    assert all(s > 0 for s in cost.seconds) and cost.total_s == sum(cost.seconds)

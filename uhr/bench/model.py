@@ -6,6 +6,8 @@ the same scene (encoded once, answered in batches of `answer_batch` as the VQA j
 measured figures are CPU wall times of the tiny model; the work the strategy asked of the model
 (tiles, projected tokens, importance passes, answers: `uhr.bench.counters`) is then priced at real
 sizes (`uhr.bench.flops`: CLIP ViT-L/14-336 + Qwen2-7B) in FLOPs and estimated GPU seconds.
+uhr-bat's region partition, which runs on the CPU whatever the accelerator, is timed at the real
+tower width instead (`partition_at_real_width`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from threadpoolctl import threadpool_info
 
 from uhr.bench.counters import WorkCounter
 from uhr.bench.flops import A100, H100, Cost, GpuSpec, Utilisation, Workload, lm_prefill_flops, price, real_model_config
 from uhr.bench.inputs import bench_cache_dir, build_bench_model, cached_scene, scene_questions, strategy_config
 from uhr.model import UhrForConditionalGeneration
 from uhr.model.pruning import PrunedTokens, PruningConfig, StrategyName, build_strategy
+from uhr.model.pruning.uhr_bat import UhrBatEncoding, clustering_embedding, partition_regions
 from uhr.scenes import open_scene
 
 # Target from the issue: `questions` questions on one scene cost at most this many times one question.
@@ -69,6 +73,27 @@ class ModelBenchConfig(BaseModel):
 
 
 @dataclass
+class PartitionCost:
+    """UHR-BAT's region partition (scikit-learn k-means on the CPU) timed at the real tower width."""
+
+    method: str
+    """The partition as configured, e.g. "kmeans, 64 regions"."""
+    sides: list[int]
+    """Longest side of each scale's view, coarse to fine."""
+    tokens: list[int]
+    """Valid tokens of each scale: what k-means partitions."""
+    seconds: list[float]
+    width: int
+    """Dimensions of the clustering embedding: the real tower's width + 2 coordinates."""
+    threads: int
+    """OpenMP threads scikit-learn's k-means ran on."""
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.seconds)
+
+
+@dataclass
 class StrategyResult:
     """One strategy's measured figures (tiny model, this machine) and its workload."""
 
@@ -96,6 +121,8 @@ class StrategyResult:
     """Phase ("encode", "select", "answer") -> what the many-questions run asked of the model."""
     workload_one: dict[str, Workload] = field(default_factory=dict)
     """The same for the one-question run (a scene's first question pays for what later ones share)."""
+    partition: PartitionCost | None = None
+    """uhr-bat: its region partition timed at the real tower width (`partition_at_real_width`)."""
 
     @property
     def many_over_one(self) -> float:
@@ -202,9 +229,44 @@ def run_model_benchmark(config: ModelBenchConfig) -> list[StrategyResult]:
                 questions=len(prompts),
                 workload=workload,
                 workload_one=workload_one,
+                partition=partition_at_real_width(model, pruning, path) if name == StrategyName.UHR_BAT else None,
             )
         )
     return results
+
+
+def partition_at_real_width(
+    model: UhrForConditionalGeneration, pruning: PruningConfig, path: Path, seed: int = 0
+) -> PartitionCost:
+    """Time `partition_regions` on every scale of the scene at CLIP ViT-L's feature width.
+
+    The tiny tower's features of each scale are lifted to the real width by a fixed Gaussian
+    projection (a linear map: the scene's clusters, and so k-means' iterations, stay those of its own
+    features) before the clustering embedding of eq. 13 is built from them. k-means runs on the
+    encode actor's CPUs whatever the accelerator, so this is a cost the GPU estimates do not hold.
+    """
+    width = real_model_config().vision_config.hidden_size
+    with open_scene(str(path)) as scene, torch.inference_mode():
+        encoding = build_strategy(pruning).encode(model, scene)
+    if not isinstance(encoding, UhrBatEncoding):
+        raise TypeError(f"partition_at_real_width needs uhr-bat's pruning config, got {pruning.strategy}")
+    generator = torch.Generator().manual_seed(seed)
+    lift = torch.randn(model.config.vision_config.hidden_size, width, generator=generator)
+    seconds = []
+    for scale in encoding.scales:
+        features = scale.grid.stitched()[: scale.rows, : scale.cols].float() @ lift  # (rows, cols, width)
+        embedding = clustering_embedding(features, pruning.uhr_bat.coord_weight)
+        start = time.perf_counter()
+        partition_regions(embedding, pruning.uhr_bat)
+        seconds.append(time.perf_counter() - start)
+    return PartitionCost(
+        method=f"{pruning.uhr_bat.partition.value}, {pruning.uhr_bat.regions} regions",
+        sides=[scale.view.side for scale in encoding.scales],
+        tokens=[scale.rows * scale.cols for scale in encoding.scales],
+        seconds=seconds,
+        width=width + 2,
+        threads=max((pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "openmp"), default=1),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,8 +416,34 @@ def format_report(results: list[StrategyResult], config: ModelBenchConfig) -> st
             f"| {r.strategy} | {_tflops(c.encode.flops)} | {_tflops(c.select.flops)} | {_tflops(c.answer.flops)} | "
             f"{_tflops(one_flops)} | {times} | {ratio:.2f} | {unshared:.2f} |"
         )
+    lines += partition_report(results, config)
     lines += ["", *published_comparison(results, config)]
     return "\n".join(lines)
+
+
+def partition_report(results: list[StrategyResult], config: ModelBenchConfig) -> list[str]:
+    """uhr-bat's k-means per scale at the real width, beside its estimated encode on the fastest GPU."""
+    bat = next((r for r in results if r.partition is not None), None)
+    if bat is None or bat.partition is None:
+        return []
+    cost, gpu = bat.partition, config.gpus[-1]
+    encode_ms = real_costs(bat, gpu, config).encode.seconds * 1e3
+    return [
+        "",
+        "## uhr-bat's region partition at the real tower width, this CPU",
+        "",
+        f"The partition ({cost.method}; scikit-learn) runs on the encode actor's CPUs whatever the accelerator, on "
+        "as many threads as the actor has CPUs (Ray sets OMP_NUM_THREADS to its num_cpus), so the GPU estimates above "
+        f"leave it out. Timed on each scale's clustering embedding of {cost.width} dimensions (the tiny tower's "
+        f"features lifted to CLIP ViT-L's width by a fixed Gaussian projection), {cost.threads} threads:",
+        "",
+        "| view side | tokens | partition s |",
+        "|---|---|---|",
+        *(f"| {side} | {tokens:,} | {seconds:.2f} |" for side, tokens, seconds in zip(cost.sides, cost.tokens, cost.seconds)),
+        "",
+        f"Per scene {cost.total_s:.2f} s here on {cost.threads} threads, against {encode_ms:,.0f} ms of {gpu.name} "
+        "encode estimated above.",
+    ]
 
 
 def published_comparison(results: list[StrategyResult], config: ModelBenchConfig) -> list[str]:
@@ -426,10 +514,13 @@ def visual_tokens_for(flops: float, gpu: GpuSpec, config: ModelBenchConfig) -> i
 __all__ = [
     "MANY_QUESTIONS_TARGET",
     "ModelBenchConfig",
+    "PartitionCost",
     "RealCost",
     "StrategyResult",
     "estimated_seconds",
     "format_report",
+    "partition_at_real_width",
+    "partition_report",
     "published_comparison",
     "real_costs",
     "run_model_benchmark",

@@ -131,22 +131,22 @@ def test_alignment_follows_scene_pixels_on_partly_padded_views(tiny_model, image
 # -- region partition ----------------------------------------------------------------------------
 
 
-def _two_blob_features(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _two_blob_features(rows: int, cols: int) -> torch.Tensor:
+    """(rows, cols, 4) features: one direction on the left half of the grid, another on the right."""
     generator = torch.Generator().manual_seed(0)
-    cell_rows = torch.arange(rows).repeat_interleave(cols)
-    cell_cols = torch.arange(cols).repeat(rows)
-    left = cell_cols < cols // 2
-    directions = torch.where(left[:, None], torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 0, 1.0, 0]))
-    features = directions * 5 + 0.05 * torch.randn(rows * cols, 4, generator=generator)
-    return features, cell_rows, cell_cols
+    left = torch.arange(cols).expand(rows, cols) < cols // 2
+    directions = torch.where(left[..., None], torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 0, 1.0, 0]))
+    return directions * 5 + 0.05 * torch.randn(rows, cols, 4, generator=generator)
 
 
 def test_clustering_embedding_normalises_features_and_scales_coordinates():
-    features, rows, cols = _two_blob_features(3, 4)
-    embedding = clustering_embedding(features, rows, cols, extent=4, coord_weight=2.0)
+    embedding = clustering_embedding(_two_blob_features(3, 4), coord_weight=2.0)
     assert embedding.shape == (12, 6) and embedding.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(embedding[:, :4], axis=1), 1.0, rtol=1e-6)
+    # Token 5 is row 1, col 1 of 4 columns: centre (1.5, 1.5) over the longest side, 4.
     np.testing.assert_allclose(embedding[5, 4:], [2.0 * 1.5 / 4, 2.0 * 1.5 / 4])
+    # Token 11 is row 2, col 3: x before y.
+    np.testing.assert_allclose(embedding[11, 4:], [2.0 * 3.5 / 4, 2.0 * 2.5 / 4])
 
 
 @pytest.mark.parametrize(
@@ -159,12 +159,12 @@ def test_clustering_embedding_normalises_features_and_scales_coordinates():
     ids=["kmeans", "minibatch", "birch"],
 )
 def test_partition_separates_two_kinds_of_ground(config):
-    features, rows, cols = _two_blob_features(6, 8)
-    regions = partition_regions(clustering_embedding(features, rows, cols, 8, 0.1), config)
-    left = (cols < 4).numpy()
+    features = _two_blob_features(6, 8)
+    regions = partition_regions(clustering_embedding(features, 0.1), config)
+    left = (torch.arange(8).repeat(6) < 4).numpy()
     assert sorted(np.unique(regions).tolist()) == [0, 1]
     assert len(np.unique(regions[left])) == 1 and len(np.unique(regions[~left])) == 1
-    again = partition_regions(clustering_embedding(features, rows, cols, 8, 0.1), config)
+    again = partition_regions(clustering_embedding(features, 0.1), config)
     np.testing.assert_array_equal(regions, again)
 
 

@@ -183,17 +183,19 @@ def align_importance(anchor: torch.Tensor, size: tuple[int, int], step: tuple[fl
 # ----------------------------------------------------------------------------------------------
 
 
-def clustering_embedding(
-    features: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, extent: int, coord_weight: float
-) -> np.ndarray:
-    """(N, D + 2) float32 u_i = [f_i / ||f_i||, w * x_i, w * y_i] (eq. 13).
+def clustering_embedding(features: torch.Tensor, coord_weight: float) -> np.ndarray:
+    """(rows * cols, D + 2) float32 u_i = [f_i / ||f_i||, w * x_i, w * y_i] (eq. 13) of a valid
+    token grid `features` (rows, cols, D), in raster order.
 
-    (x, y) is the token's centre (col + 0.5, row + 0.5) divided by `extent`, the valid grid's
-    longest side, so both axes share one unit.
+    (x, y) is the token's centre (col + 0.5, row + 0.5) divided by the grid's longest side, so both
+    axes share one unit.
     """
-    unit = features.detach().float()
+    rows, cols, dim = features.shape
+    unit = features.detach().float().reshape(rows * cols, dim)
     unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    xy = torch.stack([(cols.float() + 0.5) / extent, (rows.float() + 0.5) / extent], dim=1).to(unit.device)
+    extent = max(rows, cols)
+    y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    xy = torch.stack([(x.reshape(-1) + 0.5) / extent, (y.reshape(-1) + 0.5) / extent], dim=1).to(unit.device)
     return torch.cat([unit, coord_weight * xy], dim=1).cpu().numpy()
 
 
@@ -375,14 +377,12 @@ class UhrBatStrategy(PruningStrategy):
             box = tiling.padded_box(width, height, pixels.shape[1], pixels.shape[0], model.tile_size)
             grid = model.encode_view(pixels, scale=view.index, box=box)
             rows, cols = int(grid.valid.any(dim=1).sum()), int(grid.valid.any(dim=0).sum())
-            features = grid.stitched()[:rows, :cols].reshape(rows * cols, -1)  # (N_s, D_v), padding dropped
+            features = grid.stitched()[:rows, :cols]  # (rows, cols, D_v), padding dropped
             patch = model.config.vision_config.patch_size
             extent = (pixels.shape[0] / patch, pixels.shape[1] / patch)  # the scene in this view's tokens
             position = model.scale_embedding(view.index, rows, cols, extent).reshape(rows * cols, -1)  # p + q (eq. 5)
-            embeds = model.project(features) + position.to(features.device)
-            cell_rows = torch.arange(rows).repeat_interleave(cols)
-            cell_cols = torch.arange(cols).repeat(rows)
-            embedding = clustering_embedding(features, cell_rows, cell_cols, max(rows, cols), cfg.coord_weight)
+            embeds = model.project(features.reshape(rows * cols, -1)) + position.to(features.device)
+            embedding = clustering_embedding(features, cfg.coord_weight)
             regions = torch.from_numpy(partition_regions(embedding, cfg)).to(features.device)
             encoded.append((grid, rows, cols, embeds, regions))
         tokens = [rows * cols for _, rows, cols, _, _ in encoded]
