@@ -670,7 +670,7 @@ def _safetensors_files(fs: Any, root: str) -> list[str]:
     if _SAFETENSORS_INDEX in names:
         index = json.loads(fs.cat_file(f"{root}/{_SAFETENSORS_INDEX}"))
         return [f"{root}/{shard}" for shard in _index_shards(index, root, names)]
-    return sorted(fs.glob(f"{root}/*.safetensors"))
+    return sorted(f"{root}/{name}" for name in names if name.endswith(".safetensors"))
 
 
 # Content tags object stores keep per object (S3 and most S3 APIs, GCS, Azure), in fsspec's `info`.
