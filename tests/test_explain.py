@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from affine import Affine
 from PIL import Image
 
@@ -20,6 +21,7 @@ from uhr.explain import (
     ExplainConfig,
     Explanation,
     explain,
+    explain_images,
     render_explanation,
     run_explain,
     scale_colour,
@@ -38,20 +40,23 @@ def model(model_dir: Path):
     return load_model(model_dir)[0]
 
 
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 320x240 grey GeoTIFF of 16-px blocks of seeded random levels: no pixel has a tab10 colour."""
-    rng = np.random.default_rng(3)
-    levels = rng.integers(30, 226, size=(HEIGHT // 16, WIDTH // 16), dtype=np.uint8)
+def _grey_scene(path: Path, width: int, height: int, seed: int) -> str:
+    """A grey GeoTIFF of 16-px blocks of seeded random levels: no pixel has a tab10 colour."""
+    rng = np.random.default_rng(seed)
+    levels = rng.integers(30, 226, size=(height // 16, width // 16), dtype=np.uint8)
     grey = np.kron(levels, np.ones((16, 16), np.uint8))
-    path = tmp_path_factory.mktemp("scene") / "grey.tif"
     profile = dict(
-        driver="GTiff", width=WIDTH, height=HEIGHT, count=3, dtype="uint8", crs="EPSG:32633",
+        driver="GTiff", width=width, height=height, count=3, dtype="uint8", crs="EPSG:32633",
         transform=Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4500000.0),
     )  # fmt: skip
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(np.stack([grey] * 3))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _grey_scene(tmp_path_factory.mktemp("scene") / "grey.tif", WIDTH, HEIGHT, seed=3)
 
 
 def _pixels(png: bytes) -> np.ndarray:
@@ -155,9 +160,37 @@ def test_job_writes_the_figure(model_dir, scene, tmp_path, capsys) -> None:
         ExplainConfig, scene=scene, question=QUESTION, model=str(model_dir), out=str(tmp_path / "again.png"),
         overrides=["pruning.strategy=uhr-bat", "pruning.budget=32", "max_new_tokens=2", "pruning.uhr_bat.regions=4"],
     )  # fmt: skip
-    explanation, figure = run_explain(config)
+    [(explanation, figure)] = run_explain(config)
     assert image.size == figure.size and 0 < len(explanation.tokens) <= 32
     assert len(explanation.tokens.per_scale()) > 1  # tokens from several of UHR-BAT's views
+
+
+def test_a_question_on_two_images_draws_each_with_the_tokens_it_alone_gives(model, model_dir, scene, tmp_path, capsys) -> None:
+    """A bi-temporal pair: each image is pruned on its own (as the VQA job does), so its tokens are
+    those it gives asked alone; one answer from both; one PNG per image, titled with its place."""
+    later = _grey_scene(tmp_path / "later.tif", 256, 192, seed=4)
+    out = tmp_path / "pair.png"
+    code = main(
+        [
+            "--scene", scene, "--extra-scene", later, "--question", QUESTION, "--strategy", "uhr-bat", "--budget", "32",
+            "--model", str(model_dir), "--out", str(out), "max_new_tokens=2", "pruning.uhr_bat.regions=4",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "image 1 of 2, uhr-bat @ 32:" in printed and "image 2 of 2, uhr-bat @ 32:" in printed
+    assert f"figure: {out}" in printed and f"figure: {tmp_path / 'pair-2.png'}" in printed and printed.count("answer:") == 1
+    assert Image.open(out).size[0] == WIDTH + LEGEND_WIDTH and Image.open(tmp_path / "pair-2.png").size[0] == 256 + LEGEND_WIDTH
+
+    pruning = PruningConfig(strategy="uhr-bat", budget=32, uhr_bat={"regions": 4})
+    with open_scene(scene) as first, open_scene(later) as second:
+        pair = explain_images(model, [first, second], QUESTION, pruning, scenes=[scene, later], max_new_tokens=2)
+        alone = explain(model, second, QUESTION, pruning, answer=False)
+        assert [e.image for e in pair] == [1, 2] and {e.images for e in pair} == {2} and pair[0].answer == pair[1].answer
+        torch.testing.assert_close(pair[1].tokens.embeds, alone.tokens.embeds)
+        torch.testing.assert_close(pair[1].tokens.box, alone.tokens.box)
+        expected = model.answer([[pair[0].tokens, alone.tokens]], [pair[0].prompt], max_new_tokens=2)[0]
+    assert pair[0].answer == expected
 
 
 @pytest.mark.parametrize(

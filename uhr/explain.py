@@ -2,12 +2,14 @@
 
 `explain(model, source, question, pruning)` runs a strategy on one scene and question exactly as the
 VQA job does (encode, select with the job's prompt, answer) and keeps the tokens' provenance;
+`explain_images` does the same for a question on several images (a bi-temporal pair), each pruned
+on its own and all of them given to the model together, as the VQA job asks such questions;
 `render_explanation` draws it the way the pruning papers' figures do: the whole-scene view, each
 kept token's scene-pixel box filled semi-transparently in its scale's colour, merged tokens
 (`n_source` > 1) also outlined with the box of their members, structural and filler tokens
 (`n_source` == 0: LLaVA-NeXT row newlines, GeoLLaVA-8K's empty cluster slots) left out, a legend with
 the tokens per scale and the kept/dense counts, the question (and the answer) in the title.
-`run_explain(ExplainConfig(...))` does all of it from URIs and writes the PNG.
+`run_explain(ExplainConfig(...))` does all of it from URIs and writes the PNG, one per image.
 
 The figure is laid out in whole pixels: the view is drawn unresampled (one figure pixel per view
 pixel) below a title band and left of a legend panel, so a figure pixel can be traced to a view pixel
@@ -20,6 +22,8 @@ import io
 import math
 import os
 import textwrap
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -72,11 +76,20 @@ class ExplainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     scene: str = Field(description="Scene URI (local path or object store), any raster `uhr.scenes` reads.")
+    extra_scenes: list[str] = Field(
+        default_factory=list,
+        description="Further images of the question, in order (a bi-temporal pair's later image): each is pruned "
+        "on its own and all are given to the model, as the VQA job asks such questions; one PNG per image.",
+    )
     question: str = Field(min_length=1, description="The question, as a user would ask it.")
     choices: list[str] = Field(
         default_factory=list, description="Lettered options '(A) ...'; with them the prompt is the VQA job's XLRS layout."
     )
-    out: str = Field("explain.png", description="Where the PNG goes (local path or object-store URI).")
+    out: str = Field(
+        "explain.png",
+        description="Where the PNG goes (local path or object-store URI); image k > 1 of a question goes beside it "
+        "with '-k' before the suffix (explain-2.png).",
+    )
     model: str | None = Field(None, description="Model directory or object-store URI; None: the default model.")
     pruning: PruningConfig = Field(default_factory=PruningConfig, description="Strategy and token budget.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store endpoint and GDAL tuning.")
@@ -106,6 +119,10 @@ class Explanation:
     """(h, w, 3) uint8 whole-scene view, aspect kept."""
     tokens: PrunedTokens
     answer: str | None
+    image: int = 1
+    """Which of the question's images this is, from 1."""
+    images: int = 1
+    """How many images the question was asked of."""
 
     @property
     def drawn(self) -> np.ndarray:
@@ -137,26 +154,53 @@ def explain(
     The prompt is the VQA job's (`uhr.pipeline.stages.question_prompt`): the question, or XLRS's
     layout when `choices` are given. `pruning` applies under the model's own pruning defaults.
     """
+    return explain_images(
+        model, [source], question, pruning, choices=choices, scenes=[scene], view_side=view_side, answer=answer,
+        max_new_tokens=max_new_tokens,
+    )[0]  # fmt: skip
+
+
+def explain_images(
+    model: UhrForConditionalGeneration,
+    sources: Sequence[PixelSource],
+    question: str,
+    pruning: PruningConfig,
+    *,
+    choices: list[str] | None = None,
+    scenes: Sequence[str] = (),
+    view_side: int = 1024,
+    answer: bool = True,
+    max_new_tokens: int = 64,
+) -> list[Explanation]:
+    """`explain` for a question asked of several images, in order: each image is encoded and pruned
+    on its own (the budget is per image) and the model answers from all of them together, as the
+    VQA job answers a question with `extra_scenes`. One Explanation per image, sharing the answer."""
+    if not sources:
+        raise ValueError("explain_images needs at least one image")
     pruning = resolve_pruning(pruning, model.config)
     strategy = build_strategy(pruning)
     prompt = question_prompt({"question": question, "choices": choices or None})
     with torch.inference_mode():
-        encoding = strategy.encode(model, source)
-        tokens = strategy.select(model, encoding, prompt)
+        tokens = [strategy.select(model, strategy.encode(model, source), prompt) for source in sources]
     reply = model.answer([tokens], [prompt], max_new_tokens=max_new_tokens)[0] if answer else None
-    view = source.read_view(min(view_side, max(source.width, source.height)))
-    return Explanation(
-        scene=scene,
-        question=question,
-        prompt=prompt,
-        strategy=pruning.strategy.value,
-        budget=pruning.budget,
-        width=source.width,
-        height=source.height,
-        view=np.ascontiguousarray(view),
-        tokens=tokens,
-        answer=reply,
-    )
+    names = list(scenes) + [""] * (len(sources) - len(scenes))
+    return [
+        Explanation(
+            scene=name,
+            question=question,
+            prompt=prompt,
+            strategy=pruning.strategy.value,
+            budget=pruning.budget,
+            width=source.width,
+            height=source.height,
+            view=np.ascontiguousarray(source.read_view(min(view_side, max(source.width, source.height)))),
+            tokens=kept,
+            answer=reply,
+            image=index,
+            images=len(sources),
+        )
+        for index, (source, kept, name) in enumerate(zip(sources, tokens, names), start=1)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +228,8 @@ def _title_lines(explanation: Explanation, chars: int) -> list[str]:
     kept, dense = len(tokens), tokens.dense
     share = f" ({100 * kept / dense:.1f}%)" if dense else ""
     lines = textwrap.wrap(f"Q: {explanation.question}", chars) or ["Q:"]
-    lines.append(f"{explanation.strategy}, budget {explanation.budget}: {kept} of {dense} visual tokens kept{share}")
+    image = f"image {explanation.image} of {explanation.images}, " if explanation.images > 1 else ""
+    lines.append(f"{image}{explanation.strategy}, budget {explanation.budget}: {kept} of {dense} visual tokens kept{share}")
     if explanation.answer is not None:
         lines += textwrap.wrap(f"A: {explanation.answer!r}", chars, max_lines=3, placeholder=" ...")
     return lines
@@ -292,41 +337,62 @@ def _device(name: str) -> str:
     return name
 
 
-def run_explain(config: ExplainConfig) -> tuple[Explanation, ExplanationFigure]:
-    """Open the scene, load the model, explain the question, write `config.out`; return both.
+def figure_path(out: str, image: int) -> str:
+    """Where image `image` (from 1) of a question goes: `out` itself for the first, `out` with '-k'
+    before its suffix for the k-th."""
+    if image == 1:
+        return out
+    stem, suffix = os.path.splitext(out)
+    return f"{stem}-{image}{suffix}"
 
-    The scene is opened first: a scene that cannot be read fails before the model loads.
+
+def run_explain(config: ExplainConfig) -> list[tuple[Explanation, ExplanationFigure]]:
+    """Open the scenes, load the model, explain the question, write a PNG per image; return them.
+
+    The scenes are opened first: one that cannot be read fails before the model loads.
     """
-    with open_scene(config.scene, storage=config.storage, normalize=config.normalize) as scene:
+    uris = [config.scene, *config.extra_scenes]
+    with ExitStack() as stack:
+        sources = [
+            stack.enter_context(open_scene(uri, storage=config.storage, normalize=config.normalize)) for uri in uris
+        ]
         model, _ = load_model(
             config.model or default_model(), storage=config.storage, dtype=config.precision.value,
             device=_device(config.device),
         )  # fmt: skip
-        explanation = explain(
+        explanations = explain_images(
             model,
-            scene,
+            sources,
             config.question,
             config.pruning,
             choices=config.choices,
-            scene=redact(config.scene),
+            scenes=[redact(uri) for uri in uris],
             view_side=config.view_side,
             answer=config.answer,
             max_new_tokens=config.max_new_tokens,
         )
-    figure = render_explanation(explanation)
-    write_png(figure.png, config.out, config.storage)
-    return explanation, figure
+    drawn = []
+    for explanation in explanations:
+        figure = render_explanation(explanation)
+        write_png(figure.png, figure_path(config.out, explanation.image), config.storage)
+        drawn.append((explanation, figure))
+    return drawn
 
 
-def describe(explanation: Explanation, out: str) -> str:
-    """The lines `jobs.explain` prints."""
-    tokens = explanation.tokens
-    per_scale = ", ".join(f"scale {s}: {n}" for s, n in sorted(tokens.per_scale().items()))
-    lines = [
-        f"{explanation.strategy} @ {explanation.budget}: {len(tokens)} of {tokens.dense} visual tokens kept ({per_scale})",
-    ]
-    if explanation.answer is not None:
-        lines.append(f"answer: {explanation.answer!r}")
-    lines.append(f"figure: {redact(out)}")
+def describe(figures: Sequence[tuple[Explanation, str]]) -> str:
+    """The lines `jobs.explain` prints: per image (explanation, where its figure went) the tokens kept
+    and the figure, then the answer."""
+    lines = []
+    for explanation, out in figures:
+        tokens = explanation.tokens
+        per_scale = ", ".join(f"scale {s}: {n}" for s, n in sorted(tokens.per_scale().items()))
+        image = f"image {explanation.image} of {explanation.images}, " if explanation.images > 1 else ""
+        lines += [
+            f"{image}{explanation.strategy} @ {explanation.budget}: {len(tokens)} of {tokens.dense} visual tokens kept "
+            f"({per_scale})",
+            f"figure: {redact(out)}",
+        ]
+    answer = figures[0][0].answer if figures else None
+    if answer is not None:
+        lines.append(f"answer: {answer!r}")
     return "\n".join(lines)
-
