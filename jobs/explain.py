@@ -13,7 +13,7 @@ Examples:
         --strategy uhr-bat --budget 1024 --out ships.png
     python -m jobs.explain --scene scene.tif --question "Is the road flooded?" --strategy c2f \\
         --model /models/longva pruning.c2f.keep_ratio=0.1 view_side=2048
-    python -m jobs.explain --scene before.tif --extra-scene after.tif --choice "(A) 1" --choice "(B) 2" \
+    python -m jobs.explain --scene before.tif --extra-scene after.tif --choice "(A) 1" --choice "(B) 2" \\
         --question "How many new buildings appeared?" --out change.png
 
 Every field of `uhr.explain.ExplainConfig` can be set in a `--config` YAML or as `key=value` (dotted
