@@ -9,6 +9,9 @@ import warnings
 import numpy as np
 import pytest
 import rasterio
+import rasterio.control
+import rasterio.rpc
+import rasterio.transform
 import rasterio.warp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -75,6 +78,54 @@ def test_a_scene_around_the_pole_opens_without_a_footprint(tmp_path):
     with pytest.warns(SceneWarning, match="no footprint"), open_scene(path) as scene:
         assert scene.footprint is None
         assert scene.read_view(100).shape == (100, 100, 3)
+
+
+def test_a_footprint_of_warped_gcps_follows_gdals_gcp_transformer(tmp_path):
+    """Nine GCPs of a curved outline: the corners are where GDAL's GCP transformer puts them, not
+    where an affine fit of the GCPs does (off by the fit's residual)."""
+    side = 512
+    gcps = [
+        rasterio.control.GroundControlPoint(row=r, col=c, x=10.0 + c / 1000 + (r * c) / 1e6, y=50.0 - r / 1000 - (c / 1000) ** 2 / 4)
+        for r in (0, side / 2, side)
+        for c in (0, side / 2, side)
+    ]
+    path = tmp_path / "gcps.tif"
+    profile = {"driver": "GTiff", "width": side, "height": side, "count": 3, "dtype": "uint8"}
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(pixels(side, side, 3, "uint8", seed=16))
+        ds.gcps = (gcps, rasterio.crs.CRS.from_epsg(4326))
+    with open_scene(path) as scene, rasterio.transform.GCPTransformer(gcps) as gdal:
+        corners = np.asarray(scene.footprint.exterior.coords)
+        for row, col in [(0, 0), (0, side), (side, side), (side, 0)]:
+            expected = np.asarray(gdal.xy(row, col, offset="ul"))
+            assert np.abs(corners - expected).sum(axis=1).min() < 1e-9
+        assert scene.footprint.bounds[:2] == pytest.approx((10.0, 50.0 - side / 1000 - (side / 1000) ** 2 / 4), abs=1e-9)
+
+
+def test_an_rpc_only_scene_gets_its_footprint_at_the_rpcs_mean_height(tmp_path):
+    """Raw satellite products (L1B, Primary, Basic) carry RPCs and no geotransform: the outline is
+    GDAL's RPC transformer's, at the RPCs' height offset (no DEM)."""
+    zeros = [0.0] * 20
+    rpcs = rasterio.rpc.RPC(
+        height_off=300.0, height_scale=500.0, lat_off=10.0, lat_scale=0.05, long_off=20.0, long_scale=0.05,
+        line_off=128.0, line_scale=128.0, samp_off=128.0, samp_scale=128.0,
+        line_num_coeff=[0.0, 0.0, -1.0, 0.01] + zeros[4:], line_den_coeff=[1.0] + zeros[1:],
+        samp_num_coeff=[0.0, 1.0, 0.0, 0.02] + zeros[4:], samp_den_coeff=[1.0] + zeros[1:],
+    )  # fmt: skip
+    path = tmp_path / "rpc.tif"
+    profile = {"driver": "GTiff", "width": 256, "height": 256, "count": 3, "dtype": "uint8", "rpcs": rpcs}
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(pixels(256, 256, 3, "uint8", seed=18))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with open_scene(path) as scene, rasterio.transform.RPCTransformer(rpcs, RPC_HEIGHT=300.0) as gdal:
+            assert scene.crs is None and scene.footprint is not None and scene.footprint.is_valid
+            corners = np.asarray(scene.footprint.exterior.coords)
+            expected = np.asarray(gdal.xy(0, 0, offset="ul"))
+            assert np.abs(corners - expected).sum(axis=1).min() < 1e-9
+            # About 0.1 x 0.1 degrees round (20 E, 10 N): the RPCs' scales either side of their offsets.
+            west, south, east, north = scene.footprint.bounds
+            assert 19.9 < west < east < 20.1 and 9.9 < south < north < 10.1 and east - west > 0.09
 
 
 def test_an_alpha_band_is_honoured_beside_a_nodata_value(tmp_path):

@@ -27,7 +27,7 @@ from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.session import DummySession
-from rasterio.transform import from_gcps
+from rasterio.transform import GCPTransformer, RPCTransformer, from_gcps
 from rasterio.warp import transform as transform_coords
 from rasterio.windows import Window
 from shapely import affinity
@@ -216,20 +216,41 @@ class Scene:
             return gcp_crs, from_gcps(gcps)
         return dataset.crs, dataset.transform
 
+    def _outline(self, rows: np.ndarray, cols: np.ndarray) -> tuple[CRS, np.ndarray, np.ndarray] | None:
+        """(crs, xs, ys) of the pixel positions (rows, cols) by the scene's own georeferencing: its
+        geotransform, else its GCPs or RPCs through GDAL's transformers (the affine fit `transform`
+        of GCPs misses a warped outline by the fit's residual); None when it has none."""
+        dataset = self._dataset
+        if dataset.crs is not None and not dataset.transform.is_identity:
+            xs, ys = dataset.transform @ (cols, rows)
+            return dataset.crs, np.asarray(xs), np.asarray(ys)
+        gcps, gcp_crs = dataset.gcps
+        if gcps and gcp_crs is not None:
+            with GCPTransformer(gcps) as transformer:
+                xs, ys = transformer.xy(rows, cols, offset="ul")
+            return gcp_crs, np.asarray(xs), np.asarray(ys)
+        if dataset.rpcs is not None:
+            # At the RPCs' mean height: without a DEM, the terrain height the model is centred on.
+            with RPCTransformer(dataset.rpcs, RPC_HEIGHT=dataset.rpcs.height_off) as transformer:
+                xs, ys = transformer.xy(rows, cols, offset="ul")
+            return CRS.from_epsg(4326), np.asarray(xs), np.asarray(ys)
+        return None
+
     def _footprint(self) -> Polygon | MultiPolygon | None:
-        if self.crs is None or self.transform.is_identity:
-            return None
         # The pixel-corner outline, densified so that curved edges in EPSG:4326 are followed.
         steps = np.linspace(0.0, 1.0, _FOOTPRINT_POINTS_PER_EDGE, endpoint=False)
         width, height = float(self.width), float(self.height)
         cols = np.concatenate([steps * width, np.full_like(steps, width), (1 - steps) * width, np.zeros_like(steps)])
         rows = np.concatenate([np.zeros_like(steps), steps * height, np.full_like(steps, height), (1 - steps) * height])
-        xs, ys = self.transform @ (cols, rows)
         # The pixels stay readable whatever happens here; only the index loses this scene's footprint.
         try:
-            lons, lats = transform_coords(self.crs, "EPSG:4326", xs.tolist(), ys.tolist())
+            outline = self._outline(rows, cols)
+            if outline is None:
+                return None
+            crs, xs, ys = outline
+            lons, lats = transform_coords(crs, "EPSG:4326", xs.tolist(), ys.tolist())
         except (RasterioError, CPLE_BaseError) as error:
-            self._warn(f"no footprint: cannot transform {self.crs} to EPSG:4326 ({error})")
+            self._warn(f"no footprint: cannot transform the outline to EPSG:4326 ({error})")
             return None
         lons, lats = np.asarray(lons), np.asarray(lats)
         if not (np.isfinite(lons).all() and np.isfinite(lats).all()):
