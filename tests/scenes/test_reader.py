@@ -90,10 +90,9 @@ def test_a_footprint_of_warped_gcps_follows_gdals_gcp_transformer(tmp_path):
         for c in (0, side / 2, side)
     ]
     path = tmp_path / "gcps.tif"
-    profile = {"driver": "GTiff", "width": side, "height": side, "count": 3, "dtype": "uint8"}
+    profile = {"driver": "GTiff", "width": side, "height": side, "count": 3, "dtype": "uint8", "gcps": gcps, "crs": "EPSG:4326"}
     with rasterio.open(path, "w", **profile) as ds:
         ds.write(pixels(side, side, 3, "uint8", seed=16))
-        ds.gcps = (gcps, rasterio.crs.CRS.from_epsg(4326))
     with open_scene(path) as scene, rasterio.transform.GCPTransformer(gcps) as gdal:
         corners = np.asarray(scene.footprint.exterior.coords)
         for row, col in [(0, 0), (0, side), (side, side), (side, 0)]:
@@ -360,13 +359,32 @@ def test_side_car_mask_overviews_and_georeferencing_of_a_local_scene_are_read(tm
 def test_four_band_rgbn_shows_rgb_by_default_and_maps_false_colour(tmp_path):
     data = pixels(256, 256, 4, "uint8", seed=13)
     path = write_raster(tmp_path / "rgbn.tif", data)
-    with open_scene(path) as scene:
+    # Nothing says which band is which: bands 1-3 are shown, and the scene says so.
+    with pytest.warns(SceneWarning, match=r"4 bands, none marked red/green/blue .* set normalize.bands"), open_scene(path) as scene:
         assert scene.count == 4 and scene.bands == (1, 2, 3)
         np.testing.assert_array_equal(scene.read_window(0, 0, 256, 256), hwc(data[:3]))
     with open_scene(path, normalize=NormalizeConfig(bands=(4, 3, 2))) as scene:
         np.testing.assert_array_equal(scene.read_window(0, 0, 256, 256), hwc(data[[3, 2, 1]]))
     with open_scene(path, normalize=NormalizeConfig(bands=(4,))) as scene:
         assert (scene.read_window(0, 0, 256, 256)[..., 1] == data[3]).all()
+
+
+def test_bgrn_bands_named_by_their_descriptions_are_shown_as_rgb(tmp_path):
+    """A multispectral product in wavelength order (blue, green, red, NIR) that names its bands only
+    in their descriptions: red, green, blue are found by name, without a warning."""
+    data = pixels(128, 128, 4, "uint16", seed=19)
+    path = tmp_path / "bgrn.tif"
+    profile = {"driver": "GTiff", "width": 128, "height": 128, "count": 4, "dtype": "uint16", "crs": CRS, "transform": TRANSFORM}
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(data)
+        for band, name in enumerate(["Blue", "Green", "Red", "NIR"], start=1):
+            ds.set_band_description(band, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SceneWarning)
+        with open_scene(path) as scene:
+            assert scene.bands == (3, 2, 1)
+    with pytest.warns(SceneWarning, match="4 bands, none marked"):
+        open_scene(write_raster(tmp_path / "unnamed.tif", data, driver="GTiff")).close()
 
 
 def test_bgr_colour_interpretation_is_reordered_to_rgb(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from uhr.errors import SceneError
+from uhr.errors import SceneError, SceneWarning
 from uhr.scenes import open_scene
 from uhr.scenes.metering import ReadMeter, gdal_downloaded_bytes
 from uhr.scenes.windows import Box
@@ -189,3 +189,34 @@ def test_a_stretch_handed_over_spares_a_window_read_the_statistics(s3_server, bu
         window = scene.read_window(512, 512, 100, 100)
     np.testing.assert_array_equal(window, expected)
     assert computed.bytes > 0.9 * size and handed.bytes < 0.2 * size
+
+
+def test_side_car_overviews_and_mask_are_used_when_the_storage_asks_for_them(s3_server, bucket, tmp_path):
+    """An older GeoTIFF delivery: overviews in scene.tif.ovr, the mask in scene.tif.msk. By default
+    no side-car is looked for (the warning says how); with the option, both are found, over the
+    scene's own endpoint (GDAL looks for them once the open dataset is first inspected)."""
+    path = tmp_path / "sidecars.tif"
+    side = 2400
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False, TIFF_USE_OVR=True):
+        with rasterio.open(path, "w", driver="GTiff", width=side, height=side, count=3, dtype="uint8", tiled=True) as ds:
+            ds.write(np.full((3, side, side), 100, np.uint8))
+            mask = np.full((side, side), 255, np.uint8)
+            mask[:, : side // 3] = 0
+            ds.write_mask(mask)
+        with rasterio.open(path, "r+") as ds:
+            ds.build_overviews([2, 4, 8])
+    for sidecar in sorted(tmp_path.glob("sidecars.tif*")):
+        s3_server.client.upload_file(str(sidecar), bucket, f"sidecars/{sidecar.name}")
+    uri = f"s3://{bucket}/sidecars/sidecars.tif"
+
+    with pytest.warns(SceneWarning, match=r"no overviews: .*side-car \.ovr and \.msk files are not looked for"):
+        with open_scene(uri) as scene:
+            assert scene.overviews == [] and (scene.read_view(300) == 100).all()
+
+    options = {"GDAL_DISABLE_READDIR_ON_OPEN": "TRUE", "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.ovr,.msk"}
+    storage = StorageConfig(gdal_options=options)
+    with s3_server.measure() as reading, open_scene(uri, storage=storage) as scene:
+        view = scene.read_view(300)
+    assert scene.overviews == [2, 4, 8]
+    assert (view[:, :100] == 0).all() and (view[:, 100:] == 100).all()  # masked third filled
+    assert reading.bytes_sent < 0.1 * path.stat().st_size  # from the .ovr, not the full resolution

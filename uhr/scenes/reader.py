@@ -131,15 +131,18 @@ class Scene:
             path = to_gdal_path(self.uri)
         except ValueError as error:
             raise SceneError(self.uri, str(error)) from None
-        with self._gdal(opening=True), warnings.catch_warnings():
-            # Plain JPEG/PNG scenes are ungeoreferenced by nature; `footprint` is None for them.
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            self._dataset = rasterio.open(path)
-        try:
-            self._inspect()
-        except BaseException:
-            self._dataset.close()
-            raise
+        # Inspecting runs under the scene's GDAL settings too: GDAL looks for side-car masks and
+        # overviews when they are first asked for, and without the endpoint it would ask AWS.
+        with self._gdal(opening=True):
+            with warnings.catch_warnings():
+                # Plain JPEG/PNG scenes are ungeoreferenced by nature; `footprint` is None for them.
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self._dataset = rasterio.open(path)
+            try:
+                self._inspect()
+            except BaseException:
+                self._dataset.close()
+                raise
 
     def _inspect(self) -> None:
         dataset = self._dataset
@@ -177,7 +180,18 @@ class Scene:
         rgb = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
         if all(colour in interp for colour in rgb):
             return tuple(interp.index(colour) + 1 for colour in rgb)
+        # Multispectral products often mark their bands by description only ("blue", ..., "nir").
+        names = [(name or "").strip().lower() for name in self._dataset.descriptions]
+        if all(colour in names for colour in ("red", "green", "blue")):
+            return tuple(names.index(colour) + 1 for colour in ("red", "green", "blue"))
         if self.count >= 3 and ColorInterp.alpha not in interp[:3]:
+            if self.count > 3:
+                # 4- and 8-band products are often in wavelength order (BGRN, coastal-blue-green-...):
+                # bands 1-3 as RGB would swap or miss colours, which colour questions depend on.
+                self._warn(
+                    f"{self.count} bands, none marked red/green/blue (colour interpretation or description): "
+                    "bands 1, 2, 3 shown as R, G, B; set normalize.bands, e.g. (3, 2, 1) for BGRN"
+                )
             return (1, 2, 3)
         return (1,)
 
@@ -265,9 +279,16 @@ class Scene:
     def _warn_about_layout(self) -> None:
         longest = max(self.width, self.height)
         if not self.overviews and longest > _WARN_SIDE:
+            hint = "convert to a COG"
+            if is_remote(self.uri) and self._gdal_env.get("GDAL_DISABLE_READDIR_ON_OPEN") == "EMPTY_DIR":
+                hint += (
+                    " (side-car .ovr and .msk files are not looked for in object stores; to use them, set "
+                    "storage.gdal_options GDAL_DISABLE_READDIR_ON_OPEN=TRUE and add .ovr,.msk to "
+                    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS)"
+                )
             self._warn(
                 f"{self.width}x{self.height} with no overviews: a coarse view decimates the full "
-                "resolution image strip by strip, reading and decoding every byte; convert to a COG"
+                f"resolution image strip by strip, reading and decoding every byte; {hint}"
             )
         block_height, block_width = self._dataset.block_shapes[self.bands[0] - 1]
         if block_width == self.width and longest > _WARN_SIDE:
