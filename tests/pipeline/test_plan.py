@@ -102,3 +102,18 @@ def test_multi_image_questions_group_by_their_image_sequence(tmp_path, suffix):
     bad.write_text(json.dumps({**rows[0], "extra_scenes": ["b.tif", ""]}) + "\n")
     with pytest.raises(InputError, match=r"row 0: extra_scenes holds an empty scene"):
         load_questions(str(bad), StorageConfig())
+
+
+def test_a_scenes_prefix_is_listed_with_the_configured_patterns(tmp_path):
+    """A delivery's folder holds browse images and usable-data masks beside the scenes."""
+    names = ["a_AnalyticMS_SR.tif", "a_udm2.tif", "a-BROWSE.JPG", "b_AnalyticMS_SR.TIF", "notes.txt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    everything = scene_uris(str(tmp_path), StorageConfig())
+    assert [uri.rsplit("/", 1)[1] for uri in everything] == ["a-BROWSE.JPG", "a_AnalyticMS_SR.tif", "a_udm2.tif", "b_AnalyticMS_SR.TIF"]
+    wanted = VqaConfig(scenes=str(tmp_path), ask=["q"], scene_patterns=["*_AnalyticMS_SR*.tif"])
+    assert [uri.rsplit("/", 1)[1] for uri in scene_uris(wanted.scenes, StorageConfig(), wanted.scene_patterns)] == [
+        "a_AnalyticMS_SR.tif", "b_AnalyticMS_SR.TIF"
+    ]
+    with pytest.raises(InputError, match=r"no scenes matching \*\.jp2 under"):
+        scene_uris(str(tmp_path), StorageConfig(), ["*.jp2"])

@@ -7,6 +7,7 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from uhr.model.pruning.config import PruningConfig
+from uhr.scenes.listing import DEFAULT_SCENE_PATTERNS
 from uhr.scenes.normalize import NormalizeConfig
 from uhr.storage import StorageConfig
 
@@ -81,6 +82,12 @@ class VqaConfig(BaseModel):
         description="Scene prefix (local dir or s3://...) or a .txt/.lst file listing scene URIs, one a line. Relative "
         "scene names (a list's lines, or with `questions` the table's `scene` column) resolve against the prefix, or "
         "against the list file's folder.",
+    )
+    scene_patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SCENE_PATTERNS),
+        min_length=1,
+        description="File-name globs (case-insensitive) a `scenes` prefix is listed with, e.g. ['*_AnalyticMS_SR*.tif'] "
+        "to leave a delivery's browse images and usable-data masks out.",
     )
     questions: str | None = Field(
         None, description="Questions table (Parquet, JSONL or CSV: question_id, scene, question, optional choices, bbox, prompt, extra_scenes)."

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from uhr.config import ConfigError
 from uhr.scenes import list_scenes
+from uhr.scenes.listing import DEFAULT_SCENE_PATTERNS
 from uhr.storage import StorageConfig, absolute_uri, join_uri, redact, uri_protocol
 
 logger = logging.getLogger(__name__)
@@ -203,8 +204,9 @@ def scenes_root(scenes: str) -> str:
     return posixpath.dirname(scenes)
 
 
-def scene_uris(scenes: str, storage: StorageConfig) -> list[str]:
-    """The scenes named by `scenes`: a prefix (listed) or a text file with one URI per line.
+def scene_uris(scenes: str, storage: StorageConfig, patterns: Sequence[str] = DEFAULT_SCENE_PATTERNS) -> list[str]:
+    """The scenes named by `scenes`: a prefix (its files matching `patterns`) or a text file with
+    one URI per line.
 
     Relative names in a list resolve against the list file's folder.
     """
@@ -218,9 +220,9 @@ def scene_uris(scenes: str, storage: StorageConfig) -> list[str]:
         if not uris:
             raise InputError(f"scene list {redact(scenes)} is empty")
         return [resolve_scene(uri, scenes_root(scenes)) for uri in uris]
-    uris = list_scenes(scenes, storage=storage)
+    uris = list_scenes(scenes, patterns, storage=storage)
     if not uris:
-        raise InputError(f"no scenes found under {redact(scenes)}")
+        raise InputError(f"no scenes matching {', '.join(patterns)} under {redact(scenes)}")
     return uris
 
 

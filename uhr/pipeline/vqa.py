@@ -281,7 +281,7 @@ def _questions(config: VqaConfig) -> tuple[pa.Table, str | None]:
         return load_questions(config.questions, storage), config.scenes
     if config.scenes is None:
         raise InputError("`ask` needs `scenes`: a prefix or a file listing scene URIs")
-    return questions_from_ask(scene_uris(config.scenes, storage), config.ask), None
+    return questions_from_ask(scene_uris(config.scenes, storage, config.scene_patterns), config.ask), None
 
 
 def connect_ray(min_cpus: float = 0) -> None:
