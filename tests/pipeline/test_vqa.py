@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import fsspec
@@ -228,19 +226,6 @@ def test_an_unhandled_error_prints_its_traceback_without_credentials(capsys):
     printed = capsys.readouterr().err
     assert "Traceback" in printed and "RuntimeError: cannot load the model" in printed
     assert "X-Amz-Signature=***" in printed and "uhr-not-a-real-signature" not in printed
-
-
-def test_a_local_ray_has_cpus_for_the_reads_beside_the_actors(archive, model_dir, tmp_path):
-    """Split stages with their default CPUs on a fresh local Ray of this 2-core machine: the two
-    pools' actors hold 2 CPUs for their lifetime, so the job asks Ray for more, or no read runs."""
-    command = [
-        sys.executable, "-m", "jobs.vqa", "--questions", archive.questions_parquet, "--scenes", archive.root,
-        "--model", str(model_dir), "--output", str(tmp_path / "out"), "fused=false", "max_new_tokens=2",
-    ]  # fmt: skip
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert read_rows(str(tmp_path / "out")).num_rows == archive.n_questions
 
 
 def test_split_stages_answer_like_fused(ray_local, archive, model_dir, tmp_path):
