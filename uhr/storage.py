@@ -322,7 +322,7 @@ _REDACTED = "***"
 _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
     # PEM private keys (a service-account JSON's "private_key" among them), before the pairs below.
     (
-        re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.DOTALL),
+        re.compile(r"-{5}BEGIN [A-Z ]*PRIVATE KEY-{5}.*?-{5}END [A-Z ]*PRIVATE KEY-{5}", re.DOTALL),
         _REDACTED,
     ),
     # user:pass@ (or token@) in any URI; a password may hold "/", as AWS secret keys do.
