@@ -28,7 +28,7 @@ import sys
 from uhr.cli import run_main
 from uhr.config import load_config
 from uhr.errors import UhrError
-from uhr.explain import ExplainConfig, describe, figure_path, run_explain
+from uhr.explain import ExplainConfig, describe, run_explain
 from uhr.storage import redact
 
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input (a missing scene, a budget the strategy cannot meet, ...): one line, no traceback.
         print(f"error: {redact(str(error))}", file=sys.stderr)
         return 2
-    print(describe([(explanation, figure_path(config.out, explanation.image)) for explanation, _ in drawn]))
+    print(describe([explanation for explanation, _ in drawn], config.out))
     return 0
 
 

@@ -379,20 +379,20 @@ def run_explain(config: ExplainConfig) -> list[tuple[Explanation, ExplanationFig
     return drawn
 
 
-def describe(figures: Sequence[tuple[Explanation, str]]) -> str:
-    """The lines `jobs.explain` prints: per image (explanation, where its figure went) the tokens kept
-    and the figure, then the answer."""
+def describe(explanations: Sequence[Explanation], out: str) -> str:
+    """The lines `jobs.explain` prints: per image the tokens kept and where its figure went
+    (`figure_path(out, image)`), then the answer."""
     lines = []
-    for explanation, out in figures:
+    for explanation in explanations:
         tokens = explanation.tokens
         per_scale = ", ".join(f"scale {s}: {n}" for s, n in sorted(tokens.per_scale().items()))
         image = f"image {explanation.image} of {explanation.images}, " if explanation.images > 1 else ""
         lines += [
             f"{image}{explanation.strategy} @ {explanation.budget}: {len(tokens)} of {tokens.dense} visual tokens kept "
             f"({per_scale})",
-            f"figure: {redact(out)}",
+            f"figure: {redact(figure_path(out, explanation.image))}",
         ]
-    answer = figures[0][0].answer if figures else None
+    answer = explanations[0].answer if explanations else None
     if answer is not None:
         lines.append(f"answer: {answer!r}")
     return "\n".join(lines)
