@@ -370,7 +370,7 @@ def format_report(results: list[StrategyResult], config: ModelBenchConfig) -> st
         met = [r.strategy for r in results if r.many_over_one <= MANY_QUESTIONS_TARGET]
         lines += [
             "",
-            f"{n} questions / 1 question (target <= {MANY_QUESTIONS_TARGET}): met by {', '.join(met) or 'none'}; "
+            f"{n} questions / 1 question (target <= {MANY_QUESTIONS_TARGET}): met by {', '.join(met) or 'no strategy'}; "
             f"worst {worst.strategy} {worst.many_over_one:.2f}",
         ]
 
