@@ -24,11 +24,13 @@ from uhr.explain import (
     explain_images,
     render_explanation,
     run_explain,
+    _title_lines,
     scale_colour,
 )
 from uhr.model import load_model
 from uhr.model.pruning import PrunedTokens
 from uhr.model.pruning.config import PruningConfig
+from uhr.pipeline.stages import question_prompt
 from uhr.scenes import open_scene
 
 WIDTH, HEIGHT = 320, 240
@@ -191,6 +193,19 @@ def test_a_question_on_two_images_draws_each_with_the_tokens_it_alone_gives(mode
         torch.testing.assert_close(pair[1].tokens.box, alone.tokens.box)
         expected = model.answer([[pair[0].tokens, alone.tokens]], [pair[0].prompt], max_new_tokens=2)[0]
     assert pair[0].answer == expected
+
+
+def test_a_multiple_choice_question_is_asked_and_titled_with_its_options(model, scene) -> None:
+    """The prompt is the VQA job's for a row with choices, and the figure's question line shows them,
+    so a letter answer can be read against them."""
+    choices = ["(A) yes", "(B) no"]
+    question = "Is there a ship in the image?"
+    pruning = PruningConfig(strategy="downsample", budget=64)
+    with open_scene(scene) as source:
+        explanation = explain(model, source, question, pruning, choices=choices, answer=False)
+    assert explanation.prompt == question_prompt({"question": question, "choices": choices})
+    assert explanation.prompt != question and explanation.choices == choices
+    assert _title_lines(explanation, 200)[0] == "Q: Is there a ship in the image? (A) yes (B) no"
 
 
 @pytest.mark.parametrize(

@@ -109,6 +109,8 @@ class Explanation:
 
     scene: str
     question: str
+    choices: list[str]
+    """The lettered options the prompt lays out (empty for an open question)."""
     prompt: str
     strategy: str
     budget: int
@@ -188,6 +190,7 @@ def explain_images(
         Explanation(
             scene=name,
             question=question,
+            choices=list(choices or []),
             prompt=prompt,
             strategy=pruning.strategy.value,
             budget=pruning.budget,
@@ -227,7 +230,7 @@ def _title_lines(explanation: Explanation, chars: int) -> list[str]:
     tokens = explanation.tokens
     kept, dense = len(tokens), tokens.dense
     share = f" ({100 * kept / dense:.1f}%)" if dense else ""
-    lines = textwrap.wrap(f"Q: {explanation.question}", chars) or ["Q:"]
+    lines = textwrap.wrap(" ".join(["Q:", explanation.question, *explanation.choices]), chars)
     image = f"image {explanation.image} of {explanation.images}, " if explanation.images > 1 else ""
     lines.append(f"{image}{explanation.strategy}, budget {explanation.budget}: {kept} of {dense} visual tokens kept{share}")
     if explanation.answer is not None:
