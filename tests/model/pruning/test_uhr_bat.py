@@ -241,6 +241,32 @@ def test_preserve_and_merge_invariants(case):
         assert bool((selection.assignment >= 0).all())
 
 
+@settings(max_examples=150, deadline=None)
+@given(scale_case())
+def test_plain_cut_keeps_the_first_candidates_as_algorithm_1_writes_it(case):
+    embeds, importance, regions, budget = case
+    uncut = preserve_and_merge(embeds, importance, regions, budget=embeds.shape[0] + int(regions.max()) + 1)
+    cut = preserve_and_merge(embeds, importance, regions, budget, reserve_regions=False)
+    assert cut.embeds.shape[0] == min(budget, uncut.embeds.shape[0])
+    torch.testing.assert_close(cut.region, uncut.region[:budget])
+    torch.testing.assert_close(cut.merged, uncut.merged[:budget])
+    torch.testing.assert_close(cut.embeds, uncut.embeds[:budget], rtol=1e-12, atol=1e-12)
+    # a token is in the output it had uncut, or in none when the cut dropped that output
+    torch.testing.assert_close(cut.assignment, torch.where(uncut.assignment < budget, uncut.assignment, -1))
+
+
+def test_plain_cut_can_leave_regions_out_that_the_reserving_cut_keeps():
+    # Three regions of two tokens; region 0 the most important. Budget 2: the plain cut spends it on
+    # region 0's kept token and merged token, the reserving cut on the top tokens of regions 0 and 1.
+    importance = torch.tensor([0.9, 0.3, 0.5, 0.4, 0.2, 0.1], dtype=torch.float64)  # region means 0.6, 0.45, 0.15
+    regions = torch.tensor([0, 0, 1, 1, 2, 2])
+    embeds = torch.arange(6, dtype=torch.float64)[:, None]
+    plain = preserve_and_merge(embeds, importance, regions, 2, reserve_regions=False)
+    assert plain.region.tolist() == [0, 0] and plain.merged.tolist() == [False, True]
+    reserving = preserve_and_merge(embeds, importance, regions, 2)
+    assert reserving.region.tolist() == [0, 1] and reserving.merged.tolist() == [False, False]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.integers(1, 6),

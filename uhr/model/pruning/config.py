@@ -69,6 +69,14 @@ class UhrBatConfig(BaseModel):
             "None = the middle layer (num_layers // 2)."
         ),
     )
+    reserve_regions: bool = Field(
+        True,
+        description=(
+            "Reserve the top token of each of a scale's first min(R_s, B_s) regions before cutting its candidate "
+            "sequence to B_s, so every region that fits keeps a token (section 3.3); False cuts the sequence plainly, "
+            "as Algorithm 1 writes it, and the first regions may take the whole budget."
+        ),
+    )
     seed: int = Field(0, description="Seed of the clustering, so a scene always gets the same partition.")
     kmeans_max_iter: int = Field(100, ge=1, description="Lloyd iterations of k-means (MiniBatch k-means: passes over the data).")
     minibatch_above: int = Field(

@@ -34,6 +34,7 @@ Per question (`select`):
   first regions take the whole budget, contradicting §3.3's guarantee that B_s >= R_s leaves every
   region a token; so the top token of each of the first min(R_s, B_s) regions is reserved and the
   rest of B_s goes to the other candidates in sequence order. The output keeps sequence order.
+  `reserve_regions=False` cuts plainly instead, as Algorithm 1's line 27 writes it (E_cand[1:B_s]).
 
 Scales are emitted coarse to fine. `dense` counts the valid tokens of all scales.
 """
@@ -251,7 +252,9 @@ class RegionSelection:
     """(R,) float64 mean importance mu_m of every region (eq. 8)."""
 
 
-def preserve_and_merge(embeds: torch.Tensor, importance: torch.Tensor, regions: torch.Tensor, budget: int) -> RegionSelection:
+def preserve_and_merge(
+    embeds: torch.Tensor, importance: torch.Tensor, regions: torch.Tensor, budget: int, reserve_regions: bool = True
+) -> RegionSelection:
     """Region-wise preserve-and-merge of one scale, cut to `budget` tokens.
 
     Args:
@@ -259,6 +262,8 @@ def preserve_and_merge(embeds: torch.Tensor, importance: torch.Tensor, regions: 
         importance: (N,) aligned importance a_i.
         regions: (N,) long region ids 0..R-1, each region non-empty.
         budget: B_s.
+        reserve_regions: reserve each of the first min(R, B_s) regions' top token before the cut
+            (the default); False keeps the first B_s candidates, Algorithm 1's plain cut.
 
     Returns:
         The selection; merged tokens are exact means of their merged sets, kept tokens are copies.
@@ -296,7 +301,7 @@ def preserve_and_merge(embeds: torch.Tensor, importance: torch.Tensor, regions: 
     # Budget: reserve each of the first min(R, B_s) regions' top token, then fill in sequence order.
     leading = torch.ones_like(candidate_region, dtype=torch.bool)
     leading[1:] = candidate_region[1:] != candidate_region[:-1]
-    reserved = leading & (rank[candidate_region] < budget)
+    reserved = leading & (rank[candidate_region] < budget) & reserve_regions
     others = ~reserved
     room = budget - int(reserved.sum())
     chosen = reserved | (others & (torch.cumsum(others.long(), 0) <= room))
@@ -417,7 +422,9 @@ class UhrBatStrategy(PruningStrategy):
         for scale in encoding.scales:
             step = token_step(encoding.scales[0].grid, scale.grid)
             aligned = align_importance(anchor_map, (scale.rows, scale.cols), step)
-            selection = preserve_and_merge(scale.embeds, aligned.reshape(-1), scale.regions, scale.budget)
+            selection = preserve_and_merge(
+                scale.embeds, aligned.reshape(-1), scale.regions, scale.budget, self.config.uhr_bat.reserve_regions
+            )
             parts.append(self._tokens(scale, selection, encoding.dense))
         return PrunedTokens.concat(parts, dense=encoding.dense)
 
