@@ -32,7 +32,7 @@ from uhr.train.config import FinetuneConfig
 from uhr.train.data import load_tokenizer, prepare_sample
 from uhr.train.deepspeed_config import fill_deepspeed_config, load_deepspeed_json
 from uhr.train.export import export_model
-from uhr.train.loop import CHECKPOINT_TAG, TrainPlan, build_engine, micro_step
+from uhr.train.loop import CHECKPOINT_TAG, TrainPlan, build_engine, label_tokens, micro_step
 
 root = Path(sys.argv[1])
 model, _ = build_tiny_model(seed=0, pruning_defaults=TINY_PRUNING_DEFAULTS)
@@ -57,7 +57,7 @@ deepspeed.init_distributed(dist_backend="gloo")
 engine, _ = build_engine(TrainPlan(config=config, model_uri=str(root / "base"), deepspeed_config=deepspeed_config, total_steps=2))
 strategy = build_strategy(pruning)
 for sample in samples[:2]:
-    micro_step(engine, strategy, [sample], config)
+    micro_step(engine, strategy, [sample], config, label_tokens([sample]))
 engine.save_checkpoint(str(root / "checkpoint"), tag=CHECKPOINT_TAG)
 export_model(str(root / "checkpoint"), str(root / "base"), str(root / "export"), storage, pruning)
 

@@ -47,6 +47,21 @@ AUTO_FIELDS: dict[tuple[str, ...], Callable[[FinetuneConfig], Any]] = {
 }
 """Key path in the DeepSpeed JSON -> what fills it when it says "auto"."""
 
+OWNED: dict[tuple[str, ...], str] = {
+    ("train_batch_size",): "batch_size",
+    ("train_micro_batch_size_per_gpu",): "micro_batch_size",
+    ("gradient_accumulation_steps",): "batch_size / (micro_batch_size x scaling.num_workers)",
+    ("gradient_clipping",): "optimizer.grad_clip",
+    ("optimizer", "params", "betas"): "optimizer.betas",
+    ("optimizer", "params", "eps"): "optimizer.eps",
+    ("optimizer", "params", "weight_decay"): "optimizer.weight_decay",
+    ("bf16", "enabled"): "deepspeed.precision",
+    ("fp16", "enabled"): "deepspeed.precision",
+}
+"""Keys the run config owns -> the run-config field that sets them. A value the JSON fixes must agree
+with it, and a missing one is written: DeepSpeed's own default (no clipping, float32) would
+otherwise train in a way the run config and its summary do not say."""
+
 
 # The checkout `uhr` runs from: relative config paths not found in the working directory are looked
 # up here, so the default works from any directory.
@@ -87,8 +102,10 @@ def fill_deepspeed_config(raw: dict[str, Any], config: FinetuneConfig, source: s
     """A copy of `raw` with every "auto" filled from `config` (see `AUTO_FIELDS`).
 
     `deepspeed.zero_stage` (when set) replaces the JSON's stage and `deepspeed.offload_optimizer`
-    moves the optimizer state to CPU whatever the JSON says. Numbers the JSON fixes for the batch
-    must agree with `config`. Raises `ConfigError` naming any "auto" no rule fills.
+    moves the optimizer state to CPU whatever the JSON says. What the run config owns (`OWNED`: batch
+    arithmetic, clipping, Adam's betas, eps and weight decay, precision) is written where the JSON
+    leaves it out and must agree where it fixes it. Raises `ConfigError` naming any "auto" no rule
+    fills, or a fixed value that disagrees.
     """
     filled = copy.deepcopy(raw)
     unknown = [path for path in _autos(filled) if path not in AUTO_FIELDS]
@@ -101,15 +118,22 @@ def fill_deepspeed_config(raw: dict[str, Any], config: FinetuneConfig, source: s
         _set(filled, ("zero_optimization", "stage"), config.deepspeed.zero_stage)
     if config.deepspeed.offload_optimizer:
         _set(filled, ("zero_optimization", "offload_optimizer", "device"), "cpu")
-    for path in (("train_batch_size",), ("train_micro_batch_size_per_gpu",), ("gradient_accumulation_steps",)):
+    if filled.get("bf16", {}).get("enabled") and not config.scaling.use_gpu:
+        raise ConfigError(f"{source}: bf16 is enabled but the run trains on CPUs (scaling.use_gpu=false)")
+    for path, owner in OWNED.items():
+        if path[0] == "optimizer" and "optimizer" not in filled:
+            continue  # no optimizer section: DeepSpeed builds none, and these have nothing to set
         node: Any = filled
         for key in path:
             node = node.get(key) if isinstance(node, dict) else None
         expected = AUTO_FIELDS[path](config)
-        if node is not None and node != expected:
-            raise ConfigError(f"{source}: {'.'.join(path)}={node} disagrees with the run config ({expected}); set it to \"auto\"")
-    if filled.get("bf16", {}).get("enabled") and not config.scaling.use_gpu:
-        raise ConfigError(f"{source}: bf16 is enabled but the run trains on CPUs (scaling.use_gpu=false)")
+        if node is None:
+            _set(filled, path, expected)
+        elif node != expected:
+            raise ConfigError(
+                f"{source}: {'.'.join(path)}={node!r} disagrees with the run config's {owner} ({expected!r}); "
+                'set it to "auto"'
+            )
     return filled
 
 

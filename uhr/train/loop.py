@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from transformers import get_cosine_schedule_with_warmup
 
-from uhr.model import load_model
+from uhr.model import IGNORE_INDEX, load_model
 from uhr.model.modeling import UhrForConditionalGeneration
 from uhr.model.pruning import PrunedTokens, PruningStrategy, build_strategy
 from uhr.train.config import FinetuneConfig, OptimizerConfig
@@ -80,7 +80,8 @@ class TrainState:
     epoch_batches: int = 0
     """Micro-batches of the current epoch this worker had read at the last optimizer step: a resume reads past them."""
     history: list[tuple[int, float]] = field(default_factory=list)
-    """(step, loss) of every optimizer step, loss averaged over the step's micro-batches and ranks."""
+    """(step, loss) of every optimizer step: its objective, the LM loss per label token of all its
+    micro-batches on all ranks plus the weighted grounding term."""
     resumed_from: list[int] = field(default_factory=list)
     """Steps training restarted from, one entry per resume."""
     grounding: list[tuple[int, float]] = field(default_factory=list)
@@ -259,32 +260,47 @@ def select_tokens(
         return strategy.select(model, encoding, sample["question"])
 
 
+def label_tokens(samples: list[dict[str, Any]]) -> int:
+    """Label positions a causal LM's loss counts in `samples`: those not IGNORE_INDEX after each
+    sample's first (the loss predicts each token from the ones before it)."""
+    return sum(sum(1 for label in sample["labels"][1:] if label != IGNORE_INDEX) for sample in samples)
+
+
 def micro_step(
-    engine: DeepSpeedEngine, strategy: PruningStrategy, samples: list[dict[str, Any]], config: FinetuneConfig
+    engine: DeepSpeedEngine, strategy: PruningStrategy, samples: list[dict[str, Any]], config: FinetuneConfig, step_tokens: int
 ) -> tuple[float, float | None, int]:
     """Forward, backward and (at accumulation boundaries) an optimizer step.
 
-    Returns (loss, grounding loss or None when off or no sample has evidence, visual tokens); the
-    loss is the one optimised, the grounding term (times its weight) included.
+    The LM loss is a mean per label token over the whole optimizer step: this micro-batch's summed
+    token losses divided by `step_tokens`, the label tokens of all the step's micro-batches on all
+    ranks (`num_items_in_batch`, as transformers' Trainer does). A step's gradient then does not depend
+    on how its samples are split into micro-batches and ranks, and a long answer weighs by its tokens.
+    DeepSpeed divides what `backward` gets by the accumulation steps and averages gradients over the
+    ranks, so the loss is scaled up by both first. The grounding term (times its weight) stays a mean
+    over the step's micro-batches and ranks.
+
+    Returns (this micro-batch's share of the step's objective, the shares of all its micro-batches and
+    ranks adding up to it; the grounding loss, or None when off or no sample has evidence; visual tokens).
     """
     model: UhrForConditionalGeneration = engine.module
     visual = [select_tokens(model, strategy, sample, config) for sample in samples]
     batch = {key: value.to(engine.device) for key, value in collate(samples, model.tokenizer.pad_token_id).items()}
-    output = engine(**batch, visual=visual)
-    loss, grounding = output.loss, None
+    replicas = engine.gradient_accumulation_steps() * dist.get_world_size()
+    share = engine(**batch, visual=visual, num_items_in_batch=max(step_tokens, 1)).loss
+    grounding = None
     if config.grounding.weight > 0:
         grounding = grounding_loss(model, batch, visual, [sample.get("bbox") for sample in samples], config.grounding.layer)
         if grounding is not None:
-            loss = loss + config.grounding.weight * grounding
-    engine.backward(loss)
+            share = share + config.grounding.weight * grounding / replicas
+    engine.backward(share * replicas)
     engine.step()
-    return float(loss.detach()), None if grounding is None else float(grounding.detach()), sum(len(t) for t in visual)
+    return float(share.detach()), None if grounding is None else float(grounding.detach()), sum(len(t) for t in visual)
 
 
-def _mean_over_ranks(value: float, device: torch.device) -> float:
+def _sum_over_ranks(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return float(tensor.item()) / dist.get_world_size()
+    return float(tensor.item())
 
 
 def _pooled_mean(values: list[float], device: torch.device) -> float | None:
@@ -337,8 +353,11 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
     # (samples, busy seconds) at the end of this process's first optimizer step, which also waits for
     # Ray Data's first batch and torch's lazy set-up: the steady rate is measured after it.
     first_step: tuple[int, float] | None = None
-    step_losses: list[float] = []
+    step_shares: list[float] = []
     step_grounding: list[float] = []
+    # The micro-batches of the step being filled: the step's label tokens are counted before any of
+    # them trains. An epoch's last micro-batches that fill no step wait here for the next epoch's first.
+    pending: list[list[dict[str, Any]]] = []
     last_saved = state.step
     while state.step < plan.total_steps and (config.max_steps is not None or state.epoch < config.epochs):
         batches = shard.iter_batches(
@@ -350,18 +369,22 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
         )
         started = time.perf_counter()
         for batch in steps.epoch(batches):
-            samples = batch.to_pylist()
-            loss, grounding, kept = micro_step(engine, strategy, samples, config)
-            samples_seen += len(samples)
-            tokens += kept
-            step_losses.append(loss)
-            if grounding is not None:
-                step_grounding.append(grounding)
-            if not steps.trained():
+            pending.append(batch.to_pylist())
+            if len(pending) < accumulation:
                 continue
-            loss = _mean_over_ranks(sum(step_losses) / len(step_losses), engine.device)
+            step_tokens = int(_sum_over_ranks(sum(label_tokens(samples) for samples in pending), engine.device))
+            for samples in pending:
+                share, grounding, kept = micro_step(engine, strategy, samples, config, step_tokens)
+                samples_seen += len(samples)
+                tokens += kept
+                step_shares.append(share)
+                if grounding is not None:
+                    step_grounding.append(grounding)
+                steps.trained()  # the last of them completes the optimizer step
+            pending = []
+            loss = _sum_over_ranks(sum(step_shares), engine.device)
             grounding = _pooled_mean(step_grounding, engine.device) if config.grounding.weight > 0 else None
-            step_losses, step_grounding = [], []
+            step_shares, step_grounding = [], []
             state.history.append((state.step, loss))
             if grounding is not None:
                 state.grounding.append((state.step, grounding))
