@@ -21,7 +21,7 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from uhr.config import merge_trees
+from uhr.config import ConfigError, merge_trees
 from uhr.model import load_model, load_model_config, tokenize_conversation
 from uhr.model.pruning import build_strategy
 from uhr.model.pruning.config import PruningConfig
@@ -32,6 +32,7 @@ from uhr.train.data import collate
 from uhr.train.export import MODEL_STATES
 from uhr.testing.waiting import wait_for
 from uhr.train.loop import CHECKPOINT_TAG, MODEL_PARTS
+from uhr.train.resume import check_resume, latest_checkpoint
 
 TRAINER_SLOT = "trainer_slot"
 MAX_STEPS = 8
@@ -204,6 +205,22 @@ def test_the_export_serves_the_trained_module_logits(killed_run, s3_server, trai
             logits[name] = model(**batch, visual=[visual]).logits
     torch.testing.assert_close(logits["exported"], logits["trained"], rtol=0, atol=1e-5)
     assert not torch.allclose(logits["exported"], logits["base"], atol=1e-3), "training must have changed the model"
+
+
+def test_a_rerun_that_changes_what_the_checkpoint_binds_stops_before_ray_starts(killed_run, s3_server):
+    config, _, _ = killed_run
+    run_uri = f"{config.output}/{config.name}"
+    assert latest_checkpoint(run_uri, config.storage) == f"{run_uri}/checkpoint-{MAX_STEPS:08d}"
+    check_resume(run_uri, config.model_copy(update={"max_steps": MAX_STEPS + 2}), 2, config.storage)  # more steps: fine
+    changed = merge_trees(
+        config.model_dump(mode="json"),
+        {"scaling": {"num_workers": 1, "placement_strategy": "PACK"}, "optimizer": {"language_model": {"lr": 1e-3}}},
+    )
+    with pytest.raises(ConfigError) as error:
+        run_finetune(FinetuneConfig.model_validate(changed))
+    message = str(error.value)
+    assert "scaling.num_workers 2 -> 1" in message and "optimizer.language_model.lr 0.003 -> 0.001" in message
+    assert "micro_batch_size" not in message and "--overwrite" in message
 
 
 @pytest.mark.slow  # a second worker-group start (~100 s here); the killed run already resumes from S3

@@ -21,12 +21,14 @@ rows of the interrupted epoch may be trained twice and as many not at all.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from pathlib import Path
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,7 +43,9 @@ from uhr.model.modeling import UhrForConditionalGeneration
 from uhr.model.pruning import PrunedTokens, PruningStrategy, build_strategy
 from uhr.train.config import FinetuneConfig, OptimizerConfig
 from uhr.train.data import PreparedSource, collate
+from uhr.train.deepspeed_config import zero_stage
 from uhr.train.grounding import grounding_loss
+from uhr.train.resume import RESUME_FILE, resume_settings
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -164,10 +168,15 @@ def optimizer_state_bytes(engine: DeepSpeedEngine) -> int:
     )
 
 
-def save_checkpoint(engine: DeepSpeedEngine, state: TrainState, metrics: dict[str, Any]) -> None:
-    """Every rank writes its part of the engine state and reports it; Ray merges them into one directory."""
+def save_checkpoint(engine: DeepSpeedEngine, state: TrainState, metrics: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Every rank writes its part of the engine state and reports it; Ray merges them into one directory.
+
+    Rank 0 adds the run's `settings` (`uhr.train.resume.resume_settings`), which a resume must keep.
+    """
     with tempfile.TemporaryDirectory(prefix="uhr-ckpt-") as directory:
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state={"uhr": asdict(state)})
+        if dist.get_rank() == 0:
+            (Path(directory) / RESUME_FILE).write_text(json.dumps(settings))
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -348,6 +357,7 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
     shard = ray.train.get_dataset_shard("train")
     steps = StepCounter(state, accumulation)
     group_names = [group["name"] for group in engine.optimizer.param_groups]
+    settings = resume_settings(config, zero_stage(plan.deepspeed_config))
 
     samples_seen, busy_s, tokens = 0, 0.0, 0
     # (samples, busy seconds) at the end of this process's first optimizer step, which also waits for
@@ -402,7 +412,7 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
                     **{f"lr/{name}": lr for name, lr in zip(group_names, engine.get_lr())},
                 }
                 if state.step % config.checkpoint_every_steps == 0 or final:
-                    save_checkpoint(engine, state, metrics)
+                    save_checkpoint(engine, state, metrics, settings)
                     last_saved = state.step
                 else:
                     ray.train.report(metrics)
@@ -420,7 +430,7 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
             break  # the state keeps the last epoch trained, as the summary reports it
         steps.next_epoch()
     if last_saved != state.step:  # the epochs ran out before total_steps (skipped samples)
-        save_checkpoint(engine, state, {"step": state.step, "epoch": state.epoch, "loss": state.history[-1][1]})
+        save_checkpoint(engine, state, {"step": state.step, "epoch": state.epoch, "loss": state.history[-1][1]}, settings)
 
     per_rank = {
         "nodes": _gather(ray.get_runtime_context().get_node_id()),

@@ -34,10 +34,11 @@ from uhr.train.data import (
     default_image_root,
     load_tokenizer,
 )
-from uhr.train.deepspeed_config import fill_deepspeed_config, load_deepspeed_json
+from uhr.train.deepspeed_config import fill_deepspeed_config, load_deepspeed_json, zero_stage
 from uhr.train.defaults import training_archive
 from uhr.train.export import export_memory_bytes, export_task
 from uhr.train.loop import TrainPlan, train_loop_per_worker
+from uhr.train.resume import check_resume
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
     if config.overwrite:
         _delete(run_uri, storage)
         _delete(export_uri, storage)
+    check_resume(run_uri, config, zero_stage(deepspeed_config), storage)
 
     # Every worker and one preparation task at once.
     connect_ray(min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker + config.data.num_cpus)
