@@ -18,6 +18,8 @@ import shapely
 import torch
 import transformers.configuration_utils
 
+import uhr.pipeline.vqa
+
 from jobs.vqa import main
 from uhr.cli import run_main
 from uhr.model import build_tiny_model, load_model, load_model_config, save_model
@@ -228,9 +230,13 @@ def test_an_unhandled_error_prints_its_traceback_without_credentials(capsys):
     assert "X-Amz-Signature=***" in printed and "uhr-not-a-real-signature" not in printed
 
 
-def test_split_stages_answer_like_fused(ray_local, archive, model_dir, tmp_path):
+def test_split_stages_and_shared_input_blocks_answer_like_fused(ray_local, archive, model_dir, tmp_path, monkeypatch):
     common = {"questions": archive.questions_parquet, "scenes": archive.root, "model": str(model_dir)}
     fused = run_vqa(config(output=str(tmp_path / "fused"), overrides={"max_new_tokens": 3}, **common))
+    # The split run also cuts its scene groups into 2 input blocks, as an archive of more groups than
+    # MAX_INPUT_BLOCKS is: each read task then reads several scenes.
+    monkeypatch.setattr(uhr.pipeline.vqa, "MAX_INPUT_BLOCKS", 2)
+    assert archive.n_scenes > 2
     # Two actor pools and the read tasks must fit this 2-CPU Ray together.
     halves = {"encode.num_cpus": 0.5, "answer.num_cpus": 0.5}
     split = run_vqa(config(output=str(tmp_path / "split"), overrides={"max_new_tokens": 3, "fused": False, **halves}, **common))

@@ -6,6 +6,7 @@ import pytest
 
 from uhr.errors import StorageError
 from uhr.scenes import list_scenes
+from uhr.storage import StorageConfig
 
 SCENES = ["a/scene_1.tiff", "a/scene_10.TIF", "b/scene_2.tif", "c/d/photo.jpg"]
 NAMES = ["b/scene_2.tif", "a/scene_10.TIF", "a/scene_1.tiff", "a/notes.txt", "c/d/photo.jpg", "c/photo.png.aux.xml"]
@@ -28,6 +29,8 @@ def test_s3_prefix_is_listed_with_its_protocol(s3_server):
     s3_server.client.put_object(Bucket=bucket, Key="other/scene.tif", Body=b"x")
     expected = sorted(f"s3://{bucket}/archive/{name}" for name in SCENES)
     assert list_scenes(f"s3://{bucket}/archive") == expected
+    # The listing leaves nothing in the filesystem's cache: an archive's keys are not held for the run.
+    assert not StorageConfig().filesystem(f"s3://{bucket}/archive").dircache
     assert list_scenes(f"s3://{bucket}/archive/", patterns=("scene_1*",)) == [
         f"s3://{bucket}/archive/a/scene_1.tiff",
         f"s3://{bucket}/archive/a/scene_10.TIF",

@@ -78,6 +78,12 @@ def required_cpus(config: VqaConfig) -> float:
     return actors + config.read.num_cpus
 
 
+MAX_INPUT_BLOCKS = 4096
+"""Blocks the scene groups are cut into. Up to this many groups, each is a block of its own, so
+each read task reads one scene; beyond it groups share blocks, because the driver puts every block
+into the object store one by one (about 1.5 ms each: 25 minutes for a million scenes)."""
+
+
 def build_vqa_dataset(
     groups: list[dict[str, Any]], config: VqaConfig, model_uri: str, model_config: UhrConfig, run_id: str
 ) -> ray.data.Dataset:
@@ -85,7 +91,7 @@ def build_vqa_dataset(
     runtime_env = worker_env(config.storage)
     read, encode, answer = config.read, config.encode, config.answer
     stage_kwargs = {"config": config, "model_uri": model_uri, "run_id": run_id, "model_id": redact(model_uri)}
-    ds = ray.data.from_items(groups, override_num_blocks=max(1, len(groups)))
+    ds = ray.data.from_items(groups, override_num_blocks=max(1, min(len(groups), MAX_INPUT_BLOCKS)))
     # Ray Data spreads its tasks over the nodes itself (DataContext.scheduling_strategy, SPREAD by
     # default): scene reads fan out without a strategy of ours.
     ds = ds.map_batches(

@@ -36,6 +36,9 @@ def list_scenes(
         if protocol in (None, "file", "local") and not filesystem.isdir(prefix):
             raise FileNotFoundError(prefix)
         paths = filesystem.find(prefix)
+        # `find` filled the same cache; it would hold every listed key (about 1 KB each on S3) for
+        # as long as the process reuses the filesystem.
+        filesystem.invalidate_cache()
     except FileNotFoundError:
         raise StorageError(prefix, "no such directory or bucket") from None
     except PermissionError:
