@@ -108,16 +108,29 @@ def model_part(name: str) -> str:
 def parameter_groups(model: UhrForConditionalGeneration, optimizer: OptimizerConfig) -> list[dict[str, Any]]:
     """Freeze the parts that do not train; one optimizer group per training part with its lr.
 
-    Tied parameters (an LM head sharing the embeddings) are listed once.
+    With weight decay on, each part's biases, norm gains and other vectors (parameters of fewer
+    than two dimensions) go in a group of their own, `<part>.no_decay`, that is not decayed, as
+    transformers' Trainer leaves biases and norms out. Tied parameters (an LM head sharing the
+    embeddings) are listed once.
     """
-    groups: dict[str, list[torch.nn.Parameter]] = {part: [] for part in MODEL_PARTS}
+    split = optimizer.weight_decay > 0
+    groups: dict[str, list[torch.nn.Parameter]] = {
+        name: [] for part in MODEL_PARTS for name in ((part, f"{part}.no_decay") if split else (part,))
+    }
     for name, parameter in model.named_parameters():
         part = model_part(name)
         parameter.requires_grad_(getattr(optimizer, part).train)
         if parameter.requires_grad:
-            groups[part].append(parameter)
+            groups[f"{part}.no_decay" if split and parameter.ndim < 2 else part].append(parameter)
     return [
-        {"params": params, "lr": getattr(optimizer, part).lr, "name": part} for part, params in groups.items() if params
+        {
+            "params": params,
+            "lr": getattr(optimizer, name.removesuffix(".no_decay")).lr,
+            "name": name,
+            **({"weight_decay": 0.0} if name.endswith(".no_decay") else {}),
+        }
+        for name, params in groups.items()
+        if params
     ]
 
 
