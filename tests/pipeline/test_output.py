@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -85,3 +86,28 @@ def test_a_part_whose_columns_cannot_take_uhrs_types_stops_the_job_naming_it(tmp
     with pytest.raises(OutputError, match=r"part-foreign-00000\.parquet: column 'error'"):
         drop_rows(str(tmp_path), StorageConfig(), {"b"})
     assert (tmp_path / "part-foreign-00000.parquet").read_bytes() == before
+
+
+def test_resume_fetches_only_the_columns_it_needs_from_object_storage(s3_server):
+    """A resume reads question ids, errors, choices and images, not the answers and questions beside them,
+    and rewrites only the parts holding rows it drops."""
+    storage, bucket = s3_server.storage(), s3_server.new_bucket("output")
+    output = f"s3://{bucket}/run"
+    rng = np.random.default_rng(0)
+    rows = _rows([f"q{i:05d}" for i in range(2000)])
+    # Incompressible question and answer texts, as long free text is: most of the part's bytes.
+    noise = [rng.integers(0, 2**63, 40).tobytes().hex() for _ in range(rows.num_rows)]
+    rows = rows.set_column(rows.schema.get_field_index("question"), "question", pa.array(noise))
+    rows = rows.set_column(rows.schema.get_field_index("answer"), "answer", pa.array(noise[::-1]))
+    with ResultWriter(output, "r", storage, rows_per_file=10_000, flush_interval_s=60) as writer:
+        writer.write(rows)
+    [part] = s3_server.client.list_objects_v2(Bucket=bucket, Prefix="run/part-")["Contents"]
+    with s3_server.measure() as measured:
+        done = read_done(output, storage)
+    assert sorted(done["question_id"].to_pylist()) == rows["question_id"].to_pylist()
+    assert measured.bytes_sent < part["Size"] / 5, (measured.bytes_sent, part["Size"])
+    # Retrying error rows rewrites only the parts that hold them: a part without any is not fetched whole.
+    with s3_server.measure() as measured:
+        assert drop_rows(output, storage, {"q-not-written"}) == 0
+    assert measured.bytes_sent < part["Size"] / 5, (measured.bytes_sent, part["Size"])
+    assert drop_rows(output, storage, {"q00007"}) == 1 and read_done(output, storage).num_rows == rows.num_rows - 1

@@ -98,28 +98,55 @@ def _part_paths(output: str, storage: StorageConfig) -> list[str]:
 DONE_COLUMNS = ("question_id", "error", "choice", "extra_scenes")
 
 
-def _read_part(path: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table | None:
-    """The rows of one part; None when its content is not Parquet (cut short, damaged).
+class _RecordingFile:
+    """A storage file that remembers an error from its own reads, so that one is told apart from
+    pyarrow's errors on bad content (which are OSErrors too, for some kinds of damage)."""
 
-    The bytes are fetched first and parsed from memory, so an I/O error (a store that throttles or
-    times out, a part that cannot be opened) is told apart from a corrupt part: it raises
-    `OutputError` naming the part.
+    def __init__(self, handle: Any):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+    def read(self, *args: Any) -> bytes:
+        try:
+            return self.handle.read(*args)
+        except OSError as err:
+            self.error = err
+            raise
+
+
+def _read_part(path: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table | None:
+    """The rows of one part (only `columns`, fetched with ranged reads); None when its content is
+    not Parquet (cut short, damaged).
+
+    An I/O error (a store that throttles or times out, a part that cannot be opened) is told apart
+    from a corrupt part: it raises `OutputError` naming the part.
     """
     fs = storage.filesystem(path)
-    try:
-        with fs.open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as err:
-        raise OutputError(
+
+    def unreadable(err: OSError) -> OutputError:
+        return OutputError(
             f"output part {redact(path)} cannot be read ({type(err).__name__}: {redact(str(err))}); "
             "nothing was changed: run again when the store answers"
-        ) from err
+        )
+
     try:
-        part = pq.ParquetFile(pa.BufferReader(data))
-        present = None if columns is None else [name for name in columns if name in part.schema_arrow.names]
-        table = part.read(columns=present)
-    except (pa.ArrowException, OSError, ValueError):
-        return None
+        # No read-ahead: object-store files otherwise fetch a whole block (s3fs: 50 MB) per read.
+        handle = fs.open(path, "rb", cache_type="none")
+    except OSError as err:
+        raise unreadable(err) from err
+    with handle:
+        source = _RecordingFile(handle)
+        try:
+            part = pq.ParquetFile(source)
+            present = None if columns is None else [name for name in columns if name in part.schema_arrow.names]
+            table = part.read(columns=present)
+        except (pa.ArrowException, OSError, ValueError) as err:
+            if source.error is not None:
+                raise unreadable(source.error) from err
+            return None
     return _conform(table, columns or OUTPUT_SCHEMA.names, path)
 
 
@@ -198,14 +225,15 @@ def drop_rows(output: str, storage: StorageConfig, question_ids: set[str]) -> in
     """
     dropped = 0
     fs = storage.filesystem(output)
-    wanted = pa.array(sorted(question_ids), pa.string())
     for path in _part_paths(output, storage):
+        ids = _read_part(path, storage, ["question_id"])
+        # Membership in the Python set: pc.is_in would hash all of `question_ids` again for every part.
+        if ids is None or not any(qid in question_ids for qid in ids["question_id"].to_pylist()):
+            continue
         table = _read_part(path, storage)
         if table is None:
             continue
-        drop = pc.is_in(table["question_id"], wanted)
-        if not pc.any(drop).as_py():
-            continue
+        drop = pa.array([qid in question_ids for qid in table["question_id"].to_pylist()], pa.bool_())
         rest = table.filter(pc.invert(drop))
         dropped += table.num_rows - rest.num_rows
         if rest.num_rows:
