@@ -246,15 +246,12 @@ class Plan:
     """Questions in the input."""
     done: int
     """Questions skipped because the output already holds their rows."""
+    scene_reads: int
+    """Scenes the run reads and encodes: each group's images (one read per group it is in)."""
 
     @property
     def pending(self) -> int:
         return self.total - self.done
-
-    @property
-    def scene_reads(self) -> int:
-        """Scenes the run reads and encodes: each group's images (one read per group it is in)."""
-        return sum(1 + len(group["extra_scenes"]) for group in self.groups)
 
 
 def choice_references(questions: pa.Table) -> dict[str, str]:
@@ -287,4 +284,5 @@ def make_plan(questions: pa.Table, scenes_prefix: str | None, done_ids: set[str]
         {"scene": images[0], "extra_scenes": list(images[1:]), "questions": sorted(items, key=lambda q: q["question_id"])}
         for images, items in sorted(groups.items())
     ]
-    return Plan(groups=ordered, total=questions.num_rows, done=done)
+    scene_reads = sum(1 + len(group["extra_scenes"]) for group in ordered)
+    return Plan(groups=ordered, total=questions.num_rows, done=done, scene_reads=scene_reads)

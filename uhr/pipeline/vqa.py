@@ -15,7 +15,7 @@ import os
 import platform
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -453,6 +453,7 @@ def run_vqa(config: VqaConfig) -> RunSummary:
     start = time.monotonic()
     progress = _Progress(plan.pending, config.status_interval_s, choice_references(questions))
     progress.score(done)
+    del questions, done  # a large table's rows are held by the plan and its blocks from here on
     writer = ResultWriter(config.output, run_id, storage, config.rows_per_file, config.flush_interval_s)
     status = "failed"
     stats = ""
@@ -463,6 +464,7 @@ def run_vqa(config: VqaConfig) -> RunSummary:
             if plan.groups:
                 connect_ray(min_cpus=required_cpus(config))
                 ds = build_vqa_dataset(plan.groups, config, model_uri, model_config, run_id)
+                plan = replace(plan, groups=[])  # its blocks hold them now
                 # A retried actor task may send rows its dead attempt had already sent (Ray Data skips
                 # a retry's blocks by position, and a retry may cut its output differently): each
                 # question is written once, and one never sent leaves the run incomplete.
