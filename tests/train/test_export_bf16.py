@@ -1,16 +1,15 @@
 """The export of a bf16 run: the trained parts from DeepSpeed's float32 masters, the frozen parts as they were.
 
 DeepSpeed (ZeRO-2, bf16, CPU) trains the tiny model for a few micro-steps in a subprocess, one
-rank over gloo (a process group is process-wide state, kept out of pytest's process); the
+rank over gloo (`one_rank`); the
 checkpoint it writes is exported as the fine-tuning job does and compared with the masters.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from .one_rank import run_one_rank
 
 RUN = """
 import sys
@@ -20,33 +19,18 @@ import deepspeed
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-from uhr.model import build_tiny_model, load_model, load_model_config, save_model
+from uhr.model import load_model
 from uhr.model.pruning import build_strategy
-from uhr.model.pruning.config import PruningConfig
-from uhr.pipeline.defaults import TINY_PRUNING_DEFAULTS
-from uhr.pipeline.vqa import resolve_pruning
-from uhr.scenes.normalize import NormalizeConfig
 from uhr.storage import StorageConfig
-from uhr.synth import write_archive
 from uhr.train.config import FinetuneConfig
-from uhr.train.data import load_tokenizer, prepare_sample
 from uhr.train.deepspeed_config import fill_deepspeed_config, load_deepspeed_json
 from uhr.train.export import export_model
 from uhr.train.loop import CHECKPOINT_TAG, TrainPlan, build_engine, label_tokens, micro_step
+from tests.train.one_rank import tiny_samples
 
 root = Path(sys.argv[1])
-model, _ = build_tiny_model(seed=0, pruning_defaults=TINY_PRUNING_DEFAULTS)
-save_model(model, root / "base")
-archive = write_archive(str(root / "archive"), scenes=1, size=128, seed=3, split="train", questions_per_scene=2)
-storage, model_config = StorageConfig(), load_model_config(str(root / "base"))
-pruning = resolve_pruning(PruningConfig(strategy="downsample"), model_config)
-tokenizer = load_tokenizer(str(root / "base"), storage)
-samples = [
-    sample
-    for line in Path(archive.train_jsonl).read_text().splitlines()
-    for sample in prepare_sample({"record": line}, tokenizer=tokenizer, model_config=model_config, pruning=pruning,
-                                 image_root=archive.root, max_length=512, storage=storage, normalize=NormalizeConfig())
-]
+model, pruning, samples = tiny_samples(root, questions=2)
+storage = StorageConfig()
 config = FinetuneConfig(
     model=str(root / "base"), pruning=pruning, batch_size=1, scaling={"num_workers": 1}, max_steps=2,
     optimizer={"projector": {"lr": 1e-2}, "language_model": {"lr": 1e-2}, "warmup_ratio": 0.0},
@@ -73,16 +57,6 @@ print("trained", len(masters), "frozen", len(exported) - len(masters))
 
 
 def test_a_bf16_run_exports_its_float32_masters_and_untouched_frozen_parts(tmp_path: Path):
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "29531",
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-    }
-    done = subprocess.run([sys.executable, "-c", RUN, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    trained, frozen = (int(word) for word in done.stdout.split()[-3::2])
+    stdout = run_one_rank(RUN, tmp_path, port=29531)
+    trained, frozen = (int(word) for word in stdout.split()[-3::2])
     assert trained > 0 and frozen > 0

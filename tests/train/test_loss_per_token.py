@@ -2,16 +2,14 @@
 
 DeepSpeed (ZeRO-2, CPU) trains one step on the same four samples of different answer lengths, as
 one micro-batch of 4, two of 2 and four of 1 (gradient accumulation), in a subprocess with one rank
-over gloo (a process group is process-wide state). The gradients reaching the optimizer must be the
+over gloo (`one_rank`). The gradients reaching the optimizer must be the
 same, and the step's objective (the micro-batches' shares added up) the model's own per-token loss
 over the four samples. A mean of per-micro-batch means, DeepSpeed's default, fails both.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from .one_rank import run_one_rank
 
 RUN = """
 import sys
@@ -20,32 +18,16 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from uhr.model import build_tiny_model, load_model, load_model_config, save_model
+from uhr.model import load_model
 from uhr.model.pruning import build_strategy
-from uhr.model.pruning.config import PruningConfig
-from uhr.pipeline.defaults import TINY_PRUNING_DEFAULTS
-from uhr.pipeline.vqa import resolve_pruning
-from uhr.scenes.normalize import NormalizeConfig
-from uhr.storage import StorageConfig
-from uhr.synth import write_archive
 from uhr.train.config import FinetuneConfig
-from uhr.train.data import collate, load_tokenizer, prepare_sample
+from uhr.train.data import collate
 from uhr.train.deepspeed_config import fill_deepspeed_config, load_deepspeed_json
 from uhr.train.loop import TrainPlan, build_engine, inner_optimizer, label_tokens, micro_step, select_tokens
+from tests.train.one_rank import tiny_samples
 
 root = Path(sys.argv[1])
-model, _ = build_tiny_model(seed=0, pruning_defaults=TINY_PRUNING_DEFAULTS)
-save_model(model, root / "base")
-archive = write_archive(str(root / "archive"), scenes=1, size=128, seed=3, split="train", questions_per_scene=8)
-storage, model_config = StorageConfig(), load_model_config(str(root / "base"))
-pruning = resolve_pruning(PruningConfig(strategy="downsample"), model_config)
-tokenizer = load_tokenizer(str(root / "base"), storage)
-samples = [
-    sample
-    for line in Path(archive.train_jsonl).read_text().splitlines()
-    for sample in prepare_sample({"record": line}, tokenizer=tokenizer, model_config=model_config, pruning=pruning,
-                                 image_root=archive.root, max_length=512, storage=storage, normalize=NormalizeConfig())
-]
+_, pruning, samples = tiny_samples(root, questions=8)
 samples.sort(key=lambda sample: label_tokens([sample]))
 batch = [samples[0], samples[1], samples[-2], samples[-1]]  # the shortest and the longest answers
 counts = [label_tokens([sample]) for sample in batch]
@@ -88,21 +70,11 @@ for micro in (2, 1):
 
 
 def test_a_step_trains_the_per_token_mean_whatever_its_micro_batches(tmp_path):
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "29533",
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-    }
-    done = subprocess.run([sys.executable, "-c", RUN, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [line.split() for line in done.stdout.splitlines() if line.startswith("micro ")]
+    stdout = run_one_rank(RUN, tmp_path, port=29533)
+    lines = [line.split() for line in stdout.splitlines() if line.startswith("micro ")]
     differences = [float(words[-1]) for words in lines if words[2] == "gradient"]
     objectives = [[float(words[i]) for i in (3, 5, 7)] for words in lines if words[2] == "objective"]
-    assert len(differences) == len(objectives) == 2, done.stdout
+    assert len(differences) == len(objectives) == 2, stdout
     assert max(differences) < 1e-5, differences
     for split, whole, plain in objectives:
         assert abs(split - plain) < 1e-5 and abs(whole - plain) < 1e-5, (split, whole, plain)

@@ -232,7 +232,7 @@ class StepCounter:
     """Counts a worker's micro-batches into optimizer steps and epochs, on a `TrainState`.
 
     An epoch's last micro-batches that fill no optimizer step join the next epoch's first one
-    (DeepSpeed accumulates their gradients until its next boundary), so the micro-batches an epoch
+    (the loop holds them until the step is full), so the micro-batches an epoch
     had read at a step are counted, not derived from its steps: a run resumed from any checkpoint
     then trains the micro-batches the uninterrupted run would have.
     """
