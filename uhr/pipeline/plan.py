@@ -270,16 +270,25 @@ def make_plan(questions: pa.Table, scenes_prefix: str | None, done_ids: set[str]
     Each group is read and encoded once for all its questions; an image that is also asked about
     alone or in another sequence is encoded once per group it is in.
     """
+    pending = questions
+    if done_ids:
+        pending = questions.filter(pc.invert(pc.is_in(questions["question_id"], pa.array(list(done_ids), pa.string()))))
+    # Only the columns a group carries, column by column: rows as dicts of every column cost several
+    # times the table. A scene named by many questions is resolved once.
+    resolved: dict[str, str] = {}
+
+    def resolve(scene: str) -> str:
+        if scene not in resolved:
+            resolved[scene] = resolve_scene(scene, scenes_prefix)
+        return resolved[scene]
+
+    keys = ("question_id", "question", "choices", "bbox", "prompt")
     groups: dict[tuple[str, ...], list[dict]] = {}
-    done = 0
-    for row in questions.to_pylist():
-        if row["question_id"] in done_ids:
-            done += 1
-            continue
-        images = tuple(resolve_scene(scene, scenes_prefix) for scene in [row["scene"], *(row.get("extra_scenes") or [])])
-        groups.setdefault(images, []).append(
-            {key: row[key] for key in ("question_id", "question", "choices", "bbox", "prompt")}
-        )
+    extras = pending["extra_scenes"].to_pylist() if "extra_scenes" in pending.column_names else [None] * pending.num_rows
+    for scene, extra, *values in zip(pending["scene"].to_pylist(), extras, *(pending[key].to_pylist() for key in keys)):
+        images = tuple(resolve(name) for name in [scene, *(extra or [])])
+        groups.setdefault(images, []).append(dict(zip(keys, values)))
+    done = questions.num_rows - pending.num_rows
     ordered = [
         {"scene": images[0], "extra_scenes": list(images[1:]), "questions": sorted(items, key=lambda q: q["question_id"])}
         for images, items in sorted(groups.items())
