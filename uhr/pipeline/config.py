@@ -117,7 +117,9 @@ class VqaConfig(BaseModel):
     )
     precision: Precision = Field(Precision.FP32, description="Model weights and activations (bfloat16 on GPUs).")
     max_new_tokens: int = Field(64, ge=1, description="Greedy generation limit per answer (XLRS uses 64).")
-    rows_per_file: int = Field(5000, ge=1, description="Answer rows per output Parquet file.")
+    rows_per_file: int = Field(
+        50_000, ge=1, description="Answer rows per output Parquet file: fewer, larger parts keep listing and resuming cheap."
+    )
     flush_interval_s: float = Field(
         60.0,
         gt=0,
