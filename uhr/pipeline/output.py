@@ -100,14 +100,22 @@ DONE_COLUMNS = ("question_id", "error", "choice", "extra_scenes")
 
 class _RecordingFile:
     """A storage file that remembers an error from its own reads, so that one is told apart from
-    pyarrow's errors on bad content (which are OSErrors too, for some kinds of damage)."""
+    pyarrow's errors on bad content (which are OSErrors too, for some kinds of damage). It offers
+    pyarrow only `seek`, `tell` and `read`, so every byte goes through `read`."""
 
     def __init__(self, handle: Any):
         self.handle = handle
         self.error: OSError | None = None
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.handle, name)
+    @property
+    def closed(self) -> bool:
+        return self.handle.closed
+
+    def seek(self, *args: Any) -> int:
+        return self.handle.seek(*args)
+
+    def tell(self) -> int:
+        return self.handle.tell()
 
     def read(self, *args: Any) -> bytes:
         try:
