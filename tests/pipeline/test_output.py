@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fsspec.implementations.local
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -111,3 +112,23 @@ def test_resume_fetches_only_the_columns_it_needs_from_object_storage(s3_server)
         assert drop_rows(output, storage, {"q-not-written"}) == 0
     assert measured.bytes_sent < part["Size"] / 5, (measured.bytes_sent, part["Size"])
     assert drop_rows(output, storage, {"q00007"}) == 1 and read_done(output, storage).num_rows == rows.num_rows - 1
+
+
+def test_a_store_error_while_reading_a_part_stops_the_job_instead_of_setting_it_aside(tmp_path, monkeypatch):
+    """A connection reset half-way through a part's column chunks is the store's fault, not the part's."""
+    storage = StorageConfig()
+    with ResultWriter(str(tmp_path), "r", storage, rows_per_file=10, flush_interval_s=60) as writer:
+        writer.write(_rows(["a", "b"]))
+    reads = []
+
+    def reset_after_the_footer(self, *args):
+        reads.append(args)
+        if len(reads) > 1:
+            raise ConnectionResetError("connection reset by peer")
+        return real_read(self, *args)
+
+    real_read = fsspec.implementations.local.LocalFileOpener.read
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "read", reset_after_the_footer)
+    with pytest.raises(OutputError, match=r"part-r-00000\.parquet cannot be read \(ConnectionResetError"):
+        read_done(str(tmp_path), storage)
+    assert (tmp_path / "part-r-00000.parquet").exists() and not list(tmp_path.glob("*.unreadable"))
