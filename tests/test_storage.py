@@ -46,7 +46,7 @@ def test_endpoint_and_region_come_from_the_aws_sdk_variables(clean_env):
         ("minio:9000", "http\\(s\\)://host"),
         ("ftp://host", "http\\(s\\)://host"),
         ("http://host:9000/prefix", "no path"),
-        ("http://key:secret@host:9000", "must not carry credentials"),
+        ("http://uhr-not-a-real-key:uhr-not-a-real-secret@host:9000", "must not carry credentials"),
     ],
 )
 def test_bad_endpoints_are_rejected_without_echoing_secrets(clean_env, endpoint, message):
@@ -219,7 +219,7 @@ def test_redact_leaves_counts_and_paths_alone():
 
 def test_scene_error_carries_redacted_uri_and_reason_and_pickles():
     error = SceneError(
-        "https://u:pw-secret@h/a.tif?X-Amz-Signature=sig123456", "HTTP 403 for ?X-Amz-Signature=sig123456"
+        "https://uhr-not-a-real-user:uhr-not-a-real-password@h/a.tif?X-Amz-Signature=sig123456", "HTTP 403 for ?X-Amz-Signature=sig123456"
     )
     assert isinstance(error, UhrError)
     assert str(error) == "cannot read scene https://***@h/a.tif?X-Amz-Signature=***: HTTP 403 for ?X-Amz-Signature=***"
