@@ -127,6 +127,11 @@ class Explanation:
     """How many images the question was asked of."""
 
     @property
+    def place(self) -> str:
+        """"image k of n, " for an image of a multi-image question, else ""."""
+        return f"image {self.image} of {self.images}, " if self.images > 1 else ""
+
+    @property
     def drawn(self) -> np.ndarray:
         """Indices of the tokens drawn: those that stand for scene pixels (n_source >= 1)."""
         return np.flatnonzero(self.tokens.n_source.cpu().numpy() >= 1)
@@ -231,8 +236,7 @@ def _title_lines(explanation: Explanation, chars: int) -> list[str]:
     kept, dense = len(tokens), tokens.dense
     share = f" ({100 * kept / dense:.1f}%)" if dense else ""
     lines = textwrap.wrap(" ".join(["Q:", explanation.question, *explanation.choices]), chars)
-    image = f"image {explanation.image} of {explanation.images}, " if explanation.images > 1 else ""
-    lines.append(f"{image}{explanation.strategy}, budget {explanation.budget}: {kept} of {dense} visual tokens kept{share}")
+    lines.append(f"{explanation.place}{explanation.strategy}, budget {explanation.budget}: {kept} of {dense} visual tokens kept{share}")
     if explanation.answer is not None:
         lines += textwrap.wrap(f"A: {explanation.answer!r}", chars, max_lines=3, placeholder=" ...")
     return lines
@@ -389,9 +393,8 @@ def describe(explanations: Sequence[Explanation], out: str) -> str:
     for explanation in explanations:
         tokens = explanation.tokens
         per_scale = ", ".join(f"scale {s}: {n}" for s, n in sorted(tokens.per_scale().items()))
-        image = f"image {explanation.image} of {explanation.images}, " if explanation.images > 1 else ""
         lines += [
-            f"{image}{explanation.strategy} @ {explanation.budget}: {len(tokens)} of {tokens.dense} visual tokens kept "
+            f"{explanation.place}{explanation.strategy} @ {explanation.budget}: {len(tokens)} of {tokens.dense} visual tokens kept "
             f"({per_scale})",
             f"figure: {redact(figure_path(out, explanation.image))}",
         ]

@@ -14,6 +14,7 @@ import os
 import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache, partial
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -275,13 +276,7 @@ def make_plan(questions: pa.Table, scenes_prefix: str | None, done_ids: set[str]
         pending = questions.filter(pc.invert(pc.is_in(questions["question_id"], pa.array(list(done_ids), pa.string()))))
     # Only the columns a group carries, column by column: rows as dicts of every column cost several
     # times the table. A scene named by many questions is resolved once.
-    resolved: dict[str, str] = {}
-
-    def resolve(scene: str) -> str:
-        if scene not in resolved:
-            resolved[scene] = resolve_scene(scene, scenes_prefix)
-        return resolved[scene]
-
+    resolve = cache(partial(resolve_scene, scenes_prefix=scenes_prefix))
     keys = ("question_id", "question", "choices", "bbox", "prompt")
     groups: dict[tuple[str, ...], list[dict]] = {}
     extras = pending["extra_scenes"].to_pylist() if "extra_scenes" in pending.column_names else [None] * pending.num_rows
