@@ -8,6 +8,8 @@ import logging
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from uhr.config import ConfigError
 from uhr.pipeline import VqaConfig
@@ -26,6 +28,50 @@ def test_csv_ids_and_scenes_stay_text(tmp_path):
     questions = load_questions(str(tmp_path / "q.csv"), StorageConfig())
     assert questions["question_id"].to_pylist() == ids
     assert questions["scene"].to_pylist()[:2] == ["001.tif", "1.tif"] and questions["question"][1].as_py() == "0042"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    choices=st.lists(st.none() | st.lists(st.text(max_size=12), max_size=4), min_size=1, max_size=6),
+    indent=st.none() | st.integers(0, 2),
+)
+def test_csv_list_cells_read_as_the_lists_they_spell(tmp_path, choices, indent):
+    """A CSV's choices and bbox cells are JSON text: quotes, commas, non-ASCII text and a list laid
+    out over several lines read back as the lists written; an empty cell is null; integers are floats."""
+    n = len(choices)
+    boxes = [None if i % 3 == 2 else [i, 0, i + 2, 3.5] for i in range(n)]
+    table = pa.table({
+        "question_id": [f"q{i}" for i in range(n)], "scene": ["s.tif"] * n, "question": ["Which?"] * n,
+        "choices": [None if c is None else json.dumps(c, indent=indent, ensure_ascii=False) for c in choices],
+        "bbox": ["" if b is None else json.dumps(b) for b in boxes],
+    })  # fmt: skip
+    path = tmp_path / "q.csv"
+    pacsv.write_csv(table, path)
+    questions = load_questions(str(path), StorageConfig())
+    assert questions["choices"].to_pylist() == choices
+    assert questions["bbox"].to_pylist() == [None if b is None else [float(v) for v in b] for b in boxes]
+
+
+@pytest.mark.parametrize(
+    ("column", "cell", "message"),
+    [
+        ("choices", '["(A) yes", "(B) no"', r"row 2: choices is not a JSON list"),
+        ("choices", '"(A) yes"', r"row 2: choices must be a list"),
+        ("choices", '["(A) yes", 2]', r"column choices has values of the wrong type"),
+        ("bbox", '["a", 0, 1, 1]', r"column bbox has values of the wrong type"),
+        ("bbox", "[0, 0, 4, null]", r"row 2: bbox must be \[x0, y0, x1, y1\].*None"),
+        ("bbox", "[0, 0, 4]", r"row 2: bbox must be \[x0, y0, x1, y1\]"),
+    ],
+)
+def test_a_bad_list_cell_in_a_csv_is_named(tmp_path, column, cell, message):
+    good = {"choices": '["(A) yes", "(B) no"]', "bbox": "[0, 0, 4, 4]"}
+    table = pa.table({
+        "question_id": ["a", "b", "c", "d"], "scene": ["s.tif"] * 4, "question": ["Ships?"] * 4,
+        column: [good[column], "", cell, good[column]],
+    })  # fmt: skip
+    pacsv.write_csv(table, tmp_path / "q.csv")
+    with pytest.raises(InputError, match=message):
+        load_questions(str(tmp_path / "q.csv"), StorageConfig())
 
 
 def test_a_scene_or_question_given_twice_is_asked_once(caplog):
