@@ -25,7 +25,7 @@ import logging
 import sys
 
 from uhr.cli import run_main
-from uhr.config import load_config
+from uhr.config import config_yaml, load_config
 from uhr.errors import UhrError
 from uhr.storage import redact
 from uhr.train import FinetuneConfig, run_finetune
@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="run storage for checkpoints (default outputs/finetune)")
     parser.add_argument("--export", help="where the final model goes (default <output>/<name>/export)")
     parser.add_argument("--overwrite", action="store_true", default=None, help="delete the run's checkpoints and start afresh")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every FinetuneConfig key with its value and description (YAML that --config reads back) and exit",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. max_steps=100")
     return parser.parse_args(argv)
 
@@ -60,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             export=args.export,
             overwrite=args.overwrite,
         )
+        if args.print_config:
+            print(config_yaml(config), end="")
+            return 0
         summary = run_finetune(config)
     except UhrError as error:  # a bad config or input, storage or checkpoint that cannot be reached
         print(f"error: {redact(str(error))}", file=sys.stderr)

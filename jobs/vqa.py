@@ -23,7 +23,7 @@ import logging
 import sys
 
 from uhr.cli import run_main
-from uhr.config import load_config
+from uhr.config import config_yaml, load_config
 from uhr.errors import UhrError
 from uhr.pipeline import VqaConfig, run_vqa
 from uhr.storage import redact
@@ -40,6 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="output dataset URI (default outputs/vqa)")
     parser.add_argument("--model", help="model directory or URI (default: the bundled default model)")
     parser.add_argument("--overwrite", action="store_true", default=None, help="delete the output's rows and start afresh")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every VqaConfig key with its value and description (YAML that --config reads back) and exit",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. pruning.budget=512")
     return parser.parse_args(argv)
 
@@ -59,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model,
             overwrite=args.overwrite,
         )
+        if args.print_config:
+            print(config_yaml(config), end="")
+            return 0
         summary = run_vqa(config)
     except UhrError as error:  # a bad config or input, storage or checkpoint that cannot be reached
         print(f"error: {redact(str(error))}", file=sys.stderr)

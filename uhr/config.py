@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -9,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from uhr.errors import UhrError
+from uhr.storage import redact
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -83,3 +85,36 @@ def load_config(
         where = f" in {path}" if path is not None else ""
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"invalid {cls.__name__}{where}: {problems}") from err
+
+
+def config_yaml(config: BaseModel) -> str:
+    """`config` as YAML that `load_config` reads back to an equal config: every key with its value
+    and its description as a comment, sections nested. A key the config was not given is written
+    commented out, so that reading the YAML back leaves it unset too (an unset `pruning` field
+    defers to the model's own defaults). URIs are shown with credentials masked."""
+    lines = ["# Keys commented out were not given: they keep their defaults (pruning: the model's own)."]
+    _emit(config, config.model_dump(mode="json"), "", lines)
+    return redact("\n".join(lines)) + "\n"
+
+
+def _emit(model: BaseModel, dumped: dict[str, Any], pad: str, lines: list[str]) -> bool:
+    """Append `model`'s keys to `lines`; True when any of them, at any depth, was given."""
+    given = False
+    for name, field in type(model).model_fields.items():
+        if field.description:
+            lines += [f"{pad}# {line}" for line in textwrap.wrap(field.description, max(40, 100 - len(pad)))]
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            header = len(lines)
+            lines.append(f"{pad}{name}:")
+            if _emit(value, dumped[name], pad + "  ", lines):
+                given = True
+            else:
+                lines[header] = f"{pad}# {name}:"
+            continue
+        text = yaml.safe_dump({name: dumped[name]}, default_flow_style=True, sort_keys=False, width=float("inf"))
+        text = text.strip().removeprefix("{").removesuffix("}")
+        set_here = name in model.model_fields_set
+        given |= set_here
+        lines.append(f"{pad}{text}" if set_here else f"{pad}# {text}")
+    return given
