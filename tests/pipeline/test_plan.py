@@ -79,7 +79,7 @@ def test_a_scene_or_question_given_twice_is_asked_once(caplog):
         questions = questions_from_ask(["s3://b/a.tif", "s3://b/b.tif", "s3://b/a.tif"], ["Ships?", "Roads?", "Ships?"])
     ids = questions["question_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 4
-    assert make_plan(questions, None, set()).pending == 4
+    assert make_plan(questions, None, pa.array([], pa.string())).pending == 4
     assert "1 scene(s) given more than once" in caplog.text and "1 question(s) given more than once" in caplog.text
 
 
@@ -136,14 +136,23 @@ def test_multi_image_questions_group_by_their_image_sequence(tmp_path, suffix):
     else:
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     questions = load_questions(str(path), StorageConfig())
-    plan = make_plan(questions, "s3://bucket/scenes", set())
-    groups = {(group["scene"], *group["extra_scenes"]): [q["question_id"] for q in group["questions"]] for group in plan.groups}
-    assert groups == {
-        ("s3://bucket/scenes/a.tif",): ["alone"],
-        ("s3://bucket/scenes/a.tif", "s3://bucket/scenes/b.tif"): ["pair-1", "pair-2"],
-        ("s3://bucket/scenes/a.tif", "s3://other/c.tif"): ["remote"],
-        ("s3://bucket/scenes/b.tif", "s3://bucket/scenes/a.tif"): ["reversed"],
-    }
+    plan = make_plan(questions, "s3://bucket/scenes", pa.array([], pa.string()))
+    groups = [((g["scene"], *g["extra_scenes"]), [q["question_id"] for q in g["questions"]]) for g in plan.groups.to_pylist()]
+    assert groups == [  # by image sequence, a sequence after its own first image alone
+        (("s3://bucket/scenes/a.tif",), ["alone"]),
+        (("s3://bucket/scenes/a.tif", "s3://bucket/scenes/b.tif"), ["pair-1", "pair-2"]),
+        (("s3://bucket/scenes/a.tif", "s3://other/c.tif"), ["remote"]),
+        (("s3://bucket/scenes/b.tif", "s3://bucket/scenes/a.tif"), ["reversed"]),
+    ]
+    assert plan.scene_reads == 7 and (plan.total, plan.done) == (5, 0)
+    # What the output holds already is left out; questions keep every field the stages need.
+    plan = make_plan(questions, "s3://bucket/scenes", pa.array(["pair-1", "alone", "elsewhere"]))
+    assert (plan.total, plan.done, plan.pending, plan.scene_reads) == (5, 2, 3, 6)
+    first = plan.groups.to_pylist()[0]
+    assert first["extra_scenes"] == ["s3://bucket/scenes/b.tif"]
+    assert first["questions"] == [
+        {"question_id": "pair-2", "question": "Which roads are new?", "choices": None, "bbox": None, "prompt": None}
+    ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({**rows[0], "extra_scenes": ["b.tif", ""]}) + "\n")
     with pytest.raises(InputError, match=r"row 0: extra_scenes holds an empty scene"):

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
 
@@ -276,14 +276,19 @@ def resolve_scene(scene: str, scenes_prefix: str | None) -> str:
     return absolute_uri(join_uri(scenes_root(scenes_prefix), scene))
 
 
+GROUP_QUESTION_KEYS = ("question_id", "question", "choices", "bbox", "prompt")
+"""What each question of a group carries to the stages."""
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a run will do: pending questions grouped by scene, and what was already done."""
 
-    groups: list[dict]
-    """One row per scene, or per image sequence of multi-image questions: {"scene": uri,
-    "extra_scenes": [uri, ...] (empty for one image), "questions": [{"question_id", "question",
-    "choices", "bbox", "prompt"}, ...]}."""
+    groups: pa.Table
+    """One row per scene, or per image sequence of multi-image questions: `scene` (URI),
+    `extra_scenes` (list of URIs, empty for one image) and `questions` (list of structs of
+    `GROUP_QUESTION_KEYS`); rows by their images, questions by id. Arrow, not Python objects: a
+    driver planning millions of questions holds them in a fraction of the memory."""
     total: int
     """Questions in the input."""
     done: int
@@ -305,29 +310,50 @@ def choice_references(questions: pa.Table) -> dict[str, str]:
     }
 
 
-def make_plan(questions: pa.Table, scenes_prefix: str | None, done_ids: set[str]) -> Plan:
-    """Group pending questions by their resolved images (a scene, or a multi-image question's
-    sequence), groups and questions in a stable order.
+def make_plan(questions: pa.Table, scenes_prefix: str | None, done_ids: pa.Array) -> Plan:
+    """Group pending questions (those whose id is not in `done_ids`) by their resolved images (a
+    scene, or a multi-image question's sequence), groups and questions in a stable order.
 
     Each group is read and encoded once for all its questions; an image that is also asked about
-    alone or in another sequence is encoded once per group it is in.
+    alone or in another sequence is encoded once per group it is in. Column-wise in Arrow: each
+    distinct scene name is resolved once, and no question becomes a Python object.
     """
-    pending = questions
-    if done_ids:
-        pending = questions.filter(pc.invert(pc.is_in(questions["question_id"], pa.array(list(done_ids), pa.string()))))
-    # Only the columns a group carries, column by column: rows as dicts of every column cost several
-    # times the table. A scene named by many questions is resolved once.
+    pending = questions.filter(pc.invert(pc.is_in(questions["question_id"], done_ids.cast(pa.string()))))
     resolve = cache(partial(resolve_scene, scenes_prefix=scenes_prefix))
-    keys = ("question_id", "question", "choices", "bbox", "prompt")
-    groups: dict[tuple[str, ...], list[dict]] = {}
-    extras = pending["extra_scenes"].to_pylist() if "extra_scenes" in pending.column_names else [None] * pending.num_rows
-    for scene, extra, *values in zip(pending["scene"].to_pylist(), extras, *(pending[key].to_pylist() for key in keys)):
-        images = tuple(resolve(name) for name in [scene, *(extra or [])])
-        groups.setdefault(images, []).append(dict(zip(keys, values)))
-    done = questions.num_rows - pending.num_rows
-    ordered = [
-        {"scene": images[0], "extra_scenes": list(images[1:]), "questions": sorted(items, key=lambda q: q["question_id"])}
-        for images, items in sorted(groups.items())
-    ]
-    scene_reads = sum(1 + len(group["extra_scenes"]) for group in ordered)
-    return Plan(groups=ordered, total=questions.num_rows, done=done, scene_reads=scene_reads)
+    scenes = _resolved(pending["scene"].combine_chunks(), resolve)
+    extras = pc.fill_null(pending["extra_scenes"].combine_chunks(), pa.scalar([], pa.list_(pa.string())))
+    extras = pa.ListArray.from_arrays(extras.offsets, _resolved(pc.list_flatten(extras), resolve))
+    # A group is its image sequence; "\x00" joins it into a key that sorts as the sequence does.
+    keyed = pa.table({
+        "scene": scenes, "extra_scenes": extras, "sequence": pc.binary_join(extras, "\x00"),
+        **{key: pending[key].combine_chunks() for key in GROUP_QUESTION_KEYS},
+    })  # fmt: skip
+    keyed = keyed.take(pc.sort_indices(keyed, [(key, "ascending") for key in ("scene", "sequence", "question_id")]))
+    starts = _run_starts(keyed["scene"], keyed["sequence"])
+    offsets = pa.array([*starts.to_pylist(), keyed.num_rows], pa.int32())
+    questions_of = pa.StructArray.from_arrays([keyed[key].combine_chunks() for key in GROUP_QUESTION_KEYS], GROUP_QUESTION_KEYS)
+    groups = pa.table({
+        "scene": keyed["scene"].take(starts), "extra_scenes": keyed["extra_scenes"].take(starts),
+        "questions": pa.ListArray.from_arrays(offsets, questions_of),
+    })  # fmt: skip
+    scene_reads = groups.num_rows + (pc.sum(pc.list_value_length(groups["extra_scenes"])).as_py() or 0)
+    return Plan(groups=groups, total=questions.num_rows, done=questions.num_rows - pending.num_rows, scene_reads=scene_reads)
+
+
+def _resolved(names: pa.Array, resolve: Callable[[str], str]) -> pa.Array:
+    """`resolve` applied to each distinct name of `names` once, the result laid out like `names`."""
+    encoded = pc.dictionary_encode(names)
+    return pa.array([resolve(name) for name in encoded.dictionary.to_pylist()], pa.string()).take(encoded.indices)
+
+
+def _run_starts(*columns: pa.ChunkedArray) -> pa.Array:
+    """Rows of sorted `columns` whose values differ from the row before's: where each run starts."""
+    rows = len(columns[0])
+    if rows == 0:
+        return pa.array([], pa.int64())
+    changed = np.zeros(rows, dtype=bool)
+    changed[0] = True
+    for column in columns:
+        values = column.combine_chunks()
+        changed[1:] |= pc.not_equal(values.slice(1), values.slice(0, rows - 1)).to_numpy(zero_copy_only=False)
+    return pa.array(np.flatnonzero(changed))
