@@ -132,6 +132,13 @@ def test_lower_case_letters_are_looked_up_as_text_in_the_options() -> None:
     assert extract_mme_choice("b", ["(A) Red", "(C) Grey"]) == ""
 
 
+def test_a_reply_of_ten_words_is_still_looked_up_and_one_of_eleven_is_not() -> None:
+    # "more than 10 words": the 10th word is the last one a reply without a letter may have.
+    options = ["(A) one two three four five six seven eight nine ten eleven", "(B) Red"]
+    assert extract_mme_choice("one two three four five six seven eight nine ten", options) == "A"
+    assert extract_mme_choice("one two three four five six seven eight nine ten eleven", options) == ""
+
+
 def test_extract_mme_choice_rejects_unlettered_options() -> None:
     with pytest.raises(ValueError, match="lettered"):
         extract_mme_choice("red", ["A"])

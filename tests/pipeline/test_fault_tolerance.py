@@ -10,11 +10,13 @@ import threading
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from ray.util.state import list_actors
 
 from uhr.pipeline import run_vqa
+from uhr.pipeline.vqa import unseen_rows
 from uhr.synth import write_archive
 from uhr.testing.waiting import wait_for
 
@@ -95,3 +97,14 @@ def test_a_killed_encode_actor_is_replaced_and_every_row_written_once(ray_local,
     assert summary.status == "completed" and rows.num_rows == total == summary.rows
     assert len(set(rows["question_id"].to_pylist())) == total and rows["error"].null_count == total
     assert not psutil.pid_exists(victim.pid)
+
+
+def test_rows_a_retried_task_sends_again_are_written_once():
+    """Whether Ray resends a dead attempt's rows in the kill test above is up to Ray; the driver's
+    filter is what keeps each question to one row, so it is checked on such streams directly."""
+    written: set[str] = set()
+    first = pa.table({"question_id": ["a", "b", "a"], "answer": ["1", "2", "1 again"]})
+    retry = pa.table({"question_id": ["b", "c"], "answer": ["2 again", "3"]})
+    assert unseen_rows(first, written).to_pydict() == {"question_id": ["a", "b"], "answer": ["1", "2"]}
+    assert unseen_rows(retry, written).to_pydict() == {"question_id": ["c"], "answer": ["3"]}
+    assert unseen_rows(retry, written).num_rows == 0 and written == {"a", "b", "c"}

@@ -72,6 +72,18 @@ def test_dropping_error_rows_from_a_part_an_older_uhr_wrote_keeps_the_schema(tmp
     assert kept["question_id"].to_pylist() == ["a"] and kept["extra_scenes"].to_pylist() == [None]
 
 
+def test_dropping_rows_rewrites_the_parts_holding_them_and_deletes_a_part_left_empty(tmp_path):
+    storage = StorageConfig()
+    with ResultWriter(str(tmp_path), "r", storage, rows_per_file=2, flush_interval_s=60) as writer:
+        writer.write(_rows(["a", "b", "c", "d", "e"]))
+    before = {path.name: path.stat().st_mtime_ns for path in tmp_path.glob("part-*")}
+    assert drop_rows(str(tmp_path), storage, {"b", "c", "d"}) == 3
+    # part 0 held a and b, part 1 only dropped rows, part 2 none of them (left untouched).
+    assert sorted(path.name for path in tmp_path.glob("part-*")) == ["part-r-00000.parquet", "part-r-00002.parquet"]
+    assert (tmp_path / "part-r-00002.parquet").stat().st_mtime_ns == before["part-r-00002.parquet"]
+    assert sorted(read_done(str(tmp_path), storage)["question_id"].to_pylist()) == ["a", "e"]
+
+
 def test_a_part_whose_columns_cannot_take_uhrs_types_stops_the_job_naming_it(tmp_path):
     """Castable types (int32 token counts) are read as uhr's; a column that cannot be (lists for text)
     stops the resume naming the part and column, and the part is left as it was."""

@@ -6,9 +6,10 @@ import logging
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from uhr.model import load_model_config
-from uhr.pipeline.stages import EncodeStage, read_scene
+from uhr.pipeline.stages import AnswerStage, EncodeStage, read_scene
 from uhr.pipeline.vqa import resolve_pruning
 from uhr.synth import write_scene
 
@@ -16,7 +17,10 @@ from .helpers import FAKE_SECRET as SECRET
 from .helpers import config
 
 
-def test_a_failed_window_read_is_one_line_naming_the_scene_and_the_reason(ray_local, model_dir, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
+def test_a_failed_window_read_is_one_line_naming_the_scene_and_the_reason(
+    ray_local, model_dir, tmp_path, monkeypatch, caplog, fused
+):
     uri = str(tmp_path / f"scenes-{SECRET}" / "a.tif")
     Path(uri).parent.mkdir()
     write_scene(uri, 512, seed=1)
@@ -30,9 +34,13 @@ def test_a_failed_window_read_is_one_line_naming_the_scene_and_the_reason(ray_lo
     # Gone after the read stage: c2f's fine windows, read by Ray tasks when a question selects them, fail.
     Path(uri).unlink()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    stage = EncodeStage(run, str(model_dir), "r", fused=True)
+    stage = EncodeStage(run, str(model_dir), "r", fused=fused)
     with caplog.at_level(logging.ERROR, logger="uhr.pipeline.stages"):
-        rows = pa.concat_tables(list(stage(pa.Table.from_pylist([scene])))).to_pylist()
+        out = pa.concat_tables(list(stage(pa.Table.from_pylist([scene]))))
+        if not fused:  # the error rows ride through the answer stage, which answers nothing for them
+            out = AnswerStage(run, str(model_dir), "r")(out)
+    rows = out.to_pylist()
+    assert sorted(row["question_id"] for row in rows) == ["q0", "q1"]  # one row per question, whatever failed
     masked = uri.replace(SECRET, "***")
     for row in rows:
         assert row["answer"] is None

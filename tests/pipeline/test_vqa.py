@@ -135,8 +135,18 @@ def test_settings_read_back_from_a_manifest_match_an_unchanged_rerun(monkeypatch
     monkeypatch.setattr(transformers.configuration_utils, "__version__", "99.0.0")
     assert model.config.to_dict()["transformers_version"] == "99.0.0"
     _check_resumable("out", recorded, answer_settings(config, model.config, "weights"))
-    with pytest.raises(InputError, match=r"\(normalize changed\)"):
-        _check_resumable("out", recorded, answer_settings(VqaConfig(normalize={"nodata": 0}), model.config, "weights"))
+    # Each setting that decides an answer refuses the resume, naming itself.
+    for changed, other in [
+        ("normalize", VqaConfig(normalize={"nodata": 0})),
+        ("pruning", VqaConfig(normalize={"nodata": "nan"}, pruning={"budget": 512})),
+        ("pruning", VqaConfig(normalize={"nodata": "nan"}, pruning={"strategy": "c2f"})),
+        ("precision", VqaConfig(normalize={"nodata": "nan"}, precision="bfloat16")),
+        ("max_new_tokens", VqaConfig(normalize={"nodata": "nan"}, max_new_tokens=8)),
+    ]:
+        with pytest.raises(InputError, match=rf"\({changed} changed\)"):
+            _check_resumable("out", recorded, answer_settings(other, model.config, "weights"))
+    with pytest.raises(InputError, match=r"\(model_weights changed\)"):
+        _check_resumable("out", recorded, answer_settings(config, model.config, "retrained"))
 
 
 def zero_width_tiff(path: Path) -> Path:

@@ -495,6 +495,8 @@ def test_truncated_cog_opens_then_fails_on_the_missing_tiles(tmp_path):
 def test_bad_band_mapping_and_unknown_scheme_are_scene_errors(rgb_cog):
     with pytest.raises(SceneError, match=r"bands \[5\] requested, the scene has 3"):
         open_scene(rgb_cog[0], normalize=NormalizeConfig(bands=(5, 1, 2)))
+    with pytest.raises(SceneError, match=r"bands \[4\] requested, the scene has 3"):  # the first band past the end
+        open_scene(rgb_cog[0], normalize=NormalizeConfig(bands=(3, 2, 4)))
     with pytest.raises(SceneError, match="cannot read scene ftp://host/a.tif: no GDAL reader for ftp://"):
         open_scene("ftp://host/a.tif")
 

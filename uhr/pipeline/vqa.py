@@ -85,6 +85,17 @@ each read task reads one scene; beyond it groups share blocks, because the drive
 into the object store one by one (about 1.6 ms each: 26 minutes for a million scenes)."""
 
 
+def unseen_rows(batch: pa.Table, written: set[str]) -> pa.Table:
+    """The rows of `batch` whose question is not in `written` yet, the first of any repeated within
+    it; their ids are added to `written`."""
+    fresh = []
+    for index, qid in enumerate(batch["question_id"].to_pylist()):
+        if qid not in written:
+            written.add(qid)
+            fresh.append(index)
+    return batch if len(fresh) == batch.num_rows else batch.take(pa.array(fresh, pa.int64()))
+
+
 def build_vqa_dataset(
     groups: pa.Table, config: VqaConfig, model_uri: str, model_config: UhrConfig, run_id: str
 ) -> ray.data.Dataset:
@@ -474,13 +485,7 @@ def run_vqa(config: VqaConfig) -> RunSummary:
                 # question is written once, and one never sent leaves the run incomplete.
                 with progress:
                     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                        fresh = []
-                        for index, qid in enumerate(batch["question_id"].to_pylist()):
-                            if qid not in written:
-                                written.add(qid)
-                                fresh.append(index)
-                        if len(fresh) < batch.num_rows:
-                            batch = batch.take(fresh)
+                        batch = unseen_rows(batch, written)
                         writer.write(batch)
                         progress.add(batch)
                 stats = ds.stats()
