@@ -56,3 +56,21 @@ def test_what_the_run_config_owns_is_written_where_the_json_leaves_it_out():
     assert filled["bf16"] == {"enabled": True} and filled["fp16"] == {"enabled": False}
     assert filled["gradient_clipping"] == 0.7 and filled["train_batch_size"] == 8
     assert filled["optimizer"]["params"] == {"lr": 1e-5, "betas": [0.9, 0.95], "eps": config.optimizer.eps, "weight_decay": 0.05}
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_deepspeed_zero_stage_replaces_the_stage_the_json_fixes(stage):
+    # The default JSON fixes stage 2 (no "auto"), so only the override can set another.
+    config = FinetuneConfig(batch_size=8, micro_batch_size=2, deepspeed={"zero_stage": stage})
+    raw = load_deepspeed_json(config.deepspeed.config)
+    assert raw["zero_optimization"]["stage"] == 2
+    assert fill_deepspeed_config(raw, config)["zero_optimization"]["stage"] == stage
+
+
+def test_a_json_enabling_bf16_on_a_cpu_run_is_refused_up_front():
+    # The precision check below it would refuse it too, but as a disagreement with deepspeed.precision:
+    # this one names the cause, a CPU run.
+    config = FinetuneConfig(batch_size=8, micro_batch_size=2)
+    raw = {**load_deepspeed_json(config.deepspeed.config), "bf16": {"enabled": True}}
+    with pytest.raises(ConfigError, match=re.escape("bf16 is enabled but the run trains on CPUs (scaling.use_gpu=false)")):
+        fill_deepspeed_config(raw, config, source="bf16.json")

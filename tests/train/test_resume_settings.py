@@ -1,0 +1,109 @@
+"""A resume is refused before Ray starts when the config changes what its checkpoint binds it to.
+
+Each checkpoint carries `resume_settings` (`RESUME_FILE`); `check_resume` compares the newest one's
+with the re-run's. Every bound setting must be compared (a changed one otherwise fails on every worker
+or silently trains with the checkpoint's values), and what a resume takes from the new config must not.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from uhr.config import ConfigError, merge_trees
+from uhr.storage import StorageConfig
+from uhr.train import FinetuneConfig
+from uhr.train.resume import RESUME_FILE, check_resume, latest_checkpoint, resume_settings
+
+# Two workers accumulating two micro-batches of 2; on GPUs, so the precision (bfloat16 by default) can change.
+# Each part spelled out in full: a part given in part takes PartConfig's defaults for the rest, not the optimizer's.
+BASE: dict[str, Any] = {
+    "batch_size": 8, "micro_batch_size": 2, "scaling": {"num_workers": 2, "use_gpu": True},
+    "optimizer": {
+        "vision_tower": {"train": False, "lr": 1e-5}, "projector": {"train": True, "lr": 5e-5},
+        "language_model": {"train": True, "lr": 1e-5},
+    },
+}  # fmt: skip
+STAGE = 2
+
+
+def write_checkpoint(run: Path, step: int, config: FinetuneConfig, stage: int = STAGE) -> Path:
+    directory = run / f"checkpoint-{step:08d}"
+    directory.mkdir(parents=True)
+    (directory / RESUME_FILE).write_text(json.dumps(resume_settings(config, stage)))
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("key", "change"),
+    [
+        ("scaling.num_workers", {"scaling": {"num_workers": 4}}),
+        ("micro_batch_size", {"micro_batch_size": 1}),
+        ("deepspeed.precision", {"deepspeed": {"precision": "float32"}}),
+        ("optimizer.weight_decay", {"optimizer": {"weight_decay": 0.1}}),
+        ("optimizer.betas", {"optimizer": {"betas": (0.9, 0.95)}}),
+        ("optimizer.eps", {"optimizer": {"eps": 1e-6}}),
+        ("optimizer.vision_tower.train", {"optimizer": {"vision_tower": {"train": True}}}),
+        ("optimizer.vision_tower.lr", {"optimizer": {"vision_tower": {"lr": 2e-6}}}),
+        ("optimizer.projector.train", {"optimizer": {"projector": {"train": False}}}),
+        ("optimizer.projector.lr", {"optimizer": {"projector": {"lr": 1e-4}}}),
+        ("optimizer.language_model.train", {"optimizer": {"language_model": {"train": False}}}),
+        ("optimizer.language_model.lr", {"optimizer": {"language_model": {"lr": 5e-6}}}),
+    ],
+)
+def test_changing_a_bound_setting_refuses_the_resume_naming_it(tmp_path, key, change):
+    write_checkpoint(tmp_path, 10, FinetuneConfig(**BASE))
+    with pytest.raises(ConfigError, match=re.escape(f"other settings: {key} ")) as refused:
+        check_resume(str(tmp_path), FinetuneConfig(**merge_trees(BASE, change)), STAGE, StorageConfig())
+    assert "; " not in str(refused.value), str(refused.value)  # that setting alone
+
+
+def test_changing_the_zero_stage_refuses_the_resume_naming_it(tmp_path):
+    # The stage comes from the filled DeepSpeed JSON, not from the run config: its partitions would not load.
+    write_checkpoint(tmp_path, 10, FinetuneConfig(**BASE), stage=2)
+    with pytest.raises(ConfigError, match=re.escape("other settings: deepspeed.zero_stage 2 -> 1")):
+        check_resume(str(tmp_path), FinetuneConfig(**BASE), 1, StorageConfig())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"max_steps": 500},
+        {"optimizer": {"warmup_ratio": 0.2}},
+        {"optimizer": {"grad_clip": 0.5}},
+        {"data": {"manifest": "s3://bucket/more.jsonl", "max_length": 512}},
+        {"max_steps": 500, "optimizer": {"warmup_ratio": 0.2, "grad_clip": 0.5}, "data": {"manifest": "more.jsonl"}},
+    ],
+)
+def test_what_a_resume_takes_from_the_new_config_may_change(tmp_path, change):
+    write_checkpoint(tmp_path, 10, FinetuneConfig(**BASE))
+    check_resume(str(tmp_path), FinetuneConfig(**merge_trees(BASE, change)), STAGE, StorageConfig())
+
+
+def test_only_the_newest_checkpoint_binds_the_resume(tmp_path):
+    older = FinetuneConfig(**merge_trees(BASE, {"optimizer": {"eps": 1e-6}}))
+    write_checkpoint(tmp_path, 9, older)
+    write_checkpoint(tmp_path, 10, FinetuneConfig(**BASE))
+    check_resume(str(tmp_path), FinetuneConfig(**BASE), STAGE, StorageConfig())
+    with pytest.raises(ConfigError, match="checkpoint-00000010"):
+        check_resume(str(tmp_path), older, STAGE, StorageConfig())
+
+
+def test_nothing_to_check_without_a_checkpoint_or_its_settings(tmp_path):
+    changed = FinetuneConfig(**merge_trees(BASE, {"micro_batch_size": 1}))
+    check_resume(str(tmp_path / "never-ran"), changed, STAGE, StorageConfig())
+    (tmp_path / "checkpoint-00000010").mkdir()  # written before checkpoints carried their settings
+    check_resume(str(tmp_path), changed, STAGE, StorageConfig())
+
+
+def test_the_latest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
+    assert latest_checkpoint(str(tmp_path / "never-ran"), StorageConfig()) is None
+    assert latest_checkpoint(str(tmp_path), StorageConfig()) is None
+    # Past 8 digits the zero-padded names no longer sort by step; a name without a step is no checkpoint.
+    for name in ("checkpoint-00000010", "checkpoint-100000000", "checkpoint-99999999", "checkpoint-00000009", "checkpoint-tmp"):
+        (tmp_path / name).mkdir()
+    assert latest_checkpoint(str(tmp_path), StorageConfig()) == str(tmp_path / "checkpoint-100000000")
