@@ -107,6 +107,8 @@ def test_tiles_covering_counts_positive_overlap_only():
 
 def test_keep_count_floors_like_lrs_vqa_but_keeps_one():
     assert keep_count(144, 0.25) == 36 and keep_count(100, 0.29) == 29 and keep_count(3, 0.25) == 1 and keep_count(0, 0.5) == 0
+    # floor, not round: 1.75 keeps 1 and 2.9 keeps 2
+    assert keep_count(7, 0.25) == 1 and keep_count(10, 0.29) == 2 and keep_count(15, 0.1) == 1
 
 
 def test_pooling_averages_each_tile():
@@ -236,6 +238,41 @@ def test_second_question_on_the_same_area_reuses_cached_tiles(tiny_model, image_
     assert reads < finest.rows * finest.cols
 
 
+@pytest.mark.parametrize("layer", [0, 1])  # the tiny LM has 2 layers: 1 is the default (middle), 0 is not
+def test_tokens_are_scored_at_the_configured_layer(tiny_model, image_factory, layer):
+    model, _ = tiny_model
+    question = "Where is the harbour?"
+    source = ArraySource(image_factory(200, 240))
+    strategy = _strategy(budget=400, importance_layer=layer)
+    with torch.no_grad():
+        encoding = strategy.encode(model, source)
+        tokens = strategy.select(model, encoding, question)
+        # The loop by hand, each level scored by the last prompt token's attention at a given layer
+        # with the thumbnail in the context; tiles fetched into a fresh encoding's cache.
+        context = encoding.global_tokens.embeds
+        fresh = strategy.encode(model, source)
+
+        def run(at: int):
+            def score(level_index, features):
+                embeds = torch.cat([context, features])
+                return model.visual_importance(embeds, question, layer=at, query="last")[len(context) :]
+
+            def fetch(level_index, tiles):
+                return strategy._fetch(model, fresh, level_index, tiles)
+
+            return coarse_to_fine(encoding.levels, encoding.base, fetch, score, strategy.config.c2f.keep_ratio, 400 - len(context))
+
+        results = [run(0), run(1)]
+    local = tokens.scale != 0
+    expected = results[layer]
+    assert torch.unique(tokens.scale[local]).tolist() == [expected.level + 1]
+    assert tokens.row[local].tolist() == expected.tokens.row.tolist() and tokens.col[local].tolist() == expected.tokens.col.tolist()
+    torch.testing.assert_close(tokens.embeds[local], expected.features)
+    # the two layers keep different tokens, so the layer used is the configured one
+    chosen = [set(zip(r.tokens.row.tolist(), r.tokens.col.tolist())) for r in results]
+    assert chosen[0] != chosen[1]
+
+
 def test_an_enlarged_base_level_is_read_as_one_view_of_its_size(tiny_model, image_factory):
     model, _ = tiny_model
     source = CountingSource(image_factory(40, 100))
@@ -294,6 +331,24 @@ def test_the_tile_cache_is_bounded(tiny_model, image_factory):
         again = strategy.select(model, encoding, "Where is the harbour?")
     assert len(source.windows) > reads  # evicted tiles are read again, and give the same tokens
     torch.testing.assert_close(again.embeds, first.embeds)
+
+
+def test_the_tile_cache_evicts_the_least_recently_used_tile(tiny_model, image_factory):
+    model, _ = tiny_model
+    source = CountingSource(image_factory(200, 240))
+    strategy = _strategy(budget=400, max_cached_tiles=2)
+    a, b, c = (1, 0, 0), (1, 0, 1), (1, 1, 0)  # (level, row, col) of three level-1 tiles
+    with torch.no_grad():
+        encoding = strategy.encode(model, source)
+        first_a = strategy._fetch(model, encoding, 1, torch.tensor([a[1:], b[1:]]))[0]
+        strategy._fetch(model, encoding, 1, torch.tensor([a[1:]]))  # a hit: a is now the most recent
+        assert len(source.windows) == 2
+        strategy._fetch(model, encoding, 1, torch.tensor([c[1:]]))
+        # b, used least recently, is evicted, not a, the first one stored
+        assert list(encoding.cache) == [a, c] and len(source.windows) == 3
+        again_a = strategy._fetch(model, encoding, 1, torch.tensor([a[1:]]))[0]
+    assert len(source.windows) == 3 and list(encoding.cache) == [c, a]
+    torch.testing.assert_close(again_a, first_a)
 
 
 def test_tiles_are_projected_then_pooled_as_lrs_vqa_does(tiny_model, image_factory):

@@ -42,6 +42,10 @@ def test_budget_allocation_rule():
     assert allocate_budgets(1024, tokens=[16, 5360], regions=[16, 16]) == [16, 1008]
     assert allocate_budgets(300, tokens=[10, 100, 1000], regions=[10, 16, 16]) == [10, 39, 251]
     assert allocate_budgets(5000, tokens=[10, 20], regions=[3, 3]) == [10, 20]
+    # equal remainders: the extra token goes to the finer scale
+    assert allocate_budgets(5, tokens=[10, 10], regions=[3, 3]) == [2, 3]
+    assert allocate_budgets(2, tokens=[10, 30], regions=[2, 2]) == [0, 2]  # remainders 20 and 20 of 40
+    assert allocate_budgets(7, tokens=[10, 10, 10], regions=[1, 1, 1]) == [2, 2, 3]  # 4 extra: 1 each, then the finest
 
 
 @settings(max_examples=200, deadline=None)
@@ -304,10 +308,11 @@ def _strategy(budget: int, **uhr_bat) -> UhrBatStrategy:
     return UhrBatStrategy(config)
 
 
-def test_importance_is_question_and_head_averaged_attention_at_the_configured_layer(tiny_model, image_factory):
+@pytest.mark.parametrize("layer", [0, 1])  # the tiny LM has 2 layers: 1 is the default (middle), 0 is not
+def test_importance_is_question_and_head_averaged_attention_at_the_configured_layer(tiny_model, image_factory, layer):
     model, _ = tiny_model
     question = "Is there a red boat moored beside the port?"
-    strategy = _strategy(budget=64, importance_layer=1)
+    strategy = _strategy(budget=64, importance_layer=layer)
     with torch.no_grad():
         encoding = strategy.encode(model, ArraySource(image_factory(60, 90)))
         importance = strategy.anchor_importance(model, encoding, question).reshape(-1)
@@ -317,11 +322,13 @@ def test_importance_is_question_and_head_averaged_attention_at_the_configured_la
         embeds = model.get_input_embeddings()(torch.tensor(ids))
         inputs = torch.cat([embeds[:position], anchor, embeds[position + 1 :]])[None]
         model.language_model.config._attn_implementation = "eager"
-        attentions = model.language_model(inputs_embeds=inputs, output_attentions=True).attentions[1][0]  # (H, L, L)
+        attentions = model.language_model(inputs_embeds=inputs, output_attentions=True).attentions  # per layer (1, H, L, L)
     count = anchor.shape[0]
     rows = torch.tensor([t + count - 1 if t > position else t for t in question_tokens])
-    expected = attentions.mean(0)[rows][:, position : position + count].mean(0)
-    torch.testing.assert_close(importance, expected.float(), rtol=1e-4, atol=1e-6)
+    by_layer = [a[0].mean(0)[rows][:, position : position + count].mean(0).float() for a in attentions]
+    torch.testing.assert_close(importance, by_layer[layer], rtol=1e-4, atol=1e-6)
+    # the layers' maps differ by more than ten times that tolerance (the tiny LM attends almost uniformly)
+    assert not torch.allclose(by_layer[0], by_layer[1], rtol=1e-3, atol=1e-6)
 
 
 def test_select_respects_budgets_and_counts_every_token(tiny_model, image_factory):
@@ -347,6 +354,29 @@ def test_select_respects_budgets_and_counts_every_token(tiny_model, image_factor
     assert len(tokens) <= 9
     for scale in encoding.scales:
         assert int((tokens.scale == scale.view.index).sum()) <= scale.budget
+
+
+def test_select_cuts_plainly_when_reserve_regions_is_off(tiny_model, image_factory):
+    model, _ = tiny_model
+    question = "How many ships?"
+    # 3 scales of 4 regions under a budget of 12: each scale gets B_s = R_s = 4, one slot per region
+    reserving, plain = _strategy(budget=12), _strategy(budget=12, reserve_regions=False)
+    with torch.no_grad():
+        encoding = reserving.encode(model, ArraySource(image_factory(70, 100)))
+        tokens = {flag: strategy.select(model, encoding, question) for flag, strategy in [(True, reserving), (False, plain)]}
+        anchor_map = reserving.anchor_importance(model, encoding, question)
+    assert [s.budget for s in encoding.scales] == [int(s.regions.max()) + 1 for s in encoding.scales] == [4, 4, 4]
+    for flag in (True, False):
+        # what preserve-and-merge gives each scale with that flag, scale after scale
+        expected = []
+        for scale in encoding.scales:
+            aligned = align_importance(anchor_map, (scale.rows, scale.cols), token_step(encoding.scales[0].grid, scale.grid))
+            expected.append(preserve_and_merge(scale.embeds, aligned.reshape(-1), scale.regions, scale.budget, flag))
+        torch.testing.assert_close(tokens[flag].embeds, torch.cat([s.embeds for s in expected]))
+        regions_kept = [len(torch.unique(s.region)) for s in expected]
+        # the reserving cut keeps a token of every region; the plain one lets the first regions take the budget
+        assert (min(regions_kept) == 4) if flag else (min(regions_kept) < 4)
+    assert not torch.equal(tokens[True].embeds, tokens[False].embeds)
 
 
 def test_given_scale_budgets_of_merged_scales_add_up(tiny_model, image_factory):
