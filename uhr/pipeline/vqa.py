@@ -96,6 +96,15 @@ def unseen_rows(batch: pa.Table, written: set[str]) -> pa.Table:
     return batch if len(fresh) == batch.num_rows else batch.take(pa.array(fresh, pa.int64()))
 
 
+def input_dataset(groups: pa.Table) -> ray.data.Dataset:
+    """The plan's scene groups as a dataset of `MAX_INPUT_BLOCKS` blocks at most (one group each
+    while there are fewer groups), put into the object store by the driver."""
+    bounds = np.linspace(0, groups.num_rows, max(1, min(groups.num_rows, MAX_INPUT_BLOCKS)) + 1).astype(int)
+    # from_blocks, not from_arrow: from_arrow runs a Ray task per block to read its metadata (22 s for
+    # 4,096 blocks of 225,000 groups on a busy 2-core machine, against 7 s here); Ray is pinned to 2.60.
+    return ray.data.from_blocks([groups.slice(start, stop - start) for start, stop in zip(bounds[:-1], bounds[1:])])
+
+
 def build_vqa_dataset(
     groups: pa.Table, config: VqaConfig, model_uri: str, model_config: UhrConfig, run_id: str
 ) -> ray.data.Dataset:
@@ -103,10 +112,7 @@ def build_vqa_dataset(
     runtime_env = worker_env(config.storage)
     read, encode, answer = config.read, config.encode, config.answer
     stage_kwargs = {"config": config, "model_uri": model_uri, "run_id": run_id, "model_id": redact(model_uri)}
-    bounds = np.linspace(0, groups.num_rows, max(1, min(groups.num_rows, MAX_INPUT_BLOCKS)) + 1).astype(int)
-    # from_blocks, not from_arrow: from_arrow runs a Ray task per block to read its metadata (22 s for
-    # 4,096 blocks of 225,000 groups on a busy 2-core machine, against 7 s here); Ray is pinned to 2.60.
-    ds = ray.data.from_blocks([groups.slice(start, stop - start) for start, stop in zip(bounds[:-1], bounds[1:])])
+    ds = input_dataset(groups)
     # Ray Data spreads its tasks over the nodes itself (DataContext.scheduling_strategy, SPREAD by
     # default): scene reads fan out without a strategy of ours.
     ds = ds.map_batches(
