@@ -15,6 +15,9 @@ import os
 import platform
 import threading
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -23,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.util.annotations import RayDeprecationWarning
 
 from uhr.model import load_model_config, weights_fingerprint
 from uhr.answers import same_choice
@@ -68,6 +72,16 @@ ACTOR_TASK_RETRIES = 3
 """Attempts of a batch after its actor died: enough for a lost node; a scene whose batch kills
 its actor every time (out of memory) stops the job instead of being retried forever (Ray Data's
 default), its rows so far written and a rerun resuming."""
+
+
+@contextmanager
+def _retries_through_remote_args() -> Iterator[None]:
+    """Ray 2.60's `map_batches` names no parameter for `max_task_retries`: `ray_remote_args`, which
+    it warns is deprecated (for removal in Ray 2.64), is the only way in, so that warning is silenced
+    where the actor stages take it; nothing a user could act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=RayDeprecationWarning)
+        yield
 
 
 def required_cpus(config: VqaConfig) -> float:
@@ -130,37 +144,38 @@ def build_vqa_dataset(
         num_cpus=read.num_cpus,
         memory=read.memory_gb * 2**30,
     )
-    ds = ds.map_batches(
-        EncodeStage,
-        fn_constructor_kwargs={**stage_kwargs, "fused": config.fused},
-        batch_size=encode.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(
-            min_size=encode.min_actors, max_size=encode.max_actors, max_tasks_in_flight_per_actor=encode.max_tasks_in_flight
-        ),
-        num_gpus=encode.num_gpus,
-        num_cpus=encode.num_cpus,
-        accelerator_type=encode.accelerator_type,
-        runtime_env=runtime_env,
-        max_task_retries=ACTOR_TASK_RETRIES,
-    )
-    if not config.fused:
+    with _retries_through_remote_args():
         ds = ds.map_batches(
-            AnswerStage,
-            fn_constructor_kwargs=stage_kwargs,
-            batch_size=answer.batch_size,
+            EncodeStage,
+            fn_constructor_kwargs={**stage_kwargs, "fused": config.fused},
+            batch_size=encode.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(
-                min_size=answer.min_actors,
-                max_size=answer.max_actors,
-                max_tasks_in_flight_per_actor=answer.max_tasks_in_flight,
+                min_size=encode.min_actors, max_size=encode.max_actors, max_tasks_in_flight_per_actor=encode.max_tasks_in_flight
             ),
-            num_gpus=answer.num_gpus,
-            num_cpus=answer.num_cpus,
-            accelerator_type=answer.accelerator_type,
+            num_gpus=encode.num_gpus,
+            num_cpus=encode.num_cpus,
+            accelerator_type=encode.accelerator_type,
             runtime_env=runtime_env,
             max_task_retries=ACTOR_TASK_RETRIES,
         )
+        if not config.fused:
+            ds = ds.map_batches(
+                AnswerStage,
+                fn_constructor_kwargs=stage_kwargs,
+                batch_size=answer.batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(
+                    min_size=answer.min_actors,
+                    max_size=answer.max_actors,
+                    max_tasks_in_flight_per_actor=answer.max_tasks_in_flight,
+                ),
+                num_gpus=answer.num_gpus,
+                num_cpus=answer.num_cpus,
+                accelerator_type=answer.accelerator_type,
+                runtime_env=runtime_env,
+                max_task_retries=ACTOR_TASK_RETRIES,
+            )
     return ds
 
 
