@@ -34,6 +34,7 @@ from uhr.eval.run import (
 from uhr.config import ConfigError
 from uhr.model import load_model, load_model_config, save_model
 from uhr.pipeline import VqaConfig
+from uhr.pipeline.defaults import sample_archive
 from uhr.pipeline.output import MANIFEST_NAME
 from uhr.storage import StorageConfig
 from uhr.synth import ArchiveIndex, write_archive
@@ -293,11 +294,11 @@ def test_sweep_plans_one_run_per_combination(model_dir) -> None:
 
 @pytest.mark.slow
 def test_embedded_sample_archive_by_default(ray_local, tmp_path) -> None:
-    """No --data for synthetic: the sample archive (4 scenes of 4096 px) with the default model."""
+    """No --data for synthetic: the sample archive `make run` answers, with the default model."""
     output = str(tmp_path / "eval")
     assert main(["--benchmark", "synthetic", "--output", output, *FAST]) == 0
     report = json.loads((tmp_path / "eval" / REPORT_JSON).read_text())
-    assert report["evaluation"]["data"].endswith("archive-4x4096-seed7")
+    assert report["evaluation"]["data"] == sample_archive().root
     assert report["runs"][0]["answered"] == report["evaluation"]["items"] > 0
 
 
