@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import fsspec
 import pytest
 import rasterio
 import s3fs
@@ -100,6 +101,38 @@ def test_fs_options_refuse_credentials(clean_env, options):
     assert "NOT+A+REAL" not in str(caught.value) and "NOT-A-REAL" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"endpoint_url": "https://uhr:uhr-not-a-real-password@minio.internal:9000"},
+        {"client_kwargs": {"endpoint_url": "https://uhr:uhr-not-a-real-password@minio.internal:9000"}},
+    ],
+    ids=["endpoint", "nested-endpoint"],
+)
+def test_fs_options_refuse_a_url_carrying_credentials(clean_env, options):
+    with pytest.raises(ValidationError, match="fs_options must not hold credentials") as caught:
+        StorageConfig(fs_options=options)
+    assert "not-a-real" not in str(caught.value)
+
+
+@pytest.mark.parametrize("header", ["X-Api-Key: uhr-not-a-real-key", "Cookie: sessionid=uhr-not-a-real-session"])
+def test_gdal_http_headers_carrying_a_credential_are_refused(clean_env, header):
+    # redact() leaves these two alone, so the header's own name must be what refuses them.
+    with pytest.raises(ValidationError, match="must not hold credentials"):
+        StorageConfig(gdal_options={"GDAL_HTTP_HEADERS": header})
+
+
+def test_anonymous_access_reaches_each_store_unsigned(clean_env, monkeypatch):
+    assert StorageConfig(anonymous=True).filesystem("s3://bucket/key.tif").anon is True
+    assert StorageConfig().filesystem("s3://bucket/key.tif").anon is False
+    made = []
+    monkeypatch.setattr(fsspec, "filesystem", lambda protocol, **options: made.append((protocol, options)))
+    StorageConfig(anonymous=True).filesystem("gs://bucket/key.tif")
+    StorageConfig(anonymous=True).filesystem("az://container/key.tif")
+    StorageConfig().filesystem("gs://bucket/key.tif")
+    assert made == [("gs", {"token": "anon"}), ("az", {"anon": True}), ("gs", {})]
+
+
 def test_fs_options_keep_what_is_no_secret(clean_env):
     for options in ({"requester_pays": True}, {"token": "anon"}, {"token": "/keys/service-account.json"}):
         assert StorageConfig(fs_options=options).fs_options == options
@@ -185,12 +218,14 @@ PEM = "-----{} " + "PRIVATE KEY-----"
         ("refresh_token=1//uhr-not-real", "1//uhr-not-real"),
         ("{'SecretAccessKey': 'uhr/not+real', 'SessionToken': 'uhr-not-real'}", "uhr/not+real"),
         (f"s3://{FAKE_SHAPED_KEY_ID}:uhr/NOT+A+REAL+SECRET@bucket/x.tif", "uhr/NOT+A+REAL+SECRET"),
+        ("https://storage.googleapis.com/b/a.tif?X-Goog-Algorithm=GOOG4&X-Goog-Signature=uhrnotreal0sig", "uhrnotreal0sig"),
+        ("https://b.s3.amazonaws.com/a.tif?Expires=1&Signature=uhrNotARealV2Sig%3D", "uhrNotARealV2Sig%3D"),
     ],
     # Named, so test ids (in logs and pytest's cache) do not spell out the credential-shaped strings.
     ids=[
         "presigned-signature", "security-token", "azure-sas", "url-password", "sigv4-header", "aws-config-line",
         "key-id", "oauth-client-secret", "gcs-secret", "azure-account-key", "pem-key", "bearer", "refresh-token",
-        "boto-dict", "url-key-pair",
+        "boto-dict", "url-key-pair", "gcs-signed-url", "s3-v2-presigned",
     ],
 )
 def test_redact_masks_credentials(text, secret):
@@ -200,8 +235,9 @@ def test_redact_masks_credentials(text, secret):
     assert redact(masked + ": not found") == masked + ": not found"
 
 
-def test_redact_masks_the_environment_secret_wherever_it_appears(monkeypatch):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "uhr-not-a-real-secret-from-env")
+@pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"])
+def test_redact_masks_the_environment_secret_wherever_it_appears(monkeypatch, name):
+    monkeypatch.setenv(name, "uhr-not-a-real-secret-from-env")
     assert redact("GDAL said: bad key uhr-not-a-real-secret-from-env here") == "GDAL said: bad key *** here"
 
 
