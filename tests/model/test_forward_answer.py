@@ -143,6 +143,24 @@ def test_questions_sharing_leading_visual_tokens_answer_as_one_by_one(tiny_model
     assert len(set(single)) > 1, "the questions must get different answers for this check to mean anything"
 
 
+def test_a_group_shares_only_what_all_its_questions_have_in_common(tiny_model, tokens_factory):
+    """A third question sharing more with the first than the second does must not widen the group's
+    shared prefix: the second would be answered over the first's tokens."""
+    model, _ = tiny_model
+    head, middle = tokens_factory(3, 64, seed=5), tokens_factory(7, 64, seed=6)
+    tails = [tokens_factory(6, 64, seed=seed) for seed in (7, 8, 9)]
+    visual = [
+        PrunedTokens.concat([head, middle, tails[0]], dense=100),
+        PrunedTokens.concat([head, tails[1]], dense=100),  # 3 tokens in common with the first
+        PrunedTokens.concat([head, middle, tails[2]], dense=100),  # 10 in common with the first
+    ]
+    questions = ["How many ships?", "Is there a bridge over the river?", "What is in the box?"]
+    ids = [model._prompt(q) for q in questions]
+    assert _shared_prefix_groups(visual, [(torch.tensor(i), p) for i, p, _ in ids]) == [([0, 1, 2], 3)]
+    together = model.answer(visual, questions, max_new_tokens=8)
+    assert together == [model.answer([v], [q], max_new_tokens=8)[0] for v, q in zip(visual, questions)]
+
+
 def test_multi_image_questions_answer_as_one_by_one(tiny_model, tokens_factory):
     """Questions on the same image pair share the prefill of the first image; a single-image
     question on that first image shares it too; each gets the answer it gets alone."""

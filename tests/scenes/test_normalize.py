@@ -99,6 +99,7 @@ def test_any_stretch_gives_rgb_uint8_in_range(data, low, per_band):
         ({"bands": (1, 2)}, "one band"),
         ({"bands": (0, 1, 2)}, "1-based"),
         ({"percentiles": (98, 2)}, "percentiles"),
+        ({"percentiles": (50, 50)}, "percentiles"),  # no spread: every pixel would be one value
         ({"stretch": StretchMode.FIXED}, "value_range"),
         ({"stretch": "fixed", "value_range": (5, 5)}, "low < high"),
         ({"fill": 300}, "less than or equal"),

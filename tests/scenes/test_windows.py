@@ -72,6 +72,9 @@ def test_project_is_identity_at_scale_one_and_scales_offsets():
     assert project(Box(0, 0, 90, 30), outer, 100, 50) == Box(10, 20, 90, 30)
     assert project(Box(0, 0, 90, 30), outer, 50, 25) == Box(5, 10, 45, 15)
     assert project(Box(0, 0, 1, 1), outer, 10, 5) is None
+    # Edges round half up: at half scale, pixel columns 1-2 of 4 land on output column 1, not 0.
+    assert project(Box(1, 0, 2, 1), Box(0, 0, 4, 1), 2, 1) == Box(1, 0, 1, 1)
+    assert project(Box(0, 0, 3, 1), Box(0, 0, 4, 1), 2, 1) == Box(0, 0, 2, 1)
     with pytest.raises(ValueError, match="not inside"):
         project(Box(-20, 0, 5, 5), outer, 10, 10)
 
