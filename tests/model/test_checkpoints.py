@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import pickle
+import re
 import shutil
 
 import numpy as np
@@ -17,7 +19,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from uhr.model import CheckpointError, build_tiny_model, load_model, load_model_config, save_model, weights_fingerprint
+from uhr.model import (
+    CheckpointError,
+    build_tiny_model,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    save_model,
+    weights_fingerprint,
+)
 from uhr.model.pruning.config import PruningConfig
 
 PROMPT_QUESTION = "Is there a bridge over the river?"
@@ -442,3 +452,109 @@ def test_build_tiny_model_is_deterministic():
     assert (llama.config.num_scales, llama.config.tile_batch_size) == (2, 3)
     with pytest.raises(ValueError, match="text_model"):
         build_tiny_model(text_model="gpt2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals and side effects the tests above do not reach
+# ---------------------------------------------------------------------------------------------
+
+
+def _longva_state(model, tokenizer, directory, merge_type="unires_max24"):
+    _write_longva(model, tokenizer, directory, merge_type=merge_type, text_type="qwen2", pinpoints=[[32, 64]],
+                  heads_in_config=True)  # fmt: skip
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_checkpoint_keys_for_parameters_the_model_lacks_are_refused(tmp_path, tiny_model):
+    model, tokenizer = tiny_model
+    state = _longva_state(model, tokenizer, tmp_path)
+    # A third LM layer in a two-layer model: the key has a place in the table, not in the model.
+    extra = {**state, "model.layers.99.mlp.up_proj.weight": torch.zeros(128, 64)}
+    save_file(extra, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"parameters the model does not have.*layers.99.mlp.up_proj"):
+        load_model(tmp_path)
+
+
+def test_two_checkpoint_keys_for_one_parameter_are_refused(tmp_path, tiny_model):
+    model, tokenizer = tiny_model
+    state = _longva_state(model, tokenizer, tmp_path)
+    # The affinity head stored both beside `model` (released GeoLLaVA-8K) and inside it: which one is the model's?
+    assert "reghead.pw.bias" in state
+    save_file({**state, "model.reghead.pw.bias": torch.zeros_like(state["reghead.pw.bias"])},
+              str(tmp_path / "model.safetensors"))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"'model.reghead.pw.bias' and 'reghead.pw.bias' both map to 'reghead.pw.bias'"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("merge_type", "dropped", "lacked"),
+    [
+        ("unires_max24", "reghead.", "reghead.pw.bias"),  # GeoLLaVA-8K without its affinity head
+        ("spatial_unpad", "model.image_newline", "image_newline"),  # LongVA without its row separator
+    ],
+)
+def test_a_checkpoint_lacking_what_its_merge_type_uses_is_refused(tmp_path, tiny_model, merge_type, dropped, lacked):
+    model, tokenizer = tiny_model
+    state = _longva_state(model, tokenizer, tmp_path, merge_type=merge_type)
+    assert any(k.startswith(dropped) for k in state)
+    save_file({k: v for k, v in state.items() if not k.startswith(dropped)}, str(tmp_path / "model.safetensors"))
+    # Left at initialisation, the model would run but answer from a random head / separator.
+    with pytest.raises(CheckpointError, match=rf"lacks.*'{re.escape(lacked)}'"):
+        load_model(tmp_path)
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(tmp_path, tiny_model):
+    model, _ = tiny_model
+    save_model(model, tmp_path)
+    config_file = tmp_path / "tokenizer_config.json"
+    saved = json.loads(config_file.read_text())
+    saved.pop("pad_token")
+    config_file.write_text(json.dumps(saved))
+    _, tokenizer = load_model(tmp_path)
+    # Batched prompts are padded; LLaVA checkpoints often ship no pad token.
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+
+
+def test_load_tokenizer_from_object_storage_leaves_the_weights_there(s3_server, tiny_model):
+    model, tokenizer = tiny_model
+    storage = s3_server.storage()
+    uri = f"s3://{s3_server.new_bucket('tokenizer')}/export"
+    save_model(model, uri, storage=storage)
+    weights = s3_server.client.head_object(Bucket=uri.split("/")[2], Key="export/model.safetensors")["ContentLength"]
+    with s3_server.measure() as measured:
+        remote = load_tokenizer(uri, storage=storage)
+    assert remote.get_vocab() == tokenizer.get_vocab()
+    assert measured.bytes_sent < weights / 10  # config, tokenizer files and the safetensors header only
+
+
+def test_save_model_keeps_the_trainers_training_args(tmp_path, tiny_model):
+    model, _ = tiny_model
+    (tmp_path / "training_args.bin").write_bytes(b"trainer state")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"old weights")
+    save_model(model, tmp_path)
+    # Old weights go (two sets would be ambiguous); the trainer's record of the run is no weights.
+    assert not (tmp_path / "pytorch_model.bin").exists()
+    assert (tmp_path / "training_args.bin").read_bytes() == b"trainer state"
+
+
+class _Payload:
+    """Pickles as a call that writes a marker file: what a hostile .bin runs when fully unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (shutil.copyfile, (__file__, self.marker))
+
+
+def test_allow_pickle_still_refuses_pickled_code(tmp_path, tiny_model):
+    model, tokenizer = tiny_model
+    state = _longva_state(model, tokenizer, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    marker = tmp_path / "payload-ran"
+    torch.save({**state, "lm_head.weight": _Payload(marker)}, tmp_path / "pytorch_model.bin")
+    # allow_pickle permits pickled tensors, not arbitrary objects: torch's weights-only unpickler.
+    with pytest.raises(pickle.UnpicklingError):
+        load_model(tmp_path, allow_pickle=True)
+    assert not marker.exists()
