@@ -382,6 +382,12 @@ def test_weights_come_only_from_the_checkpoints_own_files(tmp_path, tiny_model):
             load_model(directory)
         with pytest.raises(CheckpointError, match="names a shard outside the checkpoint"):
             weights_fingerprint(directory)
+    # A shard the index names that is missing, or pickled: stopped at the index, naming the shard.
+    for shard, problem in (("gone.safetensors", "that is not there"), ("rest.bin", "that is not safetensors")):
+        weight_map = {**{k: shard for k in vision}, **{k: "rest.safetensors" for k in state if k not in vision}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match=rf"names a shard {problem}: '{shard}'"):
+            load_model(directory)
     (directory / "model.safetensors.index.json").unlink()
 
     # A stray file holding keys the checkpoint's file holds too: which are the model's?
