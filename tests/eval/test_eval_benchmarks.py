@@ -38,6 +38,7 @@ from uhr.eval.benchmarks import (
     load_mme_realworld_rs,
     load_synthetic,
     load_xlrs_lite,
+    lrs_vqa_subset,
 )
 from uhr.storage import StorageConfig
 from uhr.synth.archive import write_archive
@@ -92,6 +93,17 @@ def test_xlrs_from_parquet_matches_arrow_and_reuses_written_images(tmp_path: Pat
     assert from_parquet.equals(from_arrow)
     assert image.stat().st_mtime_ns == stamp  # already there with the same size: not rewritten
     assert load_xlrs_lite(str(parquet), image_dir=str(tmp_path / "img")).equals(from_arrow)
+
+
+def test_xlrs_rewrites_a_truncated_image_left_by_an_interrupted_extraction(tmp_path: Path) -> None:
+    data = XLRS_ROWS[0]["image"][0]["bytes"]
+    image = tmp_path / "img" / _content_name(data, ".png")
+    image.parent.mkdir()
+    image.write_bytes(data[: len(data) // 2])  # the right name, half the bytes
+    parquet = write_xlrs_parquet(tmp_path / "xlrs.parquet", [XLRS_ROWS[0]])
+    items = load_xlrs_lite(str(parquet), image_dir=str(tmp_path / "img"))
+    assert items.column("images").to_pylist() == [[str(image)]]
+    assert image.read_bytes() == data
 
 
 def test_xlrs_images_stored_as_paths_resolve_against_the_data_folder(tmp_path: Path) -> None:
@@ -154,6 +166,21 @@ def test_lrs_vqa_published_layout(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert json.loads(color["meta"]) == {
         "image_size": [16, 12], "rbox": [1, 2, 5, 2, 5, 6, 1, 6], "abs_size": 16, "size_bin": "small"
     }
+
+
+@pytest.mark.parametrize("category", ["", None])
+def test_lrs_vqa_skips_items_without_a_category(tmp_path: Path, caplog: pytest.LogCaptureFixture, category) -> None:
+    records = [LRS_RECORDS[0], dict(LRS_RECORDS[1], category=category)]
+    items = load_lrs_vqa(str(write_lrs_vqa(tmp_path, records)))
+    assert items.column("question_id").to_pylist() == ["FAIR_12"]
+    assert "skipped 1 item(s) without ground_truth or category" in caplog.text
+
+
+def test_lrs_vqa_subset_is_the_id_before_the_first_underscore(tmp_path: Path) -> None:
+    assert lrs_vqa_subset("DOTA_v2_123") == "DOTA"
+    assert lrs_vqa_subset("GLH-Bridge_3") == "GLH-Bridge"
+    items = load_lrs_vqa(str(write_lrs_vqa(tmp_path, [dict(LRS_RECORDS[0], question_id="DOTA_v2_123")])))
+    assert items.column("subset").to_pylist() == ["DOTA"]
 
 
 def test_lrs_vqa_image_root_and_bad_lines(tmp_path: Path) -> None:

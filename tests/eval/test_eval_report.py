@@ -138,6 +138,29 @@ def test_report_rejects_inconsistent_answers() -> None:
         join_answers(ITEMS, twice)
 
 
+def test_a_row_without_an_answer_or_an_error_counts_as_an_error() -> None:
+    answers = _answers([("1", "A", "none", None, 10, 10, None), ("2", None, "none", None, 10, 10, None)])
+    table = join_answers(ITEMS, answers)[("none", None)]
+    assert table.column("status").to_pylist() == ["answered", "error", "missing", "missing"]
+    assert table.column("reply").to_pylist() == ["A", None, None, None]
+    (run,) = evaluate(ITEMS, answers).runs
+    assert (run.source, run.answered, run.errors, run.missing) == ("xlrs-lite", 1, 1, 2)
+
+
+def test_mean_tokens_average_the_answered_rows_only() -> None:
+    # The error row reports 0 tokens kept (and 0 dense): it must not pull the means down.
+    answers = _answers(
+        [
+            ("1", "A", "geollava", 64, 64, 2000, None),
+            ("2", "B", "geollava", 64, 128, 4000, None),
+            ("3", None, "geollava", 64, 0, 0, "CUDA out of memory"),
+        ]
+    )
+    (run,) = evaluate(ITEMS, answers).runs
+    assert (run.answered, run.errors, run.missing) == (2, 1, 1)
+    assert run.mean_tokens_kept == 96 and run.mean_tokens_dense == 3000
+
+
 def test_question_ids_shared_by_benchmarks_need_a_source_column() -> None:
     items = pa.concat_tables(
         [ITEMS, pa.Table.from_pylist([_item("mme-realworld-rs", "1", "color", "B")], schema=ITEM_SCHEMA)]

@@ -25,6 +25,7 @@ from uhr.train.data import (
     default_image_root,
     image_uri,
     load_tokenizer,
+    prepare_sample,
     question_text,
 )
 
@@ -152,6 +153,26 @@ def test_bad_rows_are_skipped_counted_and_named(ray_local, model_dir, manifest_w
     assert "[0, 0, 64]" in reasons["window-not-a-box"] and "positive size" in reasons["window-of-no-size"]
     assert "is not inside the" in reasons["window-past-the-image"]
     assert SIGNATURE not in repr(skipped) and any("X-Amz-Signature=***" in key for key in reasons)
+
+
+def test_a_bbox_that_is_not_finite_is_skipped_as_a_bad_bbox(model_dir, train_archive, caplog):
+    """NaN and Infinity (what json.dumps writes, json.loads reads back) are no pixel coordinates."""
+    good = json.loads(Path(train_archive.train_jsonl).read_text().splitlines()[0])
+    model_config = load_model_config(str(model_dir))
+    settings = dict(
+        tokenizer=load_tokenizer(str(model_dir), STORAGE),
+        model_config=model_config,
+        pruning=resolve_pruning(PruningConfig(strategy="uhr-bat"), model_config),
+        image_root=train_archive.root,
+        max_length=512,
+        storage=STORAGE,
+        normalize=NORMALIZE,
+    )
+    assert len(prepare_sample({"record": json.dumps(good)}, **settings)) == 1
+    for key, bbox in (("bbox-nan", [float("nan"), 0, 5, 5]), ("bbox-inf", [0, 0, float("inf"), 5])):
+        caplog.clear()
+        assert prepare_sample({"record": json.dumps({**good, "id": key, "bbox": bbox})}, **settings) == []
+        assert f"skipping sample {key}: bbox: must be [x0, y0, x1, y1]" in caplog.text
 
 
 def test_a_json_list_manifest_reads_like_jsonl_and_a_non_list_is_counted(ray_local, model_dir, train_archive, tmp_path):
