@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,13 @@ def test_lrs_vqa_skips_items_without_a_category(tmp_path: Path, caplog: pytest.L
     assert "skipped 1 item(s) without ground_truth or category" in caplog.text
 
 
+def test_lrs_vqa_refuses_an_id_given_twice(tmp_path: Path) -> None:
+    # Caught at load, naming the file: two answers to one id could not be told apart in the report.
+    path = write_lrs_vqa(tmp_path, [LRS_RECORDS[0], dict(LRS_RECORDS[1], question_id=LRS_RECORDS[0]["question_id"])])
+    with pytest.raises(BenchmarkFormatError, match=rf"{re.escape(str(path))}: duplicate question ids"):
+        load_lrs_vqa(str(path))
+
+
 def test_lrs_vqa_subset_is_the_id_before_the_first_underscore(tmp_path: Path) -> None:
     assert lrs_vqa_subset("DOTA_v2_123") == "DOTA"
     assert lrs_vqa_subset("GLH-Bridge_3") == "GLH-Bridge"
@@ -235,6 +243,9 @@ def test_mme_realworld_official_prompt(tmp_path: Path) -> None:
         ({"Ground truth": "AB"}, "'Ground truth' must be one option letter, got 'AB'"),
         ({"Ground truth": "F"}, "'Ground truth' must be one option letter"),
         ({"Answer choices": "(A) Red"}, "'Answer choices' must be a non-empty list"),
+        # A letter the item's own options do not reach, and more options than letters.
+        ({"Answer choices": ["(A) Red", "(B) Blue"], "Ground truth": "D"}, "'Ground truth' must be one option letter, got 'D'"),
+        ({"Answer choices": [*MME_OPTIONS[:5], "(F) Grey"]}, "'Answer choices' has 6 options, at most 5 allowed"),
     ],
 )
 def test_mme_realworld_rejects_bad_items(tmp_path: Path, change: dict, message: str) -> None:
