@@ -56,7 +56,7 @@ def test_a_printed_config_reads_back_as_the_same_config(tmp_path, cls, path, ove
 
 
 def test_print_config_prints_and_starts_nothing(capsys):
-    secret = "s3://user:uhr-not-a-real-password@bucket/model"
+    secret = "s3://uhr-not-a-real-user:uhr-not-a-real-password@bucket/model"
     assert vqa_job.main(["--print-config", "--model", secret, "pruning.strategy=c2f"]) == 0
     printed = capsys.readouterr().out
     assert "\npruning:\n" in printed and "\n  strategy: c2f\n" in printed and "\n  # budget: 1024\n" in printed

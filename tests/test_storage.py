@@ -104,8 +104,8 @@ def test_fs_options_refuse_credentials(clean_env, options):
 @pytest.mark.parametrize(
     "options",
     [
-        {"endpoint_url": "https://uhr:uhr-not-a-real-password@minio.internal:9000"},
-        {"client_kwargs": {"endpoint_url": "https://uhr:uhr-not-a-real-password@minio.internal:9000"}},
+        {"endpoint_url": "https://uhr-not-a-real-user:uhr-not-a-real-password@minio.internal:9000"},
+        {"client_kwargs": {"endpoint_url": "https://uhr-not-a-real-user:uhr-not-a-real-password@minio.internal:9000"}},
     ],
     ids=["endpoint", "nested-endpoint"],
 )
@@ -218,8 +218,8 @@ PEM = "-----{} " + "PRIVATE KEY-----"
         ("refresh_token=1//uhr-not-real", "1//uhr-not-real"),
         ("{'SecretAccessKey': 'uhr/not+real', 'SessionToken': 'uhr-not-real'}", "uhr/not+real"),
         (f"s3://{FAKE_SHAPED_KEY_ID}:uhr/NOT+A+REAL+SECRET@bucket/x.tif", "uhr/NOT+A+REAL+SECRET"),
-        ("https://storage.googleapis.com/b/a.tif?X-Goog-Algorithm=GOOG4&X-Goog-Signature=uhrnotreal0sig", "uhrnotreal0sig"),
-        ("https://b.s3.amazonaws.com/a.tif?Expires=1&Signature=uhrNotARealV2Sig%3D", "uhrNotARealV2Sig%3D"),
+        ("https://storage.googleapis.com/b/a.tif?X-Goog-Algorithm=GOOG4&X-Goog-Signature=uhr-not-a-real-gcs-signature", "uhr-not-a-real-gcs-signature"),
+        ("https://b.s3.amazonaws.com/a.tif?Expires=1&Signature=uhr-not-a-real-v2-signature%3D", "uhr-not-a-real-v2-signature%3D"),
     ],
     # Named, so test ids (in logs and pytest's cache) do not spell out the credential-shaped strings.
     ids=[
@@ -255,7 +255,7 @@ def test_redact_leaves_counts_and_paths_alone():
 
 def test_scene_error_carries_redacted_uri_and_reason_and_pickles():
     error = SceneError(
-        "https://uhr-not-a-real-user:uhr-not-a-real-password@h/a.tif?X-Amz-Signature=sig123456", "HTTP 403 for ?X-Amz-Signature=sig123456"
+        "https://uhr-not-a-real-user:uhr-not-a-real-password@h/a.tif?X-Amz-Signature=uhr-not-a-real-signature", "HTTP 403 for ?X-Amz-Signature=uhr-not-a-real-signature"
     )
     assert isinstance(error, UhrError)
     assert str(error) == "cannot read scene https://***@h/a.tif?X-Amz-Signature=***: HTTP 403 for ?X-Amz-Signature=***"
