@@ -235,13 +235,15 @@ def drop_rows(output: str, storage: StorageConfig, question_ids: set[str]) -> in
     fs = storage.filesystem(output)
     for path in _part_paths(output, storage):
         ids = _read_part(path, storage, ["question_id"])
-        # Membership in the Python set: pc.is_in would hash all of `question_ids` again for every part.
-        if ids is None or not any(qid in question_ids for qid in ids["question_id"].to_pylist()):
+        if ids is None:
             continue
-        table = _read_part(path, storage)
+        # Membership in the Python set: pc.is_in would hash all of `question_ids` again for every part.
+        drop = pa.array([qid in question_ids for qid in ids["question_id"].to_pylist()], pa.bool_())
+        if not pc.any(drop).as_py():
+            continue
+        table = _read_part(path, storage)  # the same rows in the same order, every column
         if table is None:
             continue
-        drop = pa.array([qid in question_ids for qid in table["question_id"].to_pylist()], pa.bool_())
         rest = table.filter(pc.invert(drop))
         dropped += table.num_rows - rest.num_rows
         if rest.num_rows:
