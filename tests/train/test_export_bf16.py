@@ -25,7 +25,8 @@ from uhr.storage import StorageConfig
 from uhr.train.config import FinetuneConfig
 from uhr.train.deepspeed_config import fill_deepspeed_config, load_deepspeed_json
 from uhr.train.export import export_model
-from uhr.train.loop import CHECKPOINT_TAG, TrainPlan, build_engine, label_tokens, micro_step
+from uhr.train.loop import TrainPlan, build_engine, label_tokens, micro_step
+from uhr.train.resume import CHECKPOINT_TAG
 from tests.train.one_rank import tiny_samples
 
 root = Path(sys.argv[1])

@@ -19,6 +19,7 @@ import psutil
 import pytest
 import ray
 import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from ray.cluster_utils import Cluster
 
 from uhr.config import ConfigError, merge_trees
@@ -31,8 +32,11 @@ from uhr.train import FinetuneConfig, FinetuneSummary, run_finetune
 from uhr.train.data import collate
 from uhr.train.export import MODEL_STATES
 from uhr.testing.waiting import wait_for
-from uhr.train.loop import CHECKPOINT_TAG, MODEL_PARTS
-from uhr.train.resume import check_resume, latest_checkpoint
+from uhr.train.loop import MODEL_PARTS
+from uhr.train.resume import CHECKPOINT_TAG, check_resume, latest_checkpoint
+from uhr.train.universal import convert_to_universal
+
+from .one_rank import run_one_rank
 
 TRAINER_SLOT = "trainer_slot"
 MAX_STEPS = 8
@@ -219,15 +223,91 @@ def test_a_rerun_that_changes_what_the_checkpoint_binds_stops_before_ray_starts(
     with pytest.raises(ConfigError) as error:
         run_finetune(FinetuneConfig.model_validate(changed))
     message = str(error.value)
-    assert "scaling.num_workers 2 -> 1" in message and "optimizer.language_model.lr 0.003 -> 0.001" in message
-    assert "micro_batch_size" not in message and "--overwrite" in message
+    assert "optimizer.language_model.lr 0.003 -> 0.001" in message and "--overwrite" in message
+    assert "scaling.num_workers" not in message  # ZeRO-2 resumes on another number of workers
+
+
+UNIVERSAL_LOAD = """
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from uhr.train.config import FinetuneConfig
+from uhr.train.deepspeed_config import fill_deepspeed_config, load_deepspeed_json
+from uhr.train.loop import TrainPlan, build_engine, inner_optimizer
+from uhr.train.universal import UNIVERSAL_TAG
+
+root = Path(sys.argv[1])
+config = FinetuneConfig.model_validate_json((root / "config.json").read_text())
+deepspeed.init_distributed(dist_backend="gloo")
+plan = TrainPlan(config, config.model, fill_deepspeed_config(load_deepspeed_json(config.deepspeed.config), config), 10)
+engine, model = build_engine(plan, load_universal=True)
+_, client_state = engine.load_checkpoint(str(root / "checkpoint"), tag=UNIVERSAL_TAG)
+optimizer = inner_optimizer(engine)
+torch.save(
+    {
+        "step": client_state["uhr"]["step"],
+        "parameters": {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad},
+        "groups": [[optimizer.state[g["params"][0]][key].clone() for key in ("exp_avg", "exp_avg_sq")] for g in optimizer.param_groups],
+        "lr_scheduler": engine.lr_scheduler.state_dict(),
+    },
+    root / "loaded.pt",
+)
+"""
+
+
+def test_one_worker_loads_the_universal_form_of_a_two_worker_checkpoint_exactly(killed_run, s3_server, tmp_path):
+    """The killed run's last checkpoint (ZeRO-2, two ranks) converted and loaded by one rank holds the
+    same master weights, Adam moments (both ranks' partitions joined) and schedule."""
+    config, _, bucket = killed_run
+    storage = s3_server.storage()
+    uri = f"s3://{bucket}/runs/finetune/checkpoint-{MAX_STEPS:08d}"
+    assert check_resume(f"s3://{bucket}/runs/finetune", one_worker(config), 2, storage) == uri
+    convert_to_universal(uri, storage)
+    storage.filesystem(uri).get(uri, str(tmp_path / "checkpoint"), recursive=True)
+    (tmp_path / "config.json").write_text(one_worker(config).model_dump_json())
+    run_one_rank(UNIVERSAL_LOAD, tmp_path, port=29623)
+    loaded = torch.load(tmp_path / "loaded.pt", weights_only=False)
+
+    original = tmp_path / "checkpoint" / CHECKPOINT_TAG
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(original.parent), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
+    assert loaded["step"] == MAX_STEPS and sorted(loaded["parameters"]) == sorted(masters)
+    for name, value in loaded["parameters"].items():
+        torch.testing.assert_close(value, masters[name], rtol=0, atol=0)
+    # Each rank's file holds its slice of every group's flat moments: joined in rank order, they are
+    # the one rank's flat moments (both zero-padded at the end to their own alignment).
+    ranks = [torch.load(original / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False) for rank in (0, 1)]
+    states = [rank["optimizer_state_dict"]["base_optimizer_state"]["state"] for rank in ranks]
+    assert len(loaded["groups"]) == len(states[0]) > 0
+    for group, moments in enumerate(loaded["groups"]):
+        for key, value in zip(("exp_avg", "exp_avg_sq"), moments):
+            joined = torch.cat([state[group][key] for state in states])
+            n = min(value.numel(), joined.numel())
+            torch.testing.assert_close(value[:n], joined[:n], rtol=0, atol=0)
+            assert not value[n:].any() and not joined[n:].any() and joined.abs().sum() > 0
+    model_states = torch.load(original / MODEL_STATES, weights_only=False)
+    assert loaded["lr_scheduler"] == model_states["lr_scheduler"]
+
+
+def one_worker(config: FinetuneConfig) -> FinetuneConfig:
+    """`config` on one worker, placed anywhere: batch 4 is then 1 x 1 worker x 4 accumulation."""
+    return FinetuneConfig.model_validate(
+        merge_trees(config.model_dump(mode="json"), {"scaling": {"num_workers": 1, "placement_strategy": "PACK"}})
+    )
 
 
 @pytest.mark.slow  # a second worker-group start (~100 s here); the killed run already resumes from S3
-def test_rerunning_the_same_command_resumes_from_object_storage(killed_run, s3_server):
+def test_rerunning_on_one_worker_resumes_from_object_storage(killed_run, s3_server):
+    """The two-worker run goes on on one worker: its universal checkpoint, the schedule and the
+    interrupted epoch's position (8 of its 12 rows, now 8 micro-batches of this worker's, not 4)."""
     config, first, _ = killed_run
-    summary = run_finetune(config.model_copy(update={"max_steps": MAX_STEPS + 2}))
+    summary = run_finetune(one_worker(config).model_copy(update={"max_steps": MAX_STEPS + 2}))
     assert summary.resumed_from[-1] == MAX_STEPS and summary.steps == MAX_STEPS + 2
     assert summary.history[:MAX_STEPS] == first.history
     assert [step for step, _ in summary.history] == list(range(1, MAX_STEPS + 3))
-    assert summary.samples == [4, 4]  # only the two new steps ran
+    assert summary.samples == [8]  # only the two new steps ran, on one worker
+    # Step 9 trains the epoch's last 4 rows and step 10 opens the next; read as 4 micro-batches, the
+    # position would leave 8 rows, and both steps in the old epoch.
+    assert summary.epochs == first.epochs + 1

@@ -3,6 +3,8 @@
 Each checkpoint carries `resume_settings` (`RESUME_FILE`); `check_resume` compares the newest one's
 with the re-run's. Every bound setting must be compared (a changed one otherwise fails on every worker
 or silently trains with the checkpoint's values), and what a resume takes from the new config must not.
+Under ZeRO-1/2 the number of workers and the micro-batch size may change: `check_resume` then names
+the checkpoint to convert to DeepSpeed's universal form when the workers changed.
 """
 
 from __future__ import annotations
@@ -41,8 +43,6 @@ def write_checkpoint(run: Path, step: int, config: FinetuneConfig, stage: int = 
 @pytest.mark.parametrize(
     ("key", "change"),
     [
-        ("scaling.num_workers", {"scaling": {"num_workers": 4}}),
-        ("micro_batch_size", {"micro_batch_size": 1}),
         ("deepspeed.precision", {"deepspeed": {"precision": "float32"}}),
         ("optimizer.weight_decay", {"optimizer": {"weight_decay": 0.1}}),
         ("optimizer.betas", {"optimizer": {"betas": (0.9, 0.95)}}),
@@ -60,6 +60,37 @@ def test_changing_a_bound_setting_refuses_the_resume_naming_it(tmp_path, key, ch
     with pytest.raises(ConfigError, match=re.escape(f"other settings: {key} ")) as refused:
         check_resume(str(tmp_path), FinetuneConfig(**merge_trees(BASE, change)), STAGE, StorageConfig())
     assert "; " not in str(refused.value), str(refused.value)  # that setting alone
+
+
+@pytest.mark.parametrize(
+    ("change", "converts"),
+    [
+        ({"scaling": {"num_workers": 4}}, True),
+        ({"scaling": {"num_workers": 1}, "micro_batch_size": 4}, True),
+        ({"micro_batch_size": 1}, False),  # the same partitions; only the epoch position is re-counted
+    ],
+)
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_1_and_2_resume_on_other_workers_from_the_universal_form(tmp_path, change, converts, stage):
+    checkpoint = write_checkpoint(tmp_path, 10, FinetuneConfig(**BASE), stage=stage)
+    changed = FinetuneConfig(**merge_trees(BASE, change))
+    assert check_resume(str(tmp_path), changed, stage, StorageConfig()) == (str(checkpoint) if converts else None)
+    assert check_resume(str(tmp_path), FinetuneConfig(**BASE), stage, StorageConfig()) is None
+    with pytest.raises(ConfigError, match=re.escape("other settings: optimizer.eps")) as refused:  # the rest still binds
+        check_resume(str(tmp_path), FinetuneConfig(**merge_trees(BASE, {**change, "optimizer": {"eps": 1e-6}})), stage, StorageConfig())
+    assert "; " not in str(refused.value), str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "change"),
+    [("scaling.num_workers", {"scaling": {"num_workers": 4}}), ("micro_batch_size", {"micro_batch_size": 1})],
+)
+def test_without_zero_partitions_the_workers_and_micro_batch_bind(tmp_path, key, change):
+    # Stage 0 has no universal conversion here; its resume keeps its shape.
+    write_checkpoint(tmp_path, 10, FinetuneConfig(**BASE), stage=0)
+    with pytest.raises(ConfigError, match=re.escape(f"other settings: {key} ")) as refused:
+        check_resume(str(tmp_path), FinetuneConfig(**merge_trees(BASE, change)), 0, StorageConfig())
+    assert "needs ZeRO stage 1 or 2" in str(refused.value)
 
 
 def test_changing_the_zero_stage_refuses_the_resume_naming_it(tmp_path):

@@ -24,7 +24,7 @@ from uhr.model import UhrConfig, load_model, save_model
 from uhr.model.modeling import UhrForConditionalGeneration
 from uhr.model.pruning.config import PruningConfig
 from uhr.storage import StorageConfig, redact
-from uhr.train.loop import CHECKPOINT_TAG
+from uhr.train.resume import CHECKPOINT_TAG
 
 logger = logging.getLogger(__name__)
 

@@ -45,15 +45,13 @@ from uhr.train.config import FinetuneConfig, OptimizerConfig
 from uhr.train.data import PreparedSource, collate
 from uhr.train.deepspeed_config import zero_stage
 from uhr.train.grounding import grounding_loss
-from uhr.train.resume import RESUME_FILE, resume_settings
+from uhr.train.resume import CHECKPOINT_TAG, RESUME_FILE, resume_settings
+from uhr.train.universal import UNIVERSAL_TAG, checkpoint_workers
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_TAG = "deepspeed"
-"""DeepSpeed tag (sub-directory) of the engine state inside each reported checkpoint."""
 
 MODEL_PARTS: dict[str, tuple[str, ...]] = {
     "vision_tower": ("vision_tower.",),
@@ -139,11 +137,12 @@ def parameter_groups(model: UhrForConditionalGeneration, optimizer: OptimizerCon
 # ----------------------------------------------------------------------------------------------
 
 
-def build_engine(plan: TrainPlan) -> tuple[DeepSpeedEngine, UhrForConditionalGeneration]:
+def build_engine(plan: TrainPlan, load_universal: bool = False) -> tuple[DeepSpeedEngine, UhrForConditionalGeneration]:
     """The model loaded from `plan.model_uri`, frozen and grouped by part, wrapped in a DeepSpeed engine.
 
     The schedule is transformers' cosine with linear warmup over `plan.total_steps`; DeepSpeed
-    steps it at each optimizer step and keeps it in its checkpoints.
+    steps it at each optimizer step and keeps it in its checkpoints. `load_universal` makes the
+    engine load checkpoints in DeepSpeed's universal form (`uhr.train.universal`).
     """
     import deepspeed  # after Ray Train set up the process group and the worker's DS_ACCELERATOR
 
@@ -156,9 +155,10 @@ def build_engine(plan: TrainPlan) -> tuple[DeepSpeedEngine, UhrForConditionalGen
         model.activation_checkpointing_enable()
     warmup = math.ceil(config.optimizer.warmup_ratio * plan.total_steps)
     schedule = partial(get_cosine_schedule_with_warmup, num_warmup_steps=warmup, num_training_steps=plan.total_steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=plan.deepspeed_config, lr_scheduler=schedule
-    )
+    deepspeed_config = plan.deepspeed_config
+    if load_universal:
+        deepspeed_config = {**deepspeed_config, "checkpoint": {**deepspeed_config.get("checkpoint", {}), "load_universal": True}}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=deepspeed_config, lr_scheduler=schedule)
     return engine, model
 
 
@@ -197,23 +197,32 @@ def save_checkpoint(engine: DeepSpeedEngine, state: TrainState, metrics: dict[st
         )
 
 
-def restore_checkpoint(engine: DeepSpeedEngine, checkpoint: ray.train.Checkpoint, accumulation: int) -> TrainState:
-    """Load the engine (weights, optimizer partition, schedule) and the loop state from `checkpoint`.
+def restore_checkpoint(
+    engine: DeepSpeedEngine, checkpoint: ray.train.Checkpoint, config: FinetuneConfig, tag: str = CHECKPOINT_TAG
+) -> TrainState:
+    """Load the engine (weights, optimizer state, schedule) and the loop state from `checkpoint`'s `tag`.
 
-    `accumulation` (micro-batches per optimizer step) places the resume in a checkpoint that predates
-    `epoch_batches`.
+    The checkpoint may have been written by another number of workers or micro-batch size (from its
+    universal form, `uhr.train.universal`): the interrupted epoch's position is the samples all
+    workers had read, re-counted in this run's micro-batches per worker (rounded down, so no row
+    is passed over untrained). A checkpoint that predates `epoch_batches` is placed by its steps.
     """
     with checkpoint.as_directory() as directory:
-        path, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+        path, client_state = engine.load_checkpoint(directory, tag=tag)
+        settings_file = Path(directory) / RESUME_FILE
+        written = json.loads(settings_file.read_text()) if settings_file.exists() else {}
     if path is None:
-        raise RuntimeError(f"checkpoint {checkpoint.path} holds no DeepSpeed state under tag {CHECKPOINT_TAG!r}")
+        raise RuntimeError(f"checkpoint {checkpoint.path} holds no DeepSpeed state under tag {tag!r}")
     saved = client_state["uhr"]
     epoch_start = saved.get("epoch_start", saved["step"])
+    workers, micro = dist.get_world_size(), config.micro_batch_size
+    workers_then, micro_then = written.get("scaling.num_workers", workers), written.get("micro_batch_size", micro)
+    epoch_batches = saved.get("epoch_batches", (saved["step"] - epoch_start) * config.batch_size // (micro_then * workers_then))
     return TrainState(
         step=saved["step"],
         epoch=saved["epoch"],
         epoch_start=epoch_start,
-        epoch_batches=saved.get("epoch_batches", (saved["step"] - epoch_start) * accumulation),
+        epoch_batches=epoch_batches * micro_then * workers_then // (micro * workers),
         history=[tuple(item) for item in saved["history"]],
         resumed_from=[*saved["resumed_from"], saved["step"]],
         grounding=[tuple(item) for item in saved.get("grounding", [])],
@@ -359,14 +368,17 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
     """
     plan = loop_config["plan"]
     config = plan.config
-    engine, model = build_engine(plan)
+    checkpoint = ray.train.get_checkpoint()
+    # A checkpoint of another number of workers loads from its universal form, which the driver wrote.
+    written_by = None if checkpoint is None else checkpoint_workers(checkpoint)
+    universal = written_by not in (None, ray.train.get_context().get_world_size())
+    engine, model = build_engine(plan, load_universal=universal)
     strategy = build_strategy(config.pruning)
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
     accumulation = config.gradient_accumulation_steps
     if checkpoint is not None:
-        state = restore_checkpoint(engine, checkpoint, accumulation)
-        logger.info("resumed from step %d (epoch %d)", state.step, state.epoch)
+        state = restore_checkpoint(engine, checkpoint, config, tag=UNIVERSAL_TAG if universal else CHECKPOINT_TAG)
+        logger.info("resumed from step %d (epoch %d)%s", state.step, state.epoch, f", written by {written_by} workers" if universal else "")
     shard = ray.train.get_dataset_shard("train")
     steps = StepCounter(state, accumulation)
     group_names = [group["name"] for group in engine.optimizer.param_groups]
@@ -463,7 +475,6 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
 
 
 __all__ = [
-    "CHECKPOINT_TAG",
     "MODEL_PARTS",
     "StepCounter",
     "TrainPlan",

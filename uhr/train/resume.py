@@ -7,7 +7,9 @@ is counted in micro-batches per worker. A re-run that changed any of these would
 worker after Ray started them, or silently train with the checkpoint's values instead of the
 configured ones. Every checkpoint therefore carries the settings it was written under
 (`RESUME_FILE`), and the driver compares them with the new run before Ray starts. What a resume
-does take from the new config (`max_steps`, warmup, clipping, the data) is left out.
+does take from the new config (`max_steps`, warmup, clipping, the data) is left out. The number of
+workers and the micro-batch size may change under ZeRO-1/2 (`ELASTIC`): the partitions are then
+loaded from the checkpoint's universal form and the epoch position is re-counted.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from typing import Any
 from uhr.config import ConfigError
 from uhr.storage import StorageConfig, is_remote, join_uri, redact
 from uhr.train.config import FinetuneConfig
+
+CHECKPOINT_TAG = "deepspeed"
+"""DeepSpeed tag (sub-directory) of the engine state inside each reported checkpoint."""
 
 RESUME_FILE = "uhr_resume.json"
 """Settings file rank 0 writes into every checkpoint directory."""
@@ -58,29 +63,44 @@ def latest_checkpoint(run_uri: str, storage: StorageConfig) -> str | None:
     return fs.unstrip_protocol(latest)  # object stores list keys without their protocol
 
 
-def check_resume(run_uri: str, config: FinetuneConfig, zero_stage: int, storage: StorageConfig) -> None:
+ELASTIC = ("scaling.num_workers", "micro_batch_size")
+"""Bound settings a resume may change under ZeRO-1/2: the optimizer state is loaded from the
+checkpoint's universal form (`uhr.train.universal`), which any number of ranks loads, and the
+interrupted epoch's position is carried over in samples (`uhr.train.loop.restore_checkpoint`)."""
+
+
+def check_resume(run_uri: str, config: FinetuneConfig, zero_stage: int, storage: StorageConfig) -> str | None:
     """Raise `ConfigError` when the run's latest checkpoint was written under settings this config changes.
 
-    Nothing to check without a checkpoint, or for one written before checkpoints carried their
-    settings.
+    Returns that checkpoint when it must be converted to DeepSpeed's universal form first: it was
+    written by another number of workers, which ZeRO-1/2 allows (`ELASTIC`). None otherwise, and
+    when there is no checkpoint or one written before checkpoints carried their settings.
     """
     checkpoint = latest_checkpoint(run_uri, storage)
     if checkpoint is None:
-        return
+        return None
     fs = storage.filesystem(checkpoint)
     path = join_uri(checkpoint, RESUME_FILE)
     if not fs.exists(path):
-        return
+        return None
     with fs.open(path, "r") as file:
         saved = json.load(file)
     current = resume_settings(config, zero_stage)
-    changed = [f"{key} {saved[key]!r} -> {value!r}" for key, value in current.items() if key in saved and saved[key] != value]
+    free = ELASTIC if zero_stage in (1, 2) else ()
+    changed = [
+        f"{key} {saved[key]!r} -> {value!r}"
+        for key, value in current.items()
+        if key in saved and saved[key] != value and key not in free
+    ]
     if changed:
+        elastic = "" if free else " (another number of workers or micro-batch size needs ZeRO stage 1 or 2)"
         raise ConfigError(
             f"run {redact(run_uri)} resumes from {redact(checkpoint)}, written with other settings: {'; '.join(changed)}. "
-            "A resume keeps the checkpoint's ZeRO partitions, optimizer state and epoch position: re-run with its "
-            "settings, or start afresh with --overwrite (or another name)"
+            f"A resume keeps the checkpoint's ZeRO partitions, optimizer state and epoch position{elastic}: re-run with "
+            "its settings, or start afresh with --overwrite (or another name)"
         )
+    workers = "scaling.num_workers"
+    return checkpoint if saved.get(workers, current[workers]) != current[workers] else None
 
 
-__all__ = ["RESUME_FILE", "check_resume", "latest_checkpoint", "resume_settings"]
+__all__ = ["CHECKPOINT_TAG", "ELASTIC", "RESUME_FILE", "check_resume", "latest_checkpoint", "resume_settings"]

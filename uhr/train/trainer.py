@@ -5,7 +5,8 @@ JSON), builds the Ray Data pipeline of prepared samples, trains on `scaling.num_
 with DeepSpeed (ZeRO-2 by default), and exports the last checkpoint in the project's model format.
 Checkpoints live under `<output>/<name>/` (local or object storage); running the same command
 again resumes from the latest one (Ray Train restores the run from its snapshot in that
-directory), and a worker lost mid-run restarts the worker group from it (`max_failures`).
+directory), also on another number of workers (`uhr.train.universal`), and a worker lost mid-run
+restarts the worker group from it (`max_failures`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from uhr.train.defaults import training_archive
 from uhr.train.export import export_memory_bytes, export_task
 from uhr.train.loop import TrainPlan, train_loop_per_worker
 from uhr.train.resume import check_resume
+from uhr.train.universal import universal_task
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +144,16 @@ def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
     if config.overwrite:
         _delete(run_uri, storage)
         _delete(export_uri, storage)
-    check_resume(run_uri, config, zero_stage(deepspeed_config), storage)
+    to_convert = check_resume(run_uri, config, zero_stage(deepspeed_config), storage)
 
     # Every worker and one preparation task at once.
     connect_ray(min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker + config.data.num_cpus)
+    runtime_env = worker_env(storage)
+    if to_convert is not None:
+        logger.info("resuming %s on %d workers: converting %s to a universal checkpoint", redact(run_uri),
+                    config.scaling.num_workers, redact(to_convert))  # fmt: skip
+        universal = universal_task.options(runtime_env=runtime_env, memory=export_memory_bytes(model_config))
+        ray.get(universal.remote(to_convert, storage))
     records = count_records(manifest, storage)
     steps_per_epoch = records // config.batch_size
     total_steps = config.max_steps or config.epochs * steps_per_epoch
@@ -160,7 +168,6 @@ def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
     )  # fmt: skip
 
     ledger = SkipLedger.remote()
-    runtime_env = worker_env(storage)
     dataset = build_training_dataset(
         manifest,
         image_root,

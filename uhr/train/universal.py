@@ -1,0 +1,92 @@
+"""Resuming a fine-tuning run on another number of workers, through DeepSpeed's universal checkpoint.
+
+Under ZeRO-1/2 each rank's checkpoint file holds its 1/world slice of the float32 master weights
+and Adam moments, flattened per parameter group, so a checkpoint loads only on as many ranks as
+wrote it. DeepSpeed's `ds_to_universal` rewrites such a checkpoint as one folder per parameter
+(its master weights, both moments and the step, unpartitioned), which any number of ranks loads
+with `checkpoint.load_universal`. An autoscaling cluster that lost a GPU node, or a run moved to a
+bigger one, can then go on from its last checkpoint instead of starting over.
+
+The driver converts the run's latest checkpoint once, in a Ray task, into a folder beside the
+original inside the same checkpoint (`UNIVERSAL_TAG`), and marks it complete last
+(`UNIVERSAL_DONE`); a conversion cut short is redone. A worker loads that folder whenever the
+checkpoint was written by another number of workers than its own group has (`checkpoint_workers`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import ray
+
+from uhr.storage import StorageConfig, join_uri, redact
+from uhr.train.resume import CHECKPOINT_TAG, RESUME_FILE
+
+logger = logging.getLogger(__name__)
+
+UNIVERSAL_TAG = "deepspeed-universal"
+"""Sub-directory of a checkpoint holding its engine state in DeepSpeed's universal format."""
+
+UNIVERSAL_DONE = "uhr_universal.json"
+"""Written into `UNIVERSAL_TAG` once the whole conversion is stored."""
+
+
+def checkpoint_workers(checkpoint: ray.train.Checkpoint) -> int | None:
+    """Number of workers that wrote `checkpoint` (its `RESUME_FILE`), read without downloading the
+    rest; None for a checkpoint from before checkpoints carried their settings."""
+    path = f"{checkpoint.path}/{RESUME_FILE}"
+    if checkpoint.filesystem.get_file_info(path).size is None:
+        return None
+    with checkpoint.filesystem.open_input_stream(path) as file:
+        return int(json.load(file)["scaling.num_workers"])
+
+
+def convert_to_universal(checkpoint_uri: str, storage: StorageConfig) -> str:
+    """Write the universal form of the checkpoint at `checkpoint_uri` into its `UNIVERSAL_TAG`
+    folder (once: a complete conversion is kept); returns that folder's URI."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    fs = storage.filesystem(checkpoint_uri)
+    target = join_uri(checkpoint_uri, UNIVERSAL_TAG)
+    if fs.exists(join_uri(target, UNIVERSAL_DONE)):
+        return target
+    if fs.exists(target):  # a conversion cut short
+        fs.rm(target, recursive=True)
+    with tempfile.TemporaryDirectory(prefix="uhr-universal-") as directory:
+        source, converted = Path(directory) / CHECKPOINT_TAG, Path(directory) / "out" / UNIVERSAL_TAG
+        fs.get(join_uri(checkpoint_uri, CHECKPOINT_TAG), str(source), recursive=True)
+        arguments = SimpleNamespace(
+            input_folder=str(source),
+            output_folder=str(converted),
+            # One process: the task holds one CPU, and a pool of workers would each load a rank's file.
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            # Our checkpoints do not record DeepSpeed's `universal_checkpoint_info`; its default is right for
+            # a model without tensor or pipeline parallelism.
+            inject_missing_state=True,
+        )
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):  # per-step prints and bars
+            ds_to_universal(arguments)
+        fs.put(str(converted), target, recursive=True)
+        with fs.open(join_uri(target, UNIVERSAL_DONE), "w") as file:
+            json.dump({"source": CHECKPOINT_TAG, "parameters": sum(1 for _ in (converted / "zero").iterdir())}, file)
+    logger.info("converted %s to a universal checkpoint", redact(checkpoint_uri))
+    return target
+
+
+@ray.remote(num_cpus=1)
+def universal_task(checkpoint_uri: str, storage: StorageConfig) -> str:
+    """`convert_to_universal` in a Ray task, on a node with the memory for it rather than the driver's."""
+    return convert_to_universal(checkpoint_uri, storage)
+
+
+__all__ = ["UNIVERSAL_DONE", "UNIVERSAL_TAG", "checkpoint_workers", "convert_to_universal", "universal_task"]
