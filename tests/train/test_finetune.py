@@ -29,12 +29,12 @@ from uhr.model.pruning.config import PruningConfig
 from uhr.pipeline.vqa import resolve_pruning
 from uhr.scenes import open_scene
 from uhr.train import FinetuneConfig, FinetuneSummary, run_finetune
-from uhr.train.data import collate
+from uhr.train.data import arrow_filesystem, collate
 from uhr.train.export import MODEL_STATES
 from uhr.testing.waiting import wait_for
 from uhr.train.loop import MODEL_PARTS
 from uhr.train.resume import CHECKPOINT_TAG, check_resume, latest_checkpoint
-from uhr.train.universal import convert_to_universal
+from uhr.train.universal import UNIVERSAL_DONE, checkpoint_workers, convert_to_universal
 
 from .one_rank import run_one_rank
 
@@ -289,6 +289,22 @@ def test_one_worker_loads_the_universal_form_of_a_two_worker_checkpoint_exactly(
             assert not value[n:].any() and not joined[n:].any() and joined.abs().sum() > 0
     model_states = torch.load(original / MODEL_STATES, weights_only=False)
     assert loaded["lr_scheduler"] == model_states["lr_scheduler"]
+
+
+def test_a_universal_conversion_cut_short_is_done_again(killed_run, s3_server):
+    config, _, bucket = killed_run
+    storage = s3_server.storage()
+    uri = f"s3://{bucket}/runs/finetune/checkpoint-{MAX_STEPS:08d}"
+    filesystem, path = arrow_filesystem(uri, storage)
+    assert checkpoint_workers(ray.train.Checkpoint(path, filesystem)) == config.scaling.num_workers == 2
+    target = convert_to_universal(uri, storage)
+    fs = storage.filesystem(uri)
+    fs.rm(f"{target}/{UNIVERSAL_DONE}")
+    fs.pipe(f"{target}/zero/left-over", b"from the conversion that was cut short")
+    assert convert_to_universal(uri, storage) == target
+    fs.invalidate_cache()
+    assert fs.exists(f"{target}/{UNIVERSAL_DONE}") and not fs.exists(f"{target}/zero/left-over")
+    assert fs.exists(f"{target}/{MODEL_STATES}")
 
 
 def one_worker(config: FinetuneConfig) -> FinetuneConfig:

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.fs as pafs
 import ray
 
 from uhr.storage import StorageConfig, join_uri, redact
@@ -41,7 +42,7 @@ def checkpoint_workers(checkpoint: ray.train.Checkpoint) -> int | None:
     """Number of workers that wrote `checkpoint` (its `RESUME_FILE`), read without downloading the
     rest; None for a checkpoint from before checkpoints carried their settings."""
     path = f"{checkpoint.path}/{RESUME_FILE}"
-    if checkpoint.filesystem.get_file_info(path).size is None:
+    if checkpoint.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
         return None
     with checkpoint.filesystem.open_input_stream(path) as file:
         return int(json.load(file)["scaling.num_workers"])
