@@ -88,14 +88,44 @@ def test_forward_rejects_mismatched_image_tokens(tiny_model, tokens_factory):
     model, tokenizer = tiny_model
     input_ids, mask, _ = _batch(tokenizer, CONVERSATIONS)
     visual = tokens_factory(4, 64)
-    with pytest.raises(ValueError, match=r"tokens: 2 .*features: 1 visual inputs for 2 rows"):
+    with pytest.raises(ValueError, match=r"image tokens per row \[1, 1\], images per row \[1\]"):
         model(input_ids=input_ids, attention_mask=mask, visual=[visual])
     doubled = input_ids.clone()
     doubled[0, 1] = tokenizer.image_token_id
-    with pytest.raises(ValueError, match=r"tokens: 3 \(per row \[2, 1\]\)"):
+    with pytest.raises(ValueError, match=r"image tokens per row \[2, 1\], images per row \[1, 1\]"):
         model(input_ids=doubled, attention_mask=mask, visual=[visual, visual])
+    with pytest.raises(ValueError, match=r"image tokens per row \[1, 1\], images per row \[2, 1\]"):
+        model(input_ids=input_ids, attention_mask=mask, visual=[[visual, visual], visual])
     with pytest.raises(ValueError, match="tokens: 2, features: 0"):
         model(input_ids=input_ids, attention_mask=mask)
+
+
+def test_forward_expands_each_image_of_a_multi_image_row_in_place(tiny_model, tokens_factory):
+    """A two-image row (XLRS-Bench's bi-temporal pairs, as `answer` prompts them) is the LM run on its
+    text embeddings with each image token replaced by that image's tokens, in order; labels keep to
+    the text, gradients reach both images, and the last prompt position predicts `answer`'s first token."""
+    model, tokenizer = tiny_model
+    before, after = tokens_factory(7, 64, seed=11), tokens_factory(5, 64, seed=12)
+    for image in (before, after):
+        image.embeds.requires_grad_(True)
+    question = "Which buildings are new?"
+    ids, (first, second), _ = model._prompt(question, images=2)
+    input_ids = torch.tensor(ids)[None]
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[0, -3:] = input_ids[0, -3:]
+    out = model(input_ids=input_ids, labels=labels, visual=[[before, after]])
+
+    text = model.get_input_embeddings()(input_ids[0].masked_fill(input_ids[0] == tokenizer.image_token_id, 0))
+    by_hand = torch.cat([text[:first], before.embeds, text[first + 1 : second], after.embeds, text[second + 1 :]])
+    expected = model.language_model(inputs_embeds=by_hand[None]).logits
+    torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-6)
+    assert out.labels[0].tolist() == [IGNORE_INDEX] * (len(ids) - 3 + 7 + 5 - 2) + ids[-3:]
+    out.loss.backward()
+    assert float(before.embeds.grad.abs().sum()) > 0 and float(after.embeds.grad.abs().sum()) > 0
+    with torch.no_grad():
+        predicted = model(input_ids=input_ids, visual=[[before, after]]).logits[0, -1].argmax()
+        first_token = model.answer([[before, after]], [question], max_new_tokens=1)[0]
+    assert tokenizer.decode([int(predicted)], skip_special_tokens=True).strip() == first_token
 
 
 def test_answer_batched_equals_one_by_one(tiny_model, tokens_factory):

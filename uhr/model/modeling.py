@@ -340,11 +340,7 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
     def _splice(self, input_ids: torch.Tensor, positions: list[int], visual: list[torch.Tensor]) -> torch.Tensor:
         """(L,) ids with image tokens at `positions`, one (N_k, D) visual per position -> (L - K + sum N_k, D) LM inputs."""
         embeds = self._embed_text(input_ids)
-        parts, start = [], 0
-        for position, tokens in zip(positions, visual, strict=True):
-            parts += [embeds[start:position], tokens.to(embeds.device, embeds.dtype)]
-            start = position + 1
-        return torch.cat([*parts, embeds[start:]])
+        return _replace_at(embeds, positions, [tokens.to(embeds.device, embeds.dtype) for tokens in visual])
 
     def _check_visual(self, visual: PrunedTokens) -> None:
         dim = self.config.text_config.hidden_size
@@ -465,16 +461,19 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        visual: list[PrunedTokens] | None = None,
+        visual: Sequence[PrunedTokens | Sequence[PrunedTokens]] | None = None,
         **kwargs: Any,
     ) -> UhrCausalLMOutput:
-        """Logits (and the loss with `labels`) with each row's image token expanded into its visual tokens.
+        """Logits (and the loss with `labels`) with each row's image tokens expanded into its visual tokens.
 
-        input_ids: `(B, L)`, exactly one image token per row when `visual` is given (none otherwise);
-            padding (attention_mask 0) may be on either side and is dropped before expansion.
+        input_ids: `(B, L)`, as many image tokens per row as that row has images when `visual` is
+            given (none otherwise); padding (attention_mask 0) may be on either side and is dropped
+            before expansion.
         labels: `(B, L)`, -100 where no loss is wanted; visual positions get -100.
-        visual: `B` selections; row i's image token becomes `len(visual[i])` embeddings, through
-            which gradients reach the projector and the tower (kept and merged tokens alike).
+        visual: `B` entries, each one image's selection or, for a multi-image row, a sequence of
+            them in placeholder order (as `answer` takes them); an image token becomes its
+            selection's embeddings, through which gradients reach the projector and the tower (kept
+            and merged tokens alike).
         Rows are re-padded on the right after expansion; extra kwargs go to the language model.
         """
         image_id = self.config.image_token_id
@@ -507,34 +506,31 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None,
-        visual: list[PrunedTokens],
+        visual: Sequence[PrunedTokens | Sequence[PrunedTokens]],
         counts: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Each row's image token replaced by its visual tokens, padding dropped, rows re-padded on the right.
+        """Each row's image tokens replaced by their visual tokens, padding dropped, rows re-padded on the right.
 
         Returns (B, L', D) inputs_embeds, (B, L') attention mask and (B, L') labels (-100 on visual
         positions and padding), or None without labels.
         """
-        image_id = self.config.image_token_id
-        if len(visual) != input_ids.shape[0] or bool((counts != 1).any()):
+        images = [[item] if isinstance(item, PrunedTokens) else list(item) for item in visual]
+        if len(images) != input_ids.shape[0] or counts.tolist() != [len(row) for row in images]:
             raise ValueError(
                 "Image features and image tokens do not match: "
-                f"tokens: {int(counts.sum())} (per row {counts.tolist()}), features: {len(visual)} visual inputs "
-                f"for {input_ids.shape[0]} rows (each row needs exactly one image token)"
+                f"image tokens per row {counts.tolist()}, images per row {[len(row) for row in images]}"
             )
-        embeds = self._embed_text(input_ids)  # (B, L, D)
         rows, row_labels = [], []
-        for i, tokens in enumerate(visual):
-            self._check_visual(tokens)
+        for i, tokens in enumerate(images):
+            for image in tokens:
+                self._check_visual(image)
             keep = attention_mask[i].bool()
-            ids, row = input_ids[i][keep], embeds[i][keep]
-            position = int((ids == image_id).nonzero()[0, 0])
-            vis = tokens.embeds.to(row.device, row.dtype)
-            rows.append(torch.cat([row[:position], vis, row[position + 1 :]]))
+            ids = input_ids[i][keep]
+            positions = (ids == self.config.image_token_id).nonzero()[:, 0].tolist()
+            rows.append(self._splice(ids, positions, [image.embeds for image in tokens]))  # (L_i', D)
             if labels is not None:
-                lab = labels[i][keep]
-                fill = lab.new_full((vis.shape[0],), IGNORE_INDEX)
-                row_labels.append(torch.cat([lab[:position], fill, lab[position + 1 :]]))
+                fills = [labels.new_full((len(image),), IGNORE_INDEX) for image in tokens]
+                row_labels.append(_replace_at(labels[i][keep], positions, fills))
         length = max(row.shape[0] for row in rows)
         inputs_embeds = torch.stack([F.pad(row, (0, 0, 0, length - row.shape[0])) for row in rows])
         mask = torch.stack(
@@ -661,6 +657,16 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
             weights = decoder_attention(self.language_model, inputs_embeds[i : i + 1, :length], layer, queries, keys)
             attention.append(weights[0])
         return attention
+
+
+def _replace_at(sequence: torch.Tensor, positions: list[int], inserts: list[torch.Tensor]) -> torch.Tensor:
+    """`sequence` (L, ...) with its entry at each of `positions` (ascending) replaced by the matching
+    insert (N_k, ...): (L - K + sum N_k, ...)."""
+    parts, start = [], 0
+    for position, insert in zip(positions, inserts, strict=True):
+        parts += [sequence[start:position], insert]
+        start = position + 1
+    return torch.cat([*parts, sequence[start:]])
 
 
 def _shared_prefix_groups(
