@@ -84,7 +84,7 @@ def test_tokenize_conversation_truncation_and_errors():
     assert torch.equal(cut["input_ids"], full["input_ids"][:-1])
     with pytest.raises(ValueError, match="no answer token"):
         tokenize_conversation(tokenizer, conversation, max_length=len(full["input_ids"]) - 4)
-    with pytest.raises(ValueError, match="cuts off the image token"):
+    with pytest.raises(ValueError, match="cuts off an image token"):
         tokenize_conversation(tokenizer, conversation, max_length=5)
     with pytest.raises(ValueError, match="exactly one '<image>'"):
         tokenize_conversation(tokenizer, [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}], 64)
@@ -92,6 +92,8 @@ def test_tokenize_conversation_truncation_and_errors():
         tokenize_conversation(
             tokenizer, [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}], 64
         )
+    with pytest.raises(ValueError, match="exactly one '<image>'"):  # an image token in the answer
+        tokenize_conversation(tokenizer, [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "<image>"}], 64)
     with pytest.raises(ValueError, match="no assistant"):
         tokenize_conversation(tokenizer, [{"from": "human", "value": "<image>\nhi"}], 64)
     with pytest.raises(ValueError, match="unknown speaker 'bot'"):
@@ -134,3 +136,19 @@ def test_processor_templates_lay_out_several_images_themselves():
     tokenizer.chat_template = TYPED_TEMPLATE
     user = {"role": "user", "content": "<image> <image>\nHow many ships arrived?"}
     assert render_chat(tokenizer, [user], add_generation_prompt=True) == "USER: <image>\n<image>\nHow many ships arrived? ASSISTANT:"
+
+
+def test_a_multi_image_conversation_holds_one_image_token_per_image():
+    """An image pair's record (XLRS-Bench's bi-temporal items), written as `answer` prompts a pair:
+    the placeholders joined by spaces, then the question."""
+    model_tokenizer = build_tiny_tokenizer()
+    pair = [{"from": "human", "value": "<image> <image>\nWhich buildings are new?"}, {"from": "gpt", "value": "the school"}]
+    row = tokenize_conversation(model_tokenizer, pair, max_length=512, images=2)
+    image_id = model_tokenizer.convert_tokens_to_ids("<image>")
+    assert int((row["input_ids"] == image_id).sum()) == 2
+    assert _labelled_text(model_tokenizer, row) == "the school<|im_end|>\n"
+    with pytest.raises(ValueError, match=r"2 \(one per image\) '<image>', in human turns; found 1"):
+        tokenize_conversation(model_tokenizer, [{"from": "human", "value": "<image>\nhi"}, pair[1]], 64, images=2)
+    with pytest.raises(ValueError, match="cuts off an image token"):
+        first_image = row["input_ids"].tolist().index(image_id)
+        tokenize_conversation(model_tokenizer, pair, max_length=first_image + 2, images=2)

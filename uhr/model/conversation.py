@@ -40,23 +40,26 @@ def tokenize_conversation(
     max_length: int,
     *,
     image_token: str = IMAGE_TOKEN,
+    images: int = 1,
 ) -> dict[str, torch.Tensor]:
     """`{"input_ids": (L,), "labels": (L,)}` long tensors for one conversation, L <= `max_length`.
 
-    The conversation must hold exactly one `image_token` (in a human turn) and end with an
-    assistant turn. Labels are -100 except on assistant text and end-of-turn tokens. Longer
-    conversations are cut at `max_length` text tokens (the image token counts as one here; it
-    becomes the visual tokens later); the cut must keep the image token and some labelled token.
+    The conversation must hold exactly `images` image tokens (in human turns; one per image of the
+    record, in order) and end with an assistant turn. Labels are -100 except on assistant text and
+    end-of-turn tokens. Longer conversations are cut at `max_length` text tokens (an image token
+    counts as one here; it becomes the visual tokens later); the cut must keep every image token
+    and some labelled token.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     messages = _messages(conversations)
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("conversation has no assistant ('gpt') turn to learn from")
-    image_turns = [i for i, m in enumerate(messages) if image_token in m["content"]]
     occurrences = sum(m["content"].count(image_token) for m in messages)
-    if occurrences != 1 or messages[image_turns[0]]["role"] != "user":
-        raise ValueError(f"conversation must hold exactly one {image_token!r}, in a human turn; found {occurrences}")
+    in_user_turns = sum(m["content"].count(image_token) for m in messages if m["role"] == "user")
+    if occurrences != images or in_user_turns != images:
+        expected = "exactly one" if images == 1 else f"{images} (one per image)"
+        raise ValueError(f"conversation must hold {expected} {image_token!r}, in human turns; found {occurrences}")
 
     text = render_chat(tokenizer, messages, image_token=image_token)
     # Character spans of each assistant turn: its rendering minus the prompt that precedes it.
@@ -79,8 +82,8 @@ def tokenize_conversation(
 
     input_ids, labels = input_ids[:max_length], labels[:max_length]
     image_id = tokenizer.convert_tokens_to_ids(image_token)
-    if int((input_ids == image_id).sum()) != 1:
-        raise ValueError(f"max_length {max_length} cuts off the image token (conversation is {len(encoding['input_ids'])} tokens)")
+    if int((input_ids == image_id).sum()) != images:
+        raise ValueError(f"max_length {max_length} cuts off an image token (conversation is {len(encoding['input_ids'])} tokens)")
     if not bool((labels != IGNORE_INDEX).any()):
         raise ValueError(f"max_length {max_length} leaves no answer token to learn from")
     return {"input_ids": input_ids, "labels": labels}
