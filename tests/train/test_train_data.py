@@ -17,6 +17,7 @@ from uhr.model.pruning.config import PruningConfig
 from uhr.pipeline.vqa import resolve_pruning
 from uhr.scenes import Box, NormalizeConfig, WindowSource, open_scene
 from uhr.storage import StorageConfig
+from uhr.train import FinetuneConfig
 from uhr.train.data import (
     PreparedSource,
     SkipLedger,
@@ -28,6 +29,7 @@ from uhr.train.data import (
     prepare_sample,
     question_text,
 )
+from uhr.train.loop import select_tokens
 
 from .conftest import SIGNATURE
 
@@ -140,6 +142,63 @@ def test_a_record_with_a_window_trains_on_that_region_as_a_scene(ray_local, mode
                 prepared = selector.select(model, selector.encode(model, source), row["question"])
         torch.testing.assert_close(prepared.embeds, direct.embeds)
         assert torch.equal(prepared.scale, direct.scale) and torch.equal(prepared.n_source, direct.n_source)
+
+
+def test_a_multi_image_record_prepares_and_trains_every_image(ray_local, model_dir, train_archive, tmp_path):
+    """An image pair (one `<image>` per image, in order) beside single-image records: each image's
+    views are its own (a window applies to both), the worker selects each image's tokens as the
+    image itself gives them, and the loss reaches both; a pair with a placeholder or an image
+    missing is skipped, naming which."""
+    records = [json.loads(line) for line in Path(train_archive.train_jsonl).read_text().splitlines()]
+    first, second = records[0]["image"], records[4]["image"]
+    assert first != second
+    answer = {"from": "gpt", "value": "two new ships"}
+    pair = [{"from": "human", "value": "<image> <image>\nWhat changed in the harbour?"}, answer]
+    rows_in = [
+        records[1],
+        {"id": "pair", "image": [first, second], "conversations": pair},
+        {"id": "pair-window", "image": [first, second], "conversations": pair, "window": [16, 32, 128, 96], "bbox": [20, 40, 30, 50]},
+        {"id": "pair-one-placeholder", "image": [first, second], "conversations": [{"from": "human", "value": "<image>\nWhat changed?"}, answer]},
+        {"id": "pair-missing", "image": [first, "scenes/does_not_exist.tif"], "conversations": pair},
+        {"id": "pair-not-paths", "image": [first, 3], "conversations": pair},
+    ]
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("\n".join(json.dumps(row) for row in rows_in) + "\n")
+    rows, skipped, pruning, model_config = _prepare(str(manifest), model_dir, image_root=train_archive.root)
+
+    assert [row["id"] for row in rows] == ["pair", "pair-window", records[1]["id"]]
+    assert skipped["by_kind"] == {"conversation": 1, "image": 1, "fields": 1}
+    reasons = dict(skipped["examples"])
+    assert "2 (one per image)" in reasons["pair-one-placeholder"] and "image 2 of 2" in reasons["pair-missing"]
+    single, pair_row, windowed = rows[2], rows[0], rows[1]
+    assert single["extra_images"] == []
+    selector = build_strategy(pruning)
+    model, _ = load_model(str(model_dir))
+    for row, box in ((pair_row, None), (windowed, Box(16, 32, 128, 96))):
+        assert len(row["extra_images"]) == 1 and row["question"] == "What changed in the harbour?"
+        images = [row, row["extra_images"][0]]
+        assert [Path(image["image"]).name for image in images] == [Path(first).name, Path(second).name]
+        for image in images:
+            with open_scene(image["image"]) as scene:
+                source = scene if box is None else WindowSource(scene, box)
+                expected_window = [0, 0, scene.width, scene.height] if box is None else list(vars(box).values())
+                assert image["window"] == expected_window and (image["width"], image["height"]) == (source.width, source.height)
+                sides = selector.views(model_config, source.width, source.height)
+                for data, shape, side in zip(image["views"], image["view_shapes"], sides, strict=True):
+                    np.testing.assert_array_equal(np.frombuffer(data, np.uint8).reshape(shape), source.read_view(side))
+                with torch.no_grad():
+                    direct = selector.select(model, selector.encode(model, source), row["question"])
+            with PreparedSource(image, STORAGE, NORMALIZE) as prepared_source, torch.no_grad():
+                prepared = selector.select(model, selector.encode(model, prepared_source), row["question"])
+            torch.testing.assert_close(prepared.embeds, direct.embeds)
+    assert windowed["bbox"] == [4.0, 8.0, 14.0, 18.0]  # in the (first) window's pixels
+
+    model.train()
+    visual = select_tokens(model, selector, pair_row, FinetuneConfig(pruning=pruning))
+    assert len(visual) == 2
+    loss = model(**collate([pair_row], model.tokenizer.pad_token_id), visual=[visual]).loss
+    loss.backward()
+    assert torch.isfinite(loss) and float(model.multi_modal_projector.linear_1.weight.grad.abs().sum()) > 0
 
 
 def test_bad_rows_are_skipped_counted_and_named(ray_local, model_dir, manifest_with_bad_rows):

@@ -377,7 +377,7 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not questions:
             return []
-        images = [[item] if isinstance(item, PrunedTokens) else list(item) for item in visual]
+        images = per_image(visual)
         device = self.get_input_embeddings().weight.device
         generation_config = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -514,7 +514,7 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         Returns (B, L', D) inputs_embeds, (B, L') attention mask and (B, L') labels (-100 on visual
         positions and padding), or None without labels.
         """
-        images = [[item] if isinstance(item, PrunedTokens) else list(item) for item in visual]
+        images = per_image(visual)
         if len(images) != input_ids.shape[0] or counts.tolist() != [len(row) for row in images]:
             raise ValueError(
                 "Image features and image tokens do not match: "
@@ -628,11 +628,12 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None,
         labels: torch.LongTensor,
-        visual: list[PrunedTokens],
+        visual: Sequence[PrunedTokens | Sequence[PrunedTokens]],
         *,
         layer: int,
     ) -> list[torch.Tensor]:
-        """Per training row, `(N_i,)` attention of its last prompt token to its N_i visual tokens at decoder layer `layer`.
+        """Per training row, `(N_i,)` attention of its last prompt token to the N_i visual tokens of
+        its (first) image at decoder layer `layer`.
 
         The rows are `forward`'s (same arguments); a row's prompt ends where its first labelled token
         starts, so the query is the token `answer` would generate from: this is the head-averaged
@@ -643,9 +644,10 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         counts = ((input_ids == image_id) & attention_mask.bool()).sum(dim=1)
-        inputs_embeds, mask, expanded_labels = self._expand(input_ids, attention_mask, labels, visual, counts)
+        images = per_image(visual)
+        inputs_embeds, mask, expanded_labels = self._expand(input_ids, attention_mask, labels, images, counts)
         attention = []
-        for i, tokens in enumerate(visual):
+        for i, (tokens, *_) in enumerate(images):
             length = int(mask[i].sum())
             answer = (expanded_labels[i, :length] != IGNORE_INDEX).nonzero()
             if answer.numel() == 0 or int(answer[0, 0]) == 0:
@@ -657,6 +659,11 @@ class UhrForConditionalGeneration(UhrPreTrainedModel):
             weights = decoder_attention(self.language_model, inputs_embeds[i : i + 1, :length], layer, queries, keys)
             attention.append(weights[0])
         return attention
+
+
+def per_image(visual: Sequence[PrunedTokens | Sequence[PrunedTokens]]) -> list[list[PrunedTokens]]:
+    """Each row's visual input as a list of its images' selections (one image given alone becomes a list of one)."""
+    return [[item] if isinstance(item, PrunedTokens) else list(item) for item in visual]
 
 
 def _replace_at(sequence: torch.Tensor, positions: list[int], inserts: list[torch.Tensor]) -> torch.Tensor:
@@ -699,6 +706,7 @@ __all__ = [
     "UhrAffinityHead",
     "UhrCausalLMOutput",
     "UhrForConditionalGeneration",
+    "per_image",
     "UhrMultiModalProjector",
     "UhrPreTrainedModel",
     "UhrScaleEmbedding",

@@ -13,11 +13,18 @@ on the annotated part of a scene too large to be useful at one view, without cut
 It may also name the question's evidence, `bbox` `[x0, y0, x1, y1]` in the image's pixels, which
 the grounding loss (`uhr.train.grounding`) uses; it must overlap the window.
 
+A record's `image` may be a list of paths, one per `<image>` placeholder in order (LLaVA-OneVision's
+multi-image form; XLRS-Bench's bi-temporal pairs): every image is read and pruned on its own with
+the same question, each placeholder becomes its image's tokens (`UhrForConditionalGeneration.forward`),
+a `window` applies to every image (co-registered pairs) and `bbox` is in the first image's pixels.
+
 Prepared sample row: `id`, `image` (URI), `window` (the region used; the whole image when the
 record names none), `question` (the text query-guided strategies select with), `bbox` (the
 evidence in the window's pixels, clipped to it; None without one), `input_ids`,
-`labels`, `width`, `height` (of the window), `views` (raw RGB bytes) and `view_shapes`.
-A training worker wraps a sample's views in a `PreparedSource` for the strategy.
+`labels`, `width`, `height` (of the window), `views` (raw RGB bytes), `view_shapes`, and
+`extra_images` (a multi-image record's further images, each with its own `image`, `window`,
+`width`, `height`, `views` and `view_shapes`; empty for one image). A training worker wraps each
+image's views in a `PreparedSource` for the strategy.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from uhr.config import ConfigError
 from uhr.model import IGNORE_INDEX, load_model_config, tokenize_conversation
 from uhr.model import load_tokenizer as checkpoint_tokenizer
 from uhr.model.config import UhrConfig
-from uhr.model.pruning import build_strategy
+from uhr.model.pruning import PruningStrategy, build_strategy
 from uhr.model.pruning.config import PruningConfig
 from uhr.pipeline.reads import decode_views
 from uhr.scenes import Box, Scene, WindowSource, open_scene
@@ -210,10 +217,18 @@ def _check_fields(sample: Any) -> None:
     missing = [key for key in ("image", "conversations") if key not in sample]
     if missing:
         raise SampleError("fields", f"missing {', '.join(missing)}")
-    if not isinstance(sample["image"], str) or not sample["image"]:
-        raise SampleError("fields", f"'image' must be a non-empty string, got {sample['image']!r}")
+    _image_paths(sample)
     if not isinstance(sample["conversations"], list) or not sample["conversations"]:
         raise SampleError("fields", "'conversations' must be a non-empty list of turns")
+
+
+def _image_paths(sample: dict[str, Any]) -> list[str]:
+    """The record's `image`: one path, or a list of them in placeholder order (a multi-image record)."""
+    image = sample["image"]
+    paths = [image] if isinstance(image, str) else image
+    if not isinstance(paths, list) or not paths or not all(isinstance(path, str) and path for path in paths):
+        raise SampleError("fields", f"'image' must be a non-empty string or a non-empty list of them, got {image!r}")
+    return paths
 
 
 def _window(sample: dict[str, Any]) -> Box | None:
@@ -294,27 +309,21 @@ def prepare_sample(
         strategy = build_strategy(pruning)
         if not question and strategy.query_guided:
             raise SampleError("conversation", f"the image turn holds no question for {pruning.strategy.value} to select with")
+        uris = [image_uri(path, image_root) for path in _image_paths(sample)]
         try:
-            tokens = tokenize_conversation(tokenizer, conversations, max_length, image_token=model_config.image_token)
+            tokens = tokenize_conversation(
+                tokenizer, conversations, max_length, image_token=model_config.image_token, images=len(uris)
+            )
         except ValueError as error:
             raise SampleError("conversation", str(error)) from error
         window = _window(sample)
         bbox = _bbox(sample)
-        uri = image_uri(sample["image"], image_root)
-        views, shapes = [], []
-        try:
-            with open_scene(uri, storage=storage, normalize=normalize) as scene:
-                window = window or Box(0, 0, scene.width, scene.height)
-                source = _window_of(scene, window)
-                for side in strategy.views(model_config, source.width, source.height):
-                    view = source.read_view(side)
-                    views.append(view.tobytes())
-                    shapes.append(list(view.shape))
-        except SampleError:
-            raise
-        except Exception as error:  # GDAL and the network fail in many ways; each costs one sample
-            raise SampleError("image", f"{type(error).__name__}: {error}") from error
-        evidence = None if bbox is None else bbox_in_window(bbox, window)
+        images = []
+        for k, uri in enumerate(uris):
+            which = f"image {k + 1} of {len(uris)}: " if len(uris) > 1 else ""
+            images.append(_read_image(uri, window, which, strategy, model_config, storage, normalize))
+        first, *extra = images
+        evidence = None if bbox is None else bbox_in_window(bbox, Box(*first["window"]))
     except SampleError as error:
         key = _key(record, sample)
         reason = redact(str(error).splitlines()[0])
@@ -325,25 +334,55 @@ def prepare_sample(
     return [
         {
             "id": str(sample.get("id", "")),
-            "image": uri,
-            "window": [window.col_off, window.row_off, window.width, window.height],
+            **first,
             "question": question,
             "bbox": evidence,
             "input_ids": tokens["input_ids"].tolist(),
             "labels": tokens["labels"].tolist(),
-            "width": window.width,
-            "height": window.height,
-            "views": views,
-            "view_shapes": shapes,
+            "extra_images": extra,
         }
     ]
 
 
-def _window_of(scene: Scene, window: Box) -> WindowSource:
+def _read_image(
+    uri: str,
+    window: Box | None,
+    which: str,
+    strategy: PruningStrategy,
+    model_config: UhrConfig,
+    storage: StorageConfig,
+    normalize: NormalizeConfig,
+) -> dict[str, Any]:
+    """One image's part of a prepared sample: `image`, `window` (the whole image when None), `width`,
+    `height` (of the window), and the whole-window views the strategy's `encode` reads."""
+    views, shapes = [], []
+    try:
+        with open_scene(uri, storage=storage, normalize=normalize) as scene:
+            window = window or Box(0, 0, scene.width, scene.height)
+            source = _window_of(scene, window, which)
+            for side in strategy.views(model_config, source.width, source.height):
+                view = source.read_view(side)
+                views.append(view.tobytes())
+                shapes.append(list(view.shape))
+    except SampleError:
+        raise
+    except Exception as error:  # GDAL and the network fail in many ways; each costs one sample
+        raise SampleError("image", f"{which}{type(error).__name__}: {error}") from error
+    return {
+        "image": uri,
+        "window": [window.col_off, window.row_off, window.width, window.height],
+        "width": window.width,
+        "height": window.height,
+        "views": views,
+        "view_shapes": shapes,
+    }
+
+
+def _window_of(scene: Scene, window: Box, which: str) -> WindowSource:
     try:
         return WindowSource(scene, window)
     except ValueError as error:
-        raise SampleError("window", str(error)) from error
+        raise SampleError("window", f"{which}{error}") from error
 
 
 def build_training_dataset(

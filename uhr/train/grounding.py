@@ -16,11 +16,12 @@ head-averaged, at `grounding.layer`), trained to put its visual mass on the evid
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from uhr.model.modeling import UhrForConditionalGeneration
+from uhr.model.modeling import UhrForConditionalGeneration, per_image
 from uhr.model.pruning.base import PrunedTokens
 from uhr.model.pruning.uhr_bat import middle_layer
 
@@ -28,17 +29,19 @@ from uhr.model.pruning.uhr_bat import middle_layer
 def grounding_loss(
     model: UhrForConditionalGeneration,
     batch: dict[str, torch.Tensor],
-    visual: list[PrunedTokens],
+    visual: Sequence[PrunedTokens | Sequence[PrunedTokens]],
     boxes: list[Any],
     layer: int | None,
 ) -> torch.Tensor | None:
     """Mean over the rows with evidence of -log(share of the visual attention on the evidence); None when no row has any.
 
-    `batch` holds `forward`'s `input_ids`, `attention_mask` and `labels`; `boxes` is each row's
-    evidence in the frame of its visual tokens' boxes, or None. A row whose tokens do not overlap
-    its evidence (a strategy that pruned it all away) has no target and is left out.
+    `batch` holds `forward`'s `input_ids`, `attention_mask` and `labels`, `visual` its rows' images;
+    `boxes` is each row's evidence in the frame of its (first) image's visual tokens' boxes, or
+    None. A row whose tokens do not overlap its evidence (a strategy that pruned it all away) has no
+    target and is left out.
     """
-    masks = {i: tokens.overlapping(bbox) for i, (tokens, bbox) in enumerate(zip(visual, boxes)) if bbox is not None}
+    images = per_image(visual)
+    masks = {i: row[0].overlapping(bbox) for i, (row, bbox) in enumerate(zip(images, boxes)) if bbox is not None}
     rows = [i for i, mask in masks.items() if bool(mask.any())]
     if not rows:
         return None
@@ -46,7 +49,7 @@ def grounding_loss(
         batch["input_ids"][rows],
         batch["attention_mask"][rows],
         batch["labels"][rows],
-        [visual[i] for i in rows],
+        [images[i] for i in rows],
         layer=middle_layer(model, layer),
     )
     losses = []

@@ -284,11 +284,15 @@ class StepCounter:
 
 def select_tokens(
     model: UhrForConditionalGeneration, strategy: PruningStrategy, sample: dict[str, Any], config: FinetuneConfig
-) -> PrunedTokens:
-    """The pruned visual tokens of one sample, with gradients through the kept and merged features."""
-    with PreparedSource(sample, config.storage, config.normalize) as source:
-        encoding = strategy.encode(model, source)
-        return strategy.select(model, encoding, sample["question"])
+) -> list[PrunedTokens]:
+    """The pruned visual tokens of each of a sample's images (one for most samples), in placeholder
+    order, with gradients through the kept and merged features."""
+    selections = []
+    for image in [sample, *(sample.get("extra_images") or [])]:
+        with PreparedSource(image, config.storage, config.normalize) as source:
+            encoding = strategy.encode(model, source)
+            selections.append(strategy.select(model, encoding, sample["question"]))
+    return selections
 
 
 def label_tokens(samples: list[dict[str, Any]]) -> int:
@@ -325,7 +329,7 @@ def micro_step(
             share = share + config.grounding.weight * grounding / replicas
     engine.backward(share * replicas)
     engine.step()
-    return float(share.detach()), None if grounding is None else float(grounding.detach()), sum(len(t) for t in visual)
+    return float(share.detach()), None if grounding is None else float(grounding.detach()), sum(len(t) for row in visual for t in row)
 
 
 def _sum_over_ranks(value: float, device: torch.device) -> float:
