@@ -9,6 +9,8 @@ from uhr.model import build_tiny_model, tokenize_conversation
 from uhr.model.pruning.base import PrunedTokens
 from uhr.model.pruning.grouping import cell_boxes
 from uhr.train.data import collate
+from uhr.model.importance import decoder_attention
+from uhr.model.pruning.uhr_bat import middle_layer
 from uhr.train.grounding import grounding_loss
 
 QUESTIONS = ["Is there a red ship in the image?", "What colour is the storage tank next to the harbour in the north?"]
@@ -96,3 +98,28 @@ def test_the_loss_moves_attention_onto_the_evidence_and_leaves_rows_without_any_
     assert grounding_loss(model, batch, visual, [None, None], layer) is None
     # Evidence no kept token overlaps (a strategy pruned it away) gives no target either.
     assert grounding_loss(model, batch, visual, [[100.0, 100.0, 110.0, 110.0], None], layer) is None
+
+
+def test_a_pair_row_attends_from_its_last_prompt_token_to_its_first_image():
+    """A multi-image row's grounding target is its first image (where its `bbox` lies): the attention
+    of the last prompt token, over the whole expanded row, on the first image's tokens."""
+    model, tokenizer = build_tiny_model(seed=0, text_model="qwen2")
+    dim = model.config.text_config.hidden_size
+    before, after = grid_tokens(3, 8.0, dim, seed=3), grid_tokens(2, 8.0, dim, seed=4)
+    conversation = [{"from": "human", "value": "<image> <image>\nWhat changed?"}, {"from": "gpt", "value": "B"}]
+    sample = tokenize_conversation(tokenizer, conversation, 512, images=2)
+    batch = collate([{key: value.tolist() for key, value in sample.items()}], tokenizer.pad_token_id)
+    layer = 1
+    with torch.no_grad():
+        (ours,) = model.prompt_attention(batch["input_ids"], batch["attention_mask"], batch["labels"], [[before, after]], layer=layer)
+        ids = batch["input_ids"][0]
+        first, second = (ids == tokenizer.image_token_id).nonzero()[:, 0].tolist()
+        text = model.get_input_embeddings()(ids.masked_fill(ids == tokenizer.image_token_id, 0))
+        row = torch.cat([text[:first], before.embeds, text[first + 1 : second], after.embeds, text[second + 1 :]])
+        answer_at = int((batch["labels"][0] != -100).nonzero()[0, 0]) + len(before) + len(after) - 2
+        expected = decoder_attention(
+            model.language_model, row[None], middle_layer(model, layer),
+            torch.tensor([answer_at - 1]), torch.arange(first, first + len(before)),
+        )[0]  # fmt: skip
+    torch.testing.assert_close(ours, expected)
+    assert grounding_loss(model, batch, [[before, after]], [[0.0, 0.0, 8.0, 8.0]], layer) is not None
