@@ -150,7 +150,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
     connect_ray(min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker + config.data.num_cpus)
     runtime_env = worker_env(storage)
     if to_convert is not None:
-        logger.info("resuming %s on %d workers: converting %s to a universal checkpoint", redact(run_uri),
+        logger.info("resuming %s on %d worker(s): converting %s to a universal checkpoint", redact(run_uri),
                     config.scaling.num_workers, redact(to_convert))  # fmt: skip
         universal = universal_task.options(runtime_env=runtime_env, memory=export_memory_bytes(model_config))
         ray.get(universal.remote(to_convert, storage))
