@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 
 from uhr.config import ConfigError, merge_trees
 from uhr.storage import StorageConfig
-from uhr.train import FinetuneConfig
+from uhr.train import FinetuneConfig, run_finetune
+from uhr.train.deepspeed_config import fill_deepspeed_config
 from uhr.train.resume import RESUME_FILE, check_resume, latest_checkpoint, resume_settings
 
 # Two workers accumulating two micro-batches of 2; on GPUs, so the precision (bfloat16 by default) can change.
@@ -63,19 +65,18 @@ def test_changing_a_bound_setting_refuses_the_resume_naming_it(tmp_path, key, ch
 
 
 @pytest.mark.parametrize(
-    ("change", "converts"),
+    "change",
     [
-        ({"scaling": {"num_workers": 4}}, True),
-        ({"scaling": {"num_workers": 1}, "micro_batch_size": 4}, True),
-        ({"micro_batch_size": 1}, False),  # the same partitions; only the epoch position is re-counted
+        {"scaling": {"num_workers": 4}},
+        {"scaling": {"num_workers": 1}, "micro_batch_size": 4},
+        {"scaling": {"num_workers": 4, "min_workers": 1}, "micro_batch_size": 1, "batch_size": 24},
+        {"micro_batch_size": 1},  # the same partitions; only the epoch position is re-counted
     ],
 )
 @pytest.mark.parametrize("stage", [1, 2])
-def test_zero_1_and_2_resume_on_other_workers_from_the_universal_form(tmp_path, change, converts, stage):
-    checkpoint = write_checkpoint(tmp_path, 10, FinetuneConfig(**BASE), stage=stage)
-    changed = FinetuneConfig(**merge_trees(BASE, change))
-    assert check_resume(str(tmp_path), changed, stage, StorageConfig()) == (str(checkpoint) if converts else None)
-    assert check_resume(str(tmp_path), FinetuneConfig(**BASE), stage, StorageConfig()) is None
+def test_zero_1_and_2_resume_on_other_workers_from_the_universal_form(tmp_path, change, stage):
+    write_checkpoint(tmp_path, 10, FinetuneConfig(**BASE), stage=stage)
+    check_resume(str(tmp_path), FinetuneConfig(**merge_trees(BASE, change)), stage, StorageConfig())
     with pytest.raises(ConfigError, match=re.escape("other settings: optimizer.eps")) as refused:  # the rest still binds
         check_resume(str(tmp_path), FinetuneConfig(**merge_trees(BASE, {**change, "optimizer": {"eps": 1e-6}})), stage, StorageConfig())
     assert "; " not in str(refused.value), str(refused.value)
@@ -91,6 +92,9 @@ def test_without_zero_partitions_the_workers_and_micro_batch_bind(tmp_path, key,
     with pytest.raises(ConfigError, match=re.escape(f"other settings: {key} ")) as refused:
         check_resume(str(tmp_path), FinetuneConfig(**merge_trees(BASE, change)), 0, StorageConfig())
     assert "needs ZeRO stage 1 or 2" in str(refused.value)
+    with pytest.raises(ConfigError) as refused:  # the hint only where it applies
+        check_resume(str(tmp_path), FinetuneConfig(**merge_trees(BASE, {"optimizer": {"eps": 1e-6}})), 0, StorageConfig())
+    assert "ZeRO stage" not in str(refused.value)
 
 
 def test_changing_the_zero_stage_refuses_the_resume_naming_it(tmp_path):
@@ -138,3 +142,43 @@ def test_the_latest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
     for name in ("checkpoint-00000010", "checkpoint-100000000", "checkpoint-99999999", "checkpoint-00000009", "checkpoint-tmp"):
         (tmp_path / name).mkdir()
     assert latest_checkpoint(str(tmp_path), StorageConfig()) == str(tmp_path / "checkpoint-100000000")
+
+
+def test_an_elastic_group_keeps_the_global_batch_at_every_size_it_may_take():
+    # Batch 8 of micro-batches of 2 suits 2 and 4 workers, not 3.
+    with pytest.raises(ValueError, match=r"micro_batch_size x num_workers = 2 x 3 \(every group size"):
+        FinetuneConfig(**merge_trees(BASE, {"scaling": {"num_workers": 4, "min_workers": 2}}))
+    config = FinetuneConfig(**merge_trees(BASE, {"scaling": {"num_workers": 4, "min_workers": 2}, "micro_batch_size": 1, "batch_size": 12}))
+    assert config.elastic and list(config.worker_counts) == [2, 3, 4]
+    group = config.for_workers(3)
+    assert (group.scaling.num_workers, group.scaling.min_workers, group.gradient_accumulation_steps) == (3, None, 4)
+    assert resume_settings(group, STAGE)["scaling.num_workers"] == 3  # a checkpoint records the group that wrote it
+    with pytest.raises(ValueError, match=r"a group of 5 workers is outside scaling's \[2, 3, 4\]"):
+        config.for_workers(5)
+    with pytest.raises(ValueError, match="min_workers=5 exceeds scaling.num_workers=4"):
+        FinetuneConfig(**merge_trees(BASE, {"scaling": {"num_workers": 4, "min_workers": 5}}))
+    fixed = FinetuneConfig(**BASE)
+    assert not fixed.elastic and list(fixed.worker_counts) == [2]
+
+
+def test_elastic_training_without_zero_partitions_stops_before_ray_starts(model_dir, train_archive, tmp_path):
+    config = FinetuneConfig(
+        model=str(model_dir), data={"manifest": train_archive.train_jsonl}, output=str(tmp_path), batch_size=4,
+        scaling={"num_workers": 2, "min_workers": 1}, deepspeed={"zero_stage": 0},
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="elastic training \\(scaling.min_workers\\) needs ZeRO stage 1 or 2, got 0"):
+        run_finetune(config)
+    assert not ray.is_initialized()
+
+
+def test_a_deepspeed_json_fixing_one_group_sizes_batch_arithmetic_stops_an_elastic_run(model_dir, train_archive, tmp_path):
+    fixed = json.loads((Path(__file__).parents[2] / "configs/train/zero2.json").read_text())
+    fixed["gradient_accumulation_steps"] = 2  # right for 2 workers of micro-batch 1, wrong for 1
+    (tmp_path / "fixed.json").write_text(json.dumps(fixed))
+    config = FinetuneConfig(
+        model=str(model_dir), data={"manifest": train_archive.train_jsonl}, output=str(tmp_path), batch_size=4,
+        scaling={"num_workers": 2, "min_workers": 1}, deepspeed={"config": str(tmp_path / "fixed.json")},
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"\(a group of 1 workers\): gradient_accumulation_steps=2 disagrees"):
+        run_finetune(config)
+    assert fill_deepspeed_config(fixed, config.for_workers(2))["gradient_accumulation_steps"] == 2  # it suits a group of 2

@@ -94,7 +94,17 @@ class ScalingSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    num_workers: int = Field(2, ge=1, description="Training workers (data-parallel ranks).")
+    num_workers: int = Field(2, ge=1, description="Training workers (data-parallel ranks); with min_workers, the most.")
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Elastic training (ZeRO-1/2): the worker group starts with as few as this many when num_workers cannot "
+        "all be placed, is restarted smaller when a node is lost, and grows back towards num_workers as nodes come "
+        "(Ray Train's elastic ScalingConfig), each time from the latest checkpoint. None: exactly num_workers.",
+    )
+    resize_interval_s: float = Field(
+        60.0, gt=0, description="With min_workers: seconds between Ray Train's checks for room to grow the group."
+    )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL and bf16; False trains on CPUs over gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each worker.")
     resources_per_worker: dict[str, float] = Field(
@@ -180,12 +190,16 @@ class FinetuneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_batch(self) -> FinetuneConfig:
-        per_step = self.micro_batch_size * self.scaling.num_workers
-        if self.batch_size % per_step:
-            raise ValueError(
-                f"batch_size={self.batch_size} is not a multiple of micro_batch_size x num_workers = "
-                f"{self.micro_batch_size} x {self.scaling.num_workers}"
-            )
+        if self.scaling.min_workers is not None and self.scaling.min_workers > self.scaling.num_workers:
+            raise ValueError(f"scaling.min_workers={self.scaling.min_workers} exceeds scaling.num_workers={self.scaling.num_workers}")
+        # The global batch stays whatever size the group: every size it may take must divide it.
+        for workers in self.worker_counts:
+            if self.batch_size % (self.micro_batch_size * workers):
+                raise ValueError(
+                    f"batch_size={self.batch_size} is not a multiple of micro_batch_size x num_workers = "
+                    f"{self.micro_batch_size} x {workers}"
+                    + (" (every group size from scaling.min_workers to num_workers must divide it)" if self.elastic else "")
+                )
         if self.deepspeed.precision not in (None, Precision.FP32, Precision.BF16):
             raise ValueError(f"deepspeed.precision must be float32 or bfloat16, got {self.deepspeed.precision.value}")
         if self.deepspeed.precision == Precision.BF16 and not self.scaling.use_gpu:
@@ -196,8 +210,24 @@ class FinetuneConfig(BaseModel):
 
     @property
     def gradient_accumulation_steps(self) -> int:
-        """Micro-batches each worker accumulates per optimizer step."""
+        """Micro-batches each worker accumulates per optimizer step (in a group of `scaling.num_workers`)."""
         return self.batch_size // (self.micro_batch_size * self.scaling.num_workers)
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker group may run at another size than `scaling.num_workers` (`scaling.min_workers`)."""
+        return self.scaling.min_workers is not None and self.scaling.min_workers < self.scaling.num_workers
+
+    @property
+    def worker_counts(self) -> range:
+        """Every size the worker group may take."""
+        return range(self.scaling.min_workers if self.elastic else self.scaling.num_workers, self.scaling.num_workers + 1)
+
+    def for_workers(self, workers: int) -> FinetuneConfig:
+        """This config as a group of `workers` runs it: its batch arithmetic and what its checkpoints record."""
+        if workers not in self.worker_counts:
+            raise ValueError(f"a group of {workers} workers is outside scaling's {list(self.worker_counts)}")
+        return self.model_copy(update={"scaling": self.scaling.model_copy(update={"num_workers": workers, "min_workers": None})})
 
     @property
     def precision(self) -> Precision:

@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import posixpath
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from collections.abc import Iterable, Iterator
@@ -41,12 +42,13 @@ from transformers import get_cosine_schedule_with_warmup
 from uhr.model import IGNORE_INDEX, load_model
 from uhr.model.modeling import UhrForConditionalGeneration
 from uhr.model.pruning import PrunedTokens, PruningStrategy, build_strategy
+from uhr.storage import join_uri
 from uhr.train.config import FinetuneConfig, OptimizerConfig
 from uhr.train.data import PreparedSource, collate
-from uhr.train.deepspeed_config import zero_stage
+from uhr.train.deepspeed_config import fill_deepspeed_config, zero_stage
 from uhr.train.grounding import grounding_loss
 from uhr.train.resume import CHECKPOINT_TAG, RESUME_FILE, resume_settings
-from uhr.train.universal import UNIVERSAL_TAG, checkpoint_workers
+from uhr.train.universal import UNIVERSAL_TAG, checkpoint_workers, convert_to_universal
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -68,6 +70,7 @@ class TrainPlan:
     config: FinetuneConfig
     model_uri: str
     deepspeed_config: dict[str, Any]
+    """The DeepSpeed JSON; a worker group fills its "auto" fields for its own size (`fill_deepspeed_config`)."""
     total_steps: int
 
 
@@ -370,12 +373,18 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
     rank its node, the optimizer-state bytes, samples trained and samples/s (overall, and after the
     process's first optimizer step).
     """
-    plan = loop_config["plan"]
-    config = plan.config
+    workers = ray.train.get_context().get_world_size()
+    # An elastic group may be smaller than configured: its batch arithmetic is this size's.
+    config = loop_config["plan"].config.for_workers(workers)
+    deepspeed_config = fill_deepspeed_config(loop_config["plan"].deepspeed_config, config)
+    plan = replace(loop_config["plan"], config=config, deepspeed_config=deepspeed_config)
     checkpoint = ray.train.get_checkpoint()
-    # A checkpoint of another number of workers loads from its universal form, which the driver wrote.
     written_by = None if checkpoint is None else checkpoint_workers(checkpoint)
-    universal = written_by not in (None, ray.train.get_context().get_world_size())
+    universal = written_by not in (None, workers)
+    if universal:  # a checkpoint of another group size loads from its universal form
+        if dist.get_rank() == 0:
+            convert_to_universal(join_uri(config.output, config.name, posixpath.basename(checkpoint.path)), config.storage)
+        dist.barrier()
     engine, model = build_engine(plan, load_universal=universal)
     strategy = build_strategy(config.pruning)
     state = TrainState()
@@ -386,7 +395,7 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
     shard = ray.train.get_dataset_shard("train")
     steps = StepCounter(state, accumulation)
     group_names = [group["name"] for group in engine.optimizer.param_groups]
-    settings = resume_settings(config, zero_stage(plan.deepspeed_config))
+    settings = resume_settings(config, zero_stage(deepspeed_config))
 
     samples_seen, busy_s, tokens = 0, 0.0, 0
     # (samples, busy seconds) at the end of this process's first optimizer step, which also waits for

@@ -64,25 +64,24 @@ def latest_checkpoint(run_uri: str, storage: StorageConfig) -> str | None:
 
 
 ELASTIC = ("scaling.num_workers", "micro_batch_size")
-"""Bound settings a resume may change under ZeRO-1/2: the optimizer state is loaded from the
-checkpoint's universal form (`uhr.train.universal`), which any number of ranks loads, and the
-interrupted epoch's position is carried over in samples (`uhr.train.loop.restore_checkpoint`)."""
+"""Bound settings a resume may change under ZeRO-1/2: a worker group of another size loads the
+checkpoint's universal form (`uhr.train.universal`), and the interrupted epoch's position is
+carried over in samples (`uhr.train.loop.restore_checkpoint`)."""
 
 
-def check_resume(run_uri: str, config: FinetuneConfig, zero_stage: int, storage: StorageConfig) -> str | None:
+def check_resume(run_uri: str, config: FinetuneConfig, zero_stage: int, storage: StorageConfig) -> None:
     """Raise `ConfigError` when the run's latest checkpoint was written under settings this config changes.
 
-    Returns that checkpoint when it must be converted to DeepSpeed's universal form first: it was
-    written by another number of workers, which ZeRO-1/2 allows (`ELASTIC`). None otherwise, and
-    when there is no checkpoint or one written before checkpoints carried their settings.
+    Nothing to check without a checkpoint, or for one written before checkpoints carried their
+    settings. Another number of workers or micro-batch size passes under ZeRO-1/2 (`ELASTIC`).
     """
     checkpoint = latest_checkpoint(run_uri, storage)
     if checkpoint is None:
-        return None
+        return
     fs = storage.filesystem(checkpoint)
     path = join_uri(checkpoint, RESUME_FILE)
     if not fs.exists(path):
-        return None
+        return
     with fs.open(path, "r") as file:
         saved = json.load(file)
     current = resume_settings(config, zero_stage)
@@ -93,14 +92,13 @@ def check_resume(run_uri: str, config: FinetuneConfig, zero_stage: int, storage:
         if key in saved and saved[key] != value and key not in free
     ]
     if changed:
-        elastic = "" if free else " (another number of workers or micro-batch size needs ZeRO stage 1 or 2)"
+        elastic_changed = any(key in ELASTIC and saved[key] != value for key, value in current.items() if key in saved)
+        elastic = " (another number of workers or micro-batch size needs ZeRO stage 1 or 2)" if elastic_changed else ""
         raise ConfigError(
             f"run {redact(run_uri)} resumes from {redact(checkpoint)}, written with other settings: {'; '.join(changed)}. "
             f"A resume keeps the checkpoint's ZeRO partitions, optimizer state and epoch position{elastic}: re-run with "
             "its settings, or start afresh with --overwrite (or another name)"
         )
-    workers = "scaling.num_workers"
-    return checkpoint if saved.get(workers, current[workers]) != current[workers] else None
 
 
 __all__ = ["CHECKPOINT_TAG", "ELASTIC", "RESUME_FILE", "check_resume", "latest_checkpoint", "resume_settings"]

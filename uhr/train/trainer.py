@@ -6,7 +6,8 @@ with DeepSpeed (ZeRO-2 by default), and exports the last checkpoint in the proje
 Checkpoints live under `<output>/<name>/` (local or object storage); running the same command
 again resumes from the latest one (Ray Train restores the run from its snapshot in that
 directory), also on another number of workers (`uhr.train.universal`), and a worker lost mid-run
-restarts the worker group from it (`max_failures`).
+restarts the worker group from it (`max_failures`); with `scaling.min_workers` the group may
+restart smaller, and grow back as nodes come (elastic training).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from uhr.train.defaults import training_archive
 from uhr.train.export import export_memory_bytes, export_task
 from uhr.train.loop import TrainPlan, train_loop_per_worker
 from uhr.train.resume import check_resume
-from uhr.train.universal import universal_task
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +133,12 @@ def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
     model_uri = config.model or default_model()
     model_config = load_model_config(model_uri, storage=storage)
     config = config.model_copy(update={"pruning": resolve_pruning(config.pruning, model_config)})
-    deepspeed_config = fill_deepspeed_config(
-        load_deepspeed_json(config.deepspeed.config), config, source=f"DeepSpeed config {config.deepspeed.config}"
-    )
+    deepspeed_json = load_deepspeed_json(config.deepspeed.config)
+    # Each worker group fills it for its own size; filled here for every size it may take, so a JSON
+    # that fixes the batch arithmetic of one size stops the run before Ray starts.
+    for workers in config.worker_counts:
+        source = f"DeepSpeed config {config.deepspeed.config}" + (f" (a group of {workers} workers)" if config.elastic else "")
+        deepspeed_config = fill_deepspeed_config(deepspeed_json, config.for_workers(workers), source=source)
     manifest = config.data.manifest or training_archive().train_jsonl
     image_root = config.data.image_root or default_image_root(manifest)
     tokenizer = load_tokenizer(model_uri, storage)
@@ -144,16 +147,14 @@ def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
     if config.overwrite:
         _delete(run_uri, storage)
         _delete(export_uri, storage)
-    to_convert = check_resume(run_uri, config, zero_stage(deepspeed_config), storage)
+    stage = zero_stage(deepspeed_config)
+    if config.elastic and stage not in (1, 2):
+        raise ConfigError(f"elastic training (scaling.min_workers) needs ZeRO stage 1 or 2, got {stage}")
+    check_resume(run_uri, config, stage, storage)
 
     # Every worker and one preparation task at once.
     connect_ray(min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker + config.data.num_cpus)
     runtime_env = worker_env(storage)
-    if to_convert is not None:
-        logger.info("resuming %s on %d worker(s): converting %s to a universal checkpoint", redact(run_uri),
-                    config.scaling.num_workers, redact(to_convert))  # fmt: skip
-        universal = universal_task.options(runtime_env=runtime_env, memory=export_memory_bytes(model_config))
-        ray.get(universal.remote(to_convert, storage))
     records = count_records(manifest, storage)
     steps_per_epoch = records // config.batch_size
     total_steps = config.max_steps or config.epochs * steps_per_epoch
@@ -193,11 +194,12 @@ def run_finetune(config: FinetuneConfig) -> FinetuneSummary:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "plan": TrainPlan(config=config, model_uri=model_uri, deepspeed_config=deepspeed_config, total_steps=total_steps)
+            "plan": TrainPlan(config=config, model_uri=model_uri, deepspeed_config=deepspeed_json, total_steps=total_steps)
         },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers,
+            num_workers=(scaling.min_workers, scaling.num_workers) if config.elastic else scaling.num_workers,
+            elastic_resize_monitor_interval_s=scaling.resize_interval_s,
             use_gpu=scaling.use_gpu,
             resources_per_worker=resources,
             placement_strategy=scaling.placement_strategy.value,

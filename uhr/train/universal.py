@@ -7,10 +7,11 @@ wrote it. DeepSpeed's `ds_to_universal` rewrites such a checkpoint as one folder
 with `checkpoint.load_universal`. An autoscaling cluster that lost a GPU node, or a run moved to a
 bigger one, can then go on from its last checkpoint instead of starting over.
 
-The driver converts the run's latest checkpoint once, in a Ray task, into a folder beside the
-original inside the same checkpoint (`UNIVERSAL_TAG`), and marks it complete last
-(`UNIVERSAL_DONE`); a conversion cut short is redone. A worker loads that folder whenever the
-checkpoint was written by another number of workers than its own group has (`checkpoint_workers`).
+A worker group that starts from a checkpoint written by another number of workers
+(`checkpoint_workers`: a re-run with another `scaling.num_workers`, or an elastic group restarted
+at another size) has its rank 0 convert it, once, into a folder beside the original inside the same
+checkpoint (`UNIVERSAL_TAG`), marked complete last (`UNIVERSAL_DONE`; a conversion cut short is
+redone), while the other ranks wait; then every rank loads that folder.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def convert_to_universal(checkpoint_uri: str, storage: StorageConfig) -> str:
         arguments = SimpleNamespace(
             input_folder=str(source),
             output_folder=str(converted),
-            # One process: the task holds one CPU, and a pool of workers would each load a rank's file.
+            # One process: a pool of workers would each load a rank's file into this node's memory at once.
             num_extract_workers=1,
             num_merge_workers=1,
             keep_temp_folder=False,
@@ -84,10 +85,4 @@ def convert_to_universal(checkpoint_uri: str, storage: StorageConfig) -> str:
     return target
 
 
-@ray.remote(num_cpus=1)
-def universal_task(checkpoint_uri: str, storage: StorageConfig) -> str:
-    """`convert_to_universal` in a Ray task, on a node with the memory for it rather than the driver's."""
-    return convert_to_universal(checkpoint_uri, storage)
-
-
-__all__ = ["UNIVERSAL_DONE", "UNIVERSAL_TAG", "checkpoint_workers", "convert_to_universal", "universal_task"]
+__all__ = ["UNIVERSAL_DONE", "UNIVERSAL_TAG", "checkpoint_workers", "convert_to_universal"]
