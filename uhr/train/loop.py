@@ -9,8 +9,9 @@ is discrete; gradients flow through the kept and merged tokens into the projecto
 trains, the tower), and steps a DeepSpeed engine (ZeRO-2 by default: optimizer state and gradients
 partitioned over the ranks). Every `checkpoint_every_steps` all ranks write their part of a
 DeepSpeed checkpoint and report it, so Ray Train merges the parts into one checkpoint directory.
-A restarted worker group (lost worker, re-run of the same command) resumes from the latest one:
-the step count and schedule continue exactly, and the interrupted epoch goes on where it stopped:
+A restarted worker group (lost worker, re-run of the same command, an elastic group resized)
+resumes from the latest one, whatever group size wrote it (`uhr.train.universal`): the step count
+and schedule continue exactly, and the interrupted epoch goes on where it stopped:
 each worker reads past as many micro-batches as that epoch had read at the checkpoint (counted,
 not derived from steps: an epoch's last micro-batches that fill no step join the next epoch's
 first; Ray Data cannot skip rows without reading them), so every epoch trains its share of steps
