@@ -706,8 +706,8 @@ __all__ = [
     "UhrAffinityHead",
     "UhrCausalLMOutput",
     "UhrForConditionalGeneration",
-    "per_image",
     "UhrMultiModalProjector",
     "UhrPreTrainedModel",
     "UhrScaleEmbedding",
+    "per_image",
 ]

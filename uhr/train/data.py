@@ -16,8 +16,9 @@ the grounding loss (`uhr.train.grounding`) uses; it must overlap the window.
 A record's `image` may be a list of paths, one per `<image>` placeholder in order (LLaVA-OneVision's
 multi-image form; XLRS-Bench's bi-temporal pairs): every image is read and pruned on its own with
 the same question (the text of the first turn that holds an image, as for one image; a later turn
-naming another image does not re-select it), each placeholder becomes its image's tokens (`UhrForConditionalGeneration.forward`),
-a `window` applies to every image (co-registered pairs) and `bbox` is in the first image's pixels.
+naming another image does not re-select it), each placeholder becomes its image's tokens
+(`UhrForConditionalGeneration.forward`), a `window` applies to every image (co-registered pairs)
+and `bbox` is in the first image's pixels.
 
 Prepared sample row: `id`, `image` (URI), `window` (the region used; the whole image when the
 record names none), `question` (the text query-guided strategies select with), `bbox` (the
