@@ -3,11 +3,41 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
 from uhr.synth import ArchiveIndex, write_archive
+from uhr.train import FinetuneConfig, FinetuneSummary, run_finetune
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Where Ray Train keeps its checkpoint manager's state in a run's storage (ray.train.v2._internal.constants)."""
+
+
+class BackgroundRun:
+    """`run_finetune(config)` in a thread, so a test can act on the cluster while it trains."""
+
+    def __init__(self, config: FinetuneConfig):
+        self._outcome: dict[str, object] = {}
+        self._thread = threading.Thread(target=self._run, args=(config,))
+        self._thread.start()
+
+    def _run(self, config: FinetuneConfig) -> None:
+        try:
+            self._outcome["summary"] = run_finetune(config)
+        except BaseException as error:  # raised again in the test's thread, by `summary`
+            self._outcome["error"] = error
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def summary(self, timeout: float = 600) -> FinetuneSummary:
+        """The run's summary once it ends; its error, raised here, if it failed."""
+        self._thread.join(timeout=timeout)
+        if "error" in self._outcome:
+            raise self._outcome["error"]  # type: ignore[misc]
+        return self._outcome["summary"]  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="package")

@@ -7,23 +7,21 @@ two wrote, converted the same way (ZeRO-2 over gloo)."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
 from uhr.testing.waiting import wait_for
-from uhr.train import FinetuneConfig, run_finetune
+from uhr.train import FinetuneConfig
 from uhr.train.resume import RESUME_FILE
 from uhr.train.universal import UNIVERSAL_DONE, UNIVERSAL_TAG
 
+from .conftest import SNAPSHOT, BackgroundRun
+
 SLOT = "elastic_slot"
 MAX_STEPS = 16
-# Where Ray Train keeps its checkpoint manager's state (ray.train.v2._internal.constants).
-SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def _written_by(checkpoint: Path) -> int:
@@ -58,29 +56,17 @@ def test_a_group_grows_when_a_node_joins_and_shrinks_when_it_is_lost(model_dir, 
                 "output": str(tmp_path / "runs"),
             }
         )
-        result: dict[str, Any] = {}
-
-        def train() -> None:
-            try:
-                result["summary"] = run_finetune(config)
-            except BaseException as error:  # surfaced below, in the test's thread
-                result["error"] = error
-
-        thread = threading.Thread(target=train)
-        thread.start()
+        training = BackgroundRun(config)
         run = tmp_path / "runs" / "finetune"
-        wait_for(lambda: any(run.glob(f"checkpoint-*/{RESUME_FILE}")) or not thread.is_alive(), 300, "a checkpoint of one worker")
+        wait_for(lambda: any(run.glob(f"checkpoint-*/{RESUME_FILE}")) or not training.is_alive(), 300, "a checkpoint of one worker")
         joined = cluster.add_node(num_cpus=2, resources={SLOT: 1})
-        wait_for(lambda: 2 in _registered(run) or not thread.is_alive(), 300, "a registered checkpoint of two workers")
+        wait_for(lambda: 2 in _registered(run) or not training.is_alive(), 300, "a registered checkpoint of two workers")
         cluster.remove_node(joined)
-        thread.join(timeout=600)
-        if "error" in result:
-            raise result["error"]
+        summary = training.summary()
     finally:
         ray.shutdown()
         cluster.shutdown()
 
-    summary = result["summary"]
     assert summary.steps == MAX_STEPS and [step for step, _ in summary.history] == list(range(1, MAX_STEPS + 1))
     assert len(summary.nodes) == 1  # the group ended on the node that stayed
     # Each restart went on from the latest checkpoint, converted when another group size wrote it:

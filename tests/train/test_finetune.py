@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +35,11 @@ from uhr.train.loop import MODEL_PARTS
 from uhr.train.resume import CHECKPOINT_TAG, check_resume, latest_checkpoint
 from uhr.train.universal import UNIVERSAL_DONE, checkpoint_workers, convert_to_universal
 
+from .conftest import SNAPSHOT, BackgroundRun
 from .one_rank import run_one_rank
 
 TRAINER_SLOT = "trainer_slot"
 MAX_STEPS = 8
-# Where Ray Train keeps its checkpoint manager's state (ray.train.v2._internal.constants).
-SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +90,7 @@ def killed_run(cluster, s3_server, model_dir, manifest_with_bad_rows) -> tuple[F
     bucket = s3_server.new_bucket("finetune")
     # The grounding loss on, weighted low: the logged loss includes it, and the loss test is about the answers.
     config = finetune_config(model_dir, manifest, f"s3://{bucket}/runs", grounding={"weight": 0.1})
-    result: dict[str, Any] = {}
-
-    def train() -> None:
-        try:
-            result["summary"] = run_finetune(config)
-        except BaseException as error:  # surfaced below, in the test's thread
-            result["error"] = error
-
-    thread = threading.Thread(target=train)
-    thread.start()
+    run = BackgroundRun(config)
 
     def first_checkpoint() -> bool:
         # Registered, not only uploaded: Ray Train records a checkpoint once every rank has reported it,
@@ -109,17 +98,14 @@ def killed_run(cluster, s3_server, model_dir, manifest_with_bad_rows) -> tuple[F
         try:
             snapshot = s3_server.client.get_object(Bucket=bucket, Key=f"runs/finetune/{SNAPSHOT}")["Body"].read()
         except s3_server.client.exceptions.NoSuchKey:
-            return not thread.is_alive()
-        return b"checkpoint-00000002" in snapshot or not thread.is_alive()
+            return not run.is_alive()
+        return b"checkpoint-00000002" in snapshot or not run.is_alive()
 
     wait_for(first_checkpoint, 300, "the first checkpoint in object storage")
     workers = _train_workers()
-    assert thread.is_alive() and len(workers) == 2, "the kill must land while both workers train"
+    assert run.is_alive() and len(workers) == 2, "the kill must land while both workers train"
     os.kill(workers[-1].pid, signal.SIGKILL)
-    thread.join(timeout=600)
-    if "error" in result:
-        raise result["error"]
-    return config, result["summary"], bucket
+    return config, run.summary(), bucket
 
 
 def test_the_run_survives_a_killed_worker_and_ends_at_the_configured_step(killed_run):
