@@ -32,8 +32,8 @@ from uhr.train.data import arrow_filesystem, collate
 from uhr.train.export import MODEL_STATES
 from uhr.testing.waiting import wait_for
 from uhr.train.loop import MODEL_PARTS
-from uhr.train.resume import CHECKPOINT_TAG, check_resume, latest_checkpoint
-from uhr.train.universal import UNIVERSAL_DONE, checkpoint_workers, convert_to_universal
+from uhr.train.resume import CHECKPOINT_TAG, check_resume, checkpoint_settings, latest_checkpoint
+from uhr.train.universal import UNIVERSAL_DONE, convert_to_universal
 
 from .conftest import SNAPSHOT, BackgroundRun
 from .one_rank import run_one_rank
@@ -282,7 +282,7 @@ def test_a_universal_conversion_cut_short_is_done_again(killed_run, s3_server):
     storage = s3_server.storage()
     uri = f"s3://{bucket}/runs/finetune/checkpoint-{MAX_STEPS:08d}"
     filesystem, path = arrow_filesystem(uri, storage)
-    assert checkpoint_workers(ray.train.Checkpoint(path, filesystem)) == config.scaling.num_workers == 2
+    assert checkpoint_settings(ray.train.Checkpoint(path, filesystem))["scaling.num_workers"] == config.scaling.num_workers == 2
     target = convert_to_universal(uri, storage)
     fs = storage.filesystem(uri)
     fs.rm(f"{target}/{UNIVERSAL_DONE}")

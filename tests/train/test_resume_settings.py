@@ -21,7 +21,7 @@ from uhr.config import ConfigError, merge_trees
 from uhr.storage import StorageConfig
 from uhr.train import FinetuneConfig, run_finetune
 from uhr.train.deepspeed_config import fill_deepspeed_config
-from uhr.train.resume import RESUME_FILE, check_resume, latest_checkpoint, resume_settings
+from uhr.train.resume import RESUME_FILE, check_resume, checkpoint_settings, latest_checkpoint, resume_settings
 
 # Two workers accumulating two micro-batches of 2; on GPUs, so the precision (bfloat16 by default) can change.
 # Each part spelled out in full: a part given in part takes PartConfig's defaults for the rest, not the optimizer's.
@@ -133,6 +133,9 @@ def test_nothing_to_check_without_a_checkpoint_or_its_settings(tmp_path):
     check_resume(str(tmp_path / "never-ran"), changed, STAGE, StorageConfig())
     (tmp_path / "checkpoint-00000010").mkdir()  # written before checkpoints carried their settings
     check_resume(str(tmp_path), changed, STAGE, StorageConfig())
+    assert checkpoint_settings(ray.train.Checkpoint(str(tmp_path / "checkpoint-00000010"))) == {}
+    written = write_checkpoint(tmp_path, 11, FinetuneConfig(**BASE))
+    assert checkpoint_settings(ray.train.Checkpoint(str(written))) == resume_settings(FinetuneConfig(**BASE), STAGE)
 
 
 def test_the_latest_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):

@@ -48,8 +48,8 @@ from uhr.train.config import FinetuneConfig, OptimizerConfig
 from uhr.train.data import PreparedSource, collate
 from uhr.train.deepspeed_config import fill_deepspeed_config, zero_stage
 from uhr.train.grounding import grounding_loss
-from uhr.train.resume import CHECKPOINT_TAG, RESUME_FILE, resume_settings
-from uhr.train.universal import UNIVERSAL_TAG, checkpoint_workers, convert_to_universal
+from uhr.train.resume import CHECKPOINT_TAG, RESUME_FILE, checkpoint_settings, resume_settings
+from uhr.train.universal import UNIVERSAL_TAG, convert_to_universal
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -202,19 +202,22 @@ def save_checkpoint(engine: DeepSpeedEngine, state: TrainState, metrics: dict[st
 
 
 def restore_checkpoint(
-    engine: DeepSpeedEngine, checkpoint: ray.train.Checkpoint, config: FinetuneConfig, tag: str = CHECKPOINT_TAG
+    engine: DeepSpeedEngine,
+    checkpoint: ray.train.Checkpoint,
+    config: FinetuneConfig,
+    written: dict[str, Any],
+    tag: str = CHECKPOINT_TAG,
 ) -> TrainState:
     """Load the engine (weights, optimizer state, schedule) and the loop state from `checkpoint`'s `tag`.
 
-    The checkpoint may have been written by another number of workers or micro-batch size (from its
-    universal form, `uhr.train.universal`): the interrupted epoch's position is the samples all
-    workers had read, re-counted in this run's micro-batches per worker (rounded down, so no row
-    is passed over untrained). A checkpoint that predates `epoch_batches` is placed by its steps.
+    `written` holds the settings the checkpoint was written under (`checkpoint_settings`). It may
+    have been another number of workers or micro-batch size (loading from the universal form,
+    `uhr.train.universal`): the interrupted epoch's position is the samples all workers had read,
+    re-counted in this run's micro-batches per worker (rounded down, so no row is passed over
+    untrained). A checkpoint that predates `epoch_batches` is placed by its steps.
     """
     with checkpoint.as_directory() as directory:
         path, client_state = engine.load_checkpoint(directory, tag=tag)
-        settings_file = Path(directory) / RESUME_FILE
-        written = json.loads(settings_file.read_text()) if settings_file.exists() else {}
     if path is None:
         raise RuntimeError(f"checkpoint {checkpoint.path} holds no DeepSpeed state under tag {tag!r}")
     saved = client_state["uhr"]
@@ -380,7 +383,8 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
     deepspeed_config = fill_deepspeed_config(loop_config["plan"].deepspeed_config, config)
     plan = replace(loop_config["plan"], config=config, deepspeed_config=deepspeed_config)
     checkpoint = ray.train.get_checkpoint()
-    written_by = None if checkpoint is None else checkpoint_workers(checkpoint)
+    written = {} if checkpoint is None else checkpoint_settings(checkpoint)
+    written_by = written.get("scaling.num_workers")
     universal = written_by not in (None, workers)
     if universal:  # a checkpoint of another group size loads from its universal form
         if dist.get_rank() == 0:
@@ -391,7 +395,7 @@ def train_loop_per_worker(loop_config: dict[str, TrainPlan]) -> dict[str, Any]:
     state = TrainState()
     accumulation = config.gradient_accumulation_steps
     if checkpoint is not None:
-        state = restore_checkpoint(engine, checkpoint, config, tag=UNIVERSAL_TAG if universal else CHECKPOINT_TAG)
+        state = restore_checkpoint(engine, checkpoint, config, written, tag=UNIVERSAL_TAG if universal else CHECKPOINT_TAG)
         logger.info("resumed from step %d (epoch %d)%s", state.step, state.epoch, f", written by {written_by} workers" if universal else "")
     shard = ray.train.get_dataset_shard("train")
     steps = StepCounter(state, accumulation)

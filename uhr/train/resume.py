@@ -17,6 +17,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pyarrow.fs as pafs
+import ray
+
 from uhr.config import ConfigError
 from uhr.storage import StorageConfig, is_remote, join_uri, redact
 from uhr.train.config import FinetuneConfig
@@ -44,6 +47,16 @@ def resume_settings(config: FinetuneConfig, zero_stage: int) -> dict[str, Any]:
         settings[f"optimizer.{part}.train"] = getattr(optimizer, part).train
         settings[f"optimizer.{part}.lr"] = getattr(optimizer, part).lr
     return settings
+
+
+def checkpoint_settings(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    """The settings `checkpoint` was written under (`RESUME_FILE`), read without downloading the
+    rest; empty for a checkpoint from before checkpoints carried them."""
+    path = f"{checkpoint.path}/{RESUME_FILE}"
+    if checkpoint.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return {}
+    with checkpoint.filesystem.open_input_stream(path) as file:
+        return json.load(file)
 
 
 def _checkpoint_step(path: str) -> int | None:
@@ -101,4 +114,4 @@ def check_resume(run_uri: str, config: FinetuneConfig, zero_stage: int, storage:
         )
 
 
-__all__ = ["CHECKPOINT_TAG", "ELASTIC", "RESUME_FILE", "check_resume", "latest_checkpoint", "resume_settings"]
+__all__ = ["CHECKPOINT_TAG", "ELASTIC", "RESUME_FILE", "check_resume", "checkpoint_settings", "latest_checkpoint", "resume_settings"]

@@ -7,9 +7,9 @@ wrote it. DeepSpeed's `ds_to_universal` rewrites such a checkpoint as one folder
 with `checkpoint.load_universal`. An autoscaling cluster that lost a GPU node, or a run moved to a
 bigger one, can then go on from its last checkpoint instead of starting over.
 
-A worker group that starts from a checkpoint written by another number of workers
-(`checkpoint_workers`: a re-run with another `scaling.num_workers`, or an elastic group restarted
-at another size) has its rank 0 convert it, once, into a folder beside the original inside the same
+A worker group that starts from a checkpoint written by another number of workers (its
+`uhr.train.resume.checkpoint_settings`: a re-run with another `scaling.num_workers`, or an elastic
+group restarted at another size) has its rank 0 convert it, once, into a folder beside the original inside the same
 checkpoint (`UNIVERSAL_TAG`), marked complete last (`UNIVERSAL_DONE`; a conversion cut short is
 redone), while the other ranks wait; then every rank loads that folder.
 """
@@ -24,11 +24,9 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-import pyarrow.fs as pafs
-import ray
 
 from uhr.storage import StorageConfig, join_uri, redact
-from uhr.train.resume import CHECKPOINT_TAG, RESUME_FILE
+from uhr.train.resume import CHECKPOINT_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +35,6 @@ UNIVERSAL_TAG = "deepspeed-universal"
 
 UNIVERSAL_DONE = "uhr_universal.json"
 """Written into `UNIVERSAL_TAG` once the whole conversion is stored."""
-
-
-def checkpoint_workers(checkpoint: ray.train.Checkpoint) -> int | None:
-    """Number of workers that wrote `checkpoint` (its `RESUME_FILE`), read without downloading the
-    rest; None for a checkpoint from before checkpoints carried their settings."""
-    path = f"{checkpoint.path}/{RESUME_FILE}"
-    if checkpoint.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
-        return None
-    with checkpoint.filesystem.open_input_stream(path) as file:
-        return int(json.load(file)["scaling.num_workers"])
 
 
 def convert_to_universal(checkpoint_uri: str, storage: StorageConfig) -> str:
@@ -85,4 +73,4 @@ def convert_to_universal(checkpoint_uri: str, storage: StorageConfig) -> str:
     return target
 
 
-__all__ = ["UNIVERSAL_DONE", "UNIVERSAL_TAG", "checkpoint_workers", "convert_to_universal"]
+__all__ = ["UNIVERSAL_DONE", "UNIVERSAL_TAG", "convert_to_universal"]
