@@ -7,11 +7,11 @@ wrote it. DeepSpeed's `ds_to_universal` rewrites such a checkpoint as one folder
 with `checkpoint.load_universal`. An autoscaling cluster that lost a GPU node, or a run moved to a
 bigger one, can then go on from its last checkpoint instead of starting over.
 
-A worker group that starts from a checkpoint written by another number of workers (its
-`uhr.train.resume.checkpoint_settings`: a re-run with another `scaling.num_workers`, or an elastic
-group restarted at another size) has its rank 0 convert it, once, into a folder beside the original inside the same
-checkpoint (`UNIVERSAL_TAG`), marked complete last (`UNIVERSAL_DONE`; a conversion cut short is
-redone), while the other ranks wait; then every rank loads that folder.
+A worker group that starts from a checkpoint another number of workers wrote (as its
+`uhr.train.resume.checkpoint_settings` say: a re-run with another `scaling.num_workers`, or an
+elastic group restarted at another size) has its rank 0 convert it, once, into a folder beside the
+original inside the same checkpoint (`UNIVERSAL_TAG`), marked complete last (`UNIVERSAL_DONE`; a
+conversion cut short is redone), while the other ranks wait; then every rank loads that folder.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import logging
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
-
 
 from uhr.storage import StorageConfig, join_uri, redact
 from uhr.train.resume import CHECKPOINT_TAG
