@@ -87,9 +87,9 @@ def test_gdal_options_refuse_credentials_and_the_cache_size(clean_env):
 @pytest.mark.parametrize(
     "options",
     [
-        {"key": FAKE_SHAPED_KEY_ID, "secret": "uhr/NOT+A+REAL+SECRET"},  # s3fs's own arguments
-        {"client_kwargs": {"aws_secret_access_key": "uhr/NOT+A+REAL+SECRET"}},  # botocore's, nested
-        {"token": "uhr-NOT-A-REAL-SESSION-TOKEN"},
+        {"key": FAKE_SHAPED_KEY_ID, "secret": "uhr-not-a-real/secret+key"},  # s3fs's own arguments
+        {"client_kwargs": {"aws_secret_access_key": "uhr-not-a-real/secret+key"}},  # botocore's, nested
+        {"token": "uhr-not-a-real-session-token"},
         {"account_key": "x"},
         {"sas_token": "sv=2020&sig=x"},
         {"connection_string": "AccountKey=x"},
@@ -98,7 +98,7 @@ def test_gdal_options_refuse_credentials_and_the_cache_size(clean_env):
 def test_fs_options_refuse_credentials(clean_env, options):
     with pytest.raises(ValidationError, match="fs_options must not hold credentials") as caught:
         StorageConfig(fs_options=options)
-    assert "NOT+A+REAL" not in str(caught.value) and "NOT-A-REAL" not in str(caught.value)
+    assert "not-a-real/secret+key" not in str(caught.value) and "not-a-real-session-token" not in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -146,11 +146,11 @@ def test_worker_env_vars_pass_credentials_through_only_when_set(clean_env):
     assert env["GDAL_CACHEMAX"] == "64" and env["AWS_S3_ENDPOINT"] == "127.0.0.1:5000"
     assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
     clean_env.setenv("AWS_ACCESS_KEY_ID", FAKE_ACCESS_KEY_ID)
-    clean_env.setenv("AWS_SECRET_ACCESS_KEY", "worker-secret-value")
+    clean_env.setenv("AWS_SECRET_ACCESS_KEY", "uhr-not-a-real-worker-secret")
     env = storage.worker_env_vars()
-    assert env["AWS_ACCESS_KEY_ID"] == FAKE_ACCESS_KEY_ID and env["AWS_SECRET_ACCESS_KEY"] == "worker-secret-value"
+    assert env["AWS_ACCESS_KEY_ID"] == FAKE_ACCESS_KEY_ID and env["AWS_SECRET_ACCESS_KEY"] == "uhr-not-a-real-worker-secret"
     # ... and never into the config itself.
-    assert "worker-secret-value" not in storage.model_dump_json()
+    assert "uhr-not-a-real-worker-secret" not in storage.model_dump_json()
 
 
 def test_filesystem_is_s3fs_on_the_same_endpoint_or_local(clean_env):
@@ -203,21 +203,21 @@ PEM = "-----{} " + "PRIVATE KEY-----"
     ("text", "secret"),
     [
         ("https://bucket.s3.amazonaws.com/a.tif?X-Amz-Signature=uhr-not-a-real-signature&X-Amz-Date=1", "uhr-not-a-real-signature"),
-        ("https://x/a.tif?X-Amz-Security-Token=uhr//not-a-real-session-token", "uhr//not-a-real-session-token"),
-        ("https://x/a.tif?sv=2020&sig=AzureSignature%3D", "AzureSignature%3D"),
-        ("s3://alice:uhr-not-a-real-password@host/bucket/a.tif", "uhr-not-a-real-password"),
-        ("Authorization: AWS4-HMAC-SHA256 Credential=AKIA/2025, Signature=deadbeef", "deadbeef"),
-        ("aws_secret_access_key = uhr/NOT+A+REAL+SECRET", "uhr/NOT+A+REAL+SECRET"),
+        ("https://x/a.tif?X-Amz-Security-Token=uhr-not-a-real//session-token", "uhr-not-a-real//session-token"),
+        ("https://x/a.tif?sv=2020&sig=uhr-not-a-real-azure-signature%3D", "uhr-not-a-real-azure-signature%3D"),
+        ("s3://uhr-not-a-real-user:uhr-not-a-real-password@host/bucket/a.tif", "uhr-not-a-real-password"),
+        ("Authorization: AWS4-HMAC-SHA256 Credential=uhr-not-a-real-key-id/2025, Signature=uhr-not-a-real-sigv4-signature", "uhr-not-a-real-sigv4-signature"),
+        ("aws_secret_access_key = uhr/NOT+A+REAL+SECRET", "uhr-not-a-real/secret+key"),
         (f"key id {FAKE_SHAPED_KEY_ID} failed", FAKE_SHAPED_KEY_ID),
         ("oauth client_secret=uhr-not-a-real-secret", "uhr-not-a-real-secret"),
         ("GS_SECRET_ACCESS_KEY=uhr-not-a-real-secret", "uhr-not-a-real-secret"),
         ("AccountName=x;AccountKey=uhr-not-a-real-account-key;EndpointSuffix=core", "uhr-not-a-real-account-key"),
         # A fake key; its markers are built from parts so that secret scanners see no key file here.
         ('{"private_key": "' + PEM.format("BEGIN") + '\\nuhrNOTREAL\\n' + PEM.format("END") + '\\n"}', "uhrNOTREAL"),
-        ("Bearer uhr.not.a-real-jwt", "uhr.not.a-real-jwt"),
-        ("refresh_token=1//uhr-not-real", "1//uhr-not-real"),
-        ("{'SecretAccessKey': 'uhr/not+real', 'SessionToken': 'uhr-not-real'}", "uhr/not+real"),
-        (f"s3://{FAKE_SHAPED_KEY_ID}:uhr/NOT+A+REAL+SECRET@bucket/x.tif", "uhr/NOT+A+REAL+SECRET"),
+        ("Bearer uhr-not-a-real.jwt.token", "uhr-not-a-real.jwt.token"),
+        ("refresh_token=1//uhr-not-a-real-refresh-token", "1//uhr-not-a-real-refresh-token"),
+        ("{'SecretAccessKey': 'uhr-not-a-real/secret+key', 'SessionToken': 'uhr-not-a-real-session-token'}", "uhr-not-a-real/secret+key"),
+        (f"s3://{FAKE_SHAPED_KEY_ID}:uhr/NOT+A+REAL+SECRET@bucket/x.tif", "uhr-not-a-real/secret+key"),
         ("https://storage.googleapis.com/b/a.tif?X-Goog-Algorithm=GOOG4&X-Goog-Signature=uhr-not-a-real-gcs-signature", "uhr-not-a-real-gcs-signature"),
         ("https://b.s3.amazonaws.com/a.tif?Expires=1&Signature=uhr-not-a-real-v2-signature%3D", "uhr-not-a-real-v2-signature%3D"),
     ],

@@ -13,7 +13,7 @@ from uhr.storage import StorageConfig
 
 # Stands for a credential that reached a path or message (a test fake, no real secret): `redact`
 # masks this process's AWS secret wherever it appears, so tests set it as AWS_SECRET_ACCESS_KEY.
-FAKE_SECRET = "uhr-NOT-A-REAL-SECRET-0123456789"
+FAKE_SECRET = "uhr-not-a-real-secret-0123456789"
 
 
 def read_rows(output: str, storage: StorageConfig | None = None) -> pa.Table:

@@ -11,7 +11,7 @@ from uhr.scenes import open_scene
 from uhr.scenes.metering import ReadMeter, gdal_downloaded_bytes
 from uhr.scenes.windows import Box
 from uhr.storage import StorageConfig
-from uhr.testing.s3_server import FAKE_SHAPED_KEY_ID
+from uhr.testing.s3_server import FAKE_SECRET_ACCESS_KEY, FAKE_SHAPED_KEY_ID
 
 from .data import pixels, write_raster
 
@@ -162,8 +162,8 @@ def test_credentials_in_uris_never_reach_the_message(s3_server, bucket):
         f"{s3_server.endpoint_url}/{bucket}/bad/missing.tif"
         f"?X-Amz-Credential={FAKE_SHAPED_KEY_ID}%2F20250101&X-Amz-Signature=uhr-not-a-real-signature"
     )
-    with_user = s3_server.endpoint_url.replace("http://", "http://alice:hunter2-secret@") + f"/{bucket}/x.tif"
-    for uri, secrets in [(signed, [FAKE_SHAPED_KEY_ID, "uhr-not-a-real-signature"]), (with_user, ["hunter2-secret"])]:
+    with_user = s3_server.endpoint_url.replace("http://", "http://uhr-not-a-real-user:uhr-not-a-real-password@") + f"/{bucket}/x.tif"
+    for uri, secrets in [(signed, [FAKE_SHAPED_KEY_ID, "uhr-not-a-real-signature"]), (with_user, ["uhr-not-a-real-password"])]:
         with pytest.raises(SceneError) as caught:
             open_scene(uri)
         text = f"{caught.value} {caught.value.uri} {caught.value.reason} {caught.value!r}"
@@ -172,8 +172,8 @@ def test_credentials_in_uris_never_reach_the_message(s3_server, bucket):
             assert secret not in text
     # The secret key of the environment never shows, even when GDAL or botocore echo it.
     with pytest.raises(SceneError) as caught:
-        open_scene(f"s3://{bucket}/uhr-test-secret-access-key.tif")
-    assert "uhr-test-secret-access-key" not in str(caught.value)
+        open_scene(f"s3://{bucket}/{FAKE_SECRET_ACCESS_KEY}.tif")
+    assert FAKE_SECRET_ACCESS_KEY not in str(caught.value)
 
 
 def test_a_stretch_handed_over_spares_a_window_read_the_statistics(s3_server, bucket, tmp_path):

@@ -31,8 +31,8 @@ from uhr.storage import StorageConfig
 STATS_PATH = "/_uhr/stats"
 REGION = "us-east-1"
 # Fake credentials, set only in the environment of the code under test (see `client_env`).
-FAKE_ACCESS_KEY_ID = "uhr-test-access-key-id"
-FAKE_SECRET_ACCESS_KEY = "uhr-test-secret-access-key"
+FAKE_ACCESS_KEY_ID = "uhr-not-a-real-access-key-id"
+FAKE_SECRET_ACCESS_KEY = "uhr-not-a-real-secret-access-key"
 # Shaped like an AWS access key id (AKIA + 16), for tests of what recognises one by its shape;
 # assembled so that no credential-shaped literal sits in the tree.
 FAKE_SHAPED_KEY_ID = "AKIA" + "UHRTESTNOTREAL00"
